@@ -1,0 +1,1 @@
+"""Code shared by the HepatoAI gateway and workers."""

@@ -1,0 +1,104 @@
+"""The ``hepato`` command."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.settings import REPO_ROOT, get_settings
+
+app = typer.Typer(
+    help="HepatoAI: microbatched detection for histopathology images.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Bind address [default: settings]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: settings]")] = None,
+) -> None:
+    """Run the HTTP gateway."""
+    import uvicorn
+
+    settings = get_settings()
+    _logging()
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="Exit when no job is left")] = False,
+) -> None:
+    """Run one worker process: load the model once, then drain the queue in microbatches."""
+    from worker.runner import run_worker
+
+    _logging()
+    run_worker(get_settings(), burst=burst)
+
+
+def migrations_dir() -> Path:
+    for candidate in (REPO_ROOT / "migrations", Path.cwd() / "migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise typer.BadParameter("the migrations/ directory was not found")
+
+
+def run_migrations(database_url: str | None = None) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    if database_url:
+        config.attributes["database_url"] = database_url
+    command.upgrade(config, "head")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (Alembic upgrade to head)."""
+    _logging("WARNING")
+    run_migrations()
+    typer.echo("database is at the latest revision")
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    port: Annotated[int, typer.Option(help="Gateway port")] = 8000,
+    samples: Annotated[Path, typer.Option(help="Images to submit")] = REPO_ROOT / "samples",
+    repeat: Annotated[int, typer.Option(min=1, help="Submit the samples this many times")] = 1,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the stack up until Ctrl-C after the run")
+    ] = True,
+) -> None:
+    """Start the whole stack locally (Postgres, Redis, S3, gateway, workers), run the
+    sample images through it and show the detections."""
+    from common.up import run_stack
+
+    _logging("WARNING")
+    raise typer.Exit(
+        run_stack(
+            workers=workers, port=port, samples=samples, repeat=repeat, keep_running=keep_running
+        )
+    )
+
+
+if __name__ == "__main__":
+    app()

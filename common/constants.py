@@ -1,0 +1,46 @@
+"""Redis key names and state names, in one place (as arq does)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+KEY_PREFIX = "hepato"
+
+
+class JobState(StrEnum):
+    pending = "pending"
+    processing = "processing"
+    done = "done"
+    failed = "failed"
+    canceled = "canceled"
+    expired = "expired"
+
+
+TERMINAL_STATES = frozenset({JobState.done, JobState.failed, JobState.canceled, JobState.expired})
+
+
+class BatchState(StrEnum):
+    pending = "pending"
+    processing = "processing"
+    done = "done"
+    done_with_failures = "done_with_failures"
+
+
+class Priority(StrEnum):
+    urgent = "urgent"
+    routine = "routine"
+
+
+def queue_key(model: str, priority: Priority | str) -> str:
+    """The Redis list holding job ids of one model and priority."""
+    return f"{KEY_PREFIX}:queue:{model}:{Priority(priority).value}"
+
+
+def queue_keys(model: str) -> list[str]:
+    """BLPOP order: urgent before routine gives priority."""
+    return [queue_key(model, Priority.urgent), queue_key(model, Priority.routine)]
+
+
+def job_done_channel(job_id: str) -> str:
+    """Pub/sub channel a worker publishes on when a job reaches a terminal state."""
+    return f"{KEY_PREFIX}:job-finished:{job_id}"

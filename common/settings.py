@@ -1,0 +1,84 @@
+"""One settings class for every process. Each field reads ``HEPATO_<NAME>`` from the
+environment (or a ``.env`` file). Units are part of the field names or stated."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+LIVER_CLASSES = ("fibrosis", "inflammation", "steatosis", "ballooning")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEPATO_", env_file=".env", extra="ignore")
+
+    # --- services -------------------------------------------------------------
+    database_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/hepato",
+        description="SQLAlchemy URL of Postgres (psycopg 3 driver).",
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (dispatch only).")
+    s3_endpoint: str = Field("127.0.0.1:8333", description="S3 host:port (MinIO, SeaweedFS).")
+    s3_access_key: str = "hepato"
+    s3_secret_key: str = "hepato-secret"
+    s3_bucket: str = "hepato"
+    s3_secure: bool = Field(False, description="Use HTTPS to reach the object store.")
+    s3_region: str = "us-east-1"
+    data_dir: Path = Field(
+        REPO_ROOT / ".data", description="Local state: embedded services, ultralytics config."
+    )
+
+    # --- gateway --------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = Field("", description="Base URL put in links; empty = from the request.")
+    max_file_bytes: int = Field(50 * 1024 * 1024, description="Largest accepted image, bytes.")
+    max_files_per_request: int = Field(10_000, description="Most files in one batch request.")
+    max_image_pixels: int = Field(
+        178_956_970, description="Largest decoded image, pixels (Pillow's own bomb limit)."
+    )
+    detect_timeout_s: float = Field(30.0, description="How long /v1/detect waits for a result, s.")
+    batch_page_size: int = Field(100, description="Jobs per page in GET /v1/batches/{id}.")
+
+    # --- model ----------------------------------------------------------------
+    model_name: str = Field("hepato-yolov8n", description="Default model for submissions.")
+    model_weights: Path = Field(
+        REPO_ROOT / "models" / "demo" / "hepato-yolov8n.pt",
+        description="Local weights file; nothing is ever downloaded.",
+    )
+    # The demo model was trained on 320 px images.
+    model_imgsz: int = Field(320, description="Inference size, pixels (long side).")
+    model_conf: float = Field(0.25, description="Score threshold, 0..1.")
+    model_iou: float = Field(0.7, description="NMS IoU threshold, 0..1.")
+    device: str = Field("", description="torch device: 'cuda', 'cuda:1', 'cpu'; empty = auto.")
+    torch_threads: int = Field(0, description="CPU threads for torch; 0 = all cores.")
+
+    # --- worker ---------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, description="Most jobs in one microbatch.")
+    max_wait_ms: float = Field(10.0, ge=0, description="Wait for stragglers after the first, ms.")
+    poll_timeout_s: float = Field(1.0, gt=0, description="BLPOP timeout; bounds shutdown, s.")
+    lease_s: float = Field(60.0, gt=0, description="A claimed job's lease, s.")
+    lease_extend_every_s: float = Field(10.0, gt=0, description="Lease renewal period, s.")
+    max_attempts: int = Field(3, ge=1, description="Claims before a job is failed for good.")
+    fetch_concurrency: int = Field(16, ge=1, description="Parallel object-store downloads.")
+    sweep_interval_s: float = Field(5.0, gt=0, description="Period of the recovery sweeper, s.")
+    requeue_pending_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="Re-push a pending job not claimed for this long (Redis lost it), s.",
+    )
+    worker_id: str = Field("", description="Worker name in the job rows; empty = host:pid.")
+
+    @property
+    def ultralytics_dir(self) -> Path:
+        return self.data_dir / "ultralytics"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,86 @@
+"""The object store (MinIO in production, SeaweedFS locally) behind a small interface."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from common.exceptions import ObjectFetchError
+from common.settings import Settings
+
+
+def new_object_key(image_format: str) -> str:
+    """Server-generated key: client filenames never reach the store's namespace."""
+    day = datetime.now(UTC).strftime("%Y/%m/%d")
+    return f"uploads/{day}/{uuid.uuid4().hex}.{image_format}"
+
+
+class ObjectStore:
+    def __init__(self, settings: Settings, pool_size: int = 32) -> None:
+        self.bucket = settings.s3_bucket
+        # Short timeouts and a pool large enough for concurrent fetches; urllib3's default
+        # pool of 10 would serialise a 16-wide microbatch download.
+        http = urllib3.PoolManager(
+            maxsize=pool_size,
+            timeout=urllib3.Timeout(connect=5.0, read=30.0),
+            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503]),
+        )
+        self.client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            http_client=http,
+        )
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as exc:  # another process created it first
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(
+            self.bucket, key, io.BytesIO(data), length=len(data), content_type=content_type
+        )
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as exc:
+            raise ObjectFetchError(f"object {key!r}: {exc.code}") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise ObjectFetchError(f"object {key!r}: object store unreachable ({exc})") from exc
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, key)
+        except S3Error:
+            return False
+        return True
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
+        return self.client.presigned_get_object(
+            self.bucket, key, expires=timedelta(seconds=expires_s)
+        )
+
+    def ping(self) -> bool:
+        """Reachable and the bucket exists (made here if the store was down at start)."""
+        try:
+            self.ensure_bucket()
+        except Exception:
+            return False
+        return True

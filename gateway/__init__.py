@@ -1,0 +1,1 @@
+"""The HTTP gateway: accepts images, records jobs, answers status."""

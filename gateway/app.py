@@ -1,0 +1,107 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+import urllib3
+from fastapi import FastAPI, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from minio.error import S3Error
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from common.db import get_engine, session_factory
+from common.settings import Settings, get_settings
+from common.storage import ObjectStore
+from gateway.deps import Resources, ResourcesDep
+from gateway.routes import router
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"
+
+
+def _unavailable(what: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": RETRY_AFTER_S},
+        content={"detail": f"{what} is unavailable; nothing of this request was kept, retry later"},
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = ObjectStore(settings)
+        try:
+            await run_in_threadpool(store.ensure_bucket)
+        except Exception:  # readiness reports it; the gateway still starts
+            log.warning("object store not reachable at start", exc_info=True)
+        app.state.resources = Resources(
+            settings=settings,
+            engine=get_engine(settings.database_url),
+            sessions=session_factory(settings.database_url),
+            redis=redis.Redis.from_url(settings.redis_url, health_check_interval=30),
+            store=store,
+        )
+        yield
+        app.state.resources.redis.close()
+
+    app = FastAPI(
+        title="HepatoAI",
+        version="0.1.0",
+        summary="Microbatched detection for liver histopathology images",
+        lifespan=lifespan,
+        # Starlette's default of 1,000 files per form would cap a batch.
+        form_limits={"max_files": settings.max_files_per_request, "max_fields": 100},
+    )
+    app.include_router(router)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def db_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error: %s", exc)
+        return _unavailable("the database")
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+        return _unavailable("the queue (Redis)")
+
+    @app.exception_handler(S3Error)
+    @app.exception_handler(urllib3.exceptions.HTTPError)
+    async def store_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("object store error: %s", exc)
+        return _unavailable("the object store")
+
+    @app.get("/healthz", tags=["health"], summary="The process is alive")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Postgres, Redis and the object store reachable")
+    def readyz(res: ResourcesDep) -> JSONResponse:
+        checks = {"postgres": False, "redis": False, "object_store": False}
+        try:
+            with res.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["postgres"] = True
+        except Exception:
+            log.debug("postgres not ready", exc_info=True)
+        with contextlib.suppress(redis.RedisError):
+            checks["redis"] = bool(res.redis.ping())
+        checks["object_store"] = res.store.ping()
+        ok = all(checks.values())
+        return JSONResponse(
+            status_code=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE,
+            content={"status": "ready" if ok else "not ready", "checks": checks},
+        )
+
+    return app

@@ -1,0 +1,39 @@
+"""FastAPI dependencies as Annotated aliases (as full-stack-fastapi-template does)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.settings import Settings
+from common.storage import ObjectStore
+
+
+@dataclass
+class Resources:
+    """Clients made once per process in the app's lifespan."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    redis: redis.Redis
+    store: ObjectStore
+
+
+def get_resources(request: Request) -> Resources:
+    return request.app.state.resources
+
+
+def get_session(resources: Annotated[Resources, Depends(get_resources)]) -> Iterator[Session]:
+    with resources.sessions() as session:
+        yield session
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+SessionDep = Annotated[Session, Depends(get_session)]

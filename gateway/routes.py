@@ -1,0 +1,377 @@
+"""The public API (v1)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from common.constants import TERMINAL_STATES, BatchState, JobState, Priority, job_done_channel
+from common.models import Batch, Detection, Job
+from gateway import schemas
+from gateway.deps import Resources, ResourcesDep, SessionDep
+from gateway.submit import Submission, Upload, submit
+
+router = APIRouter(prefix="/v1")
+
+FilesField = Annotated[list[UploadFile], File(description="Images (JPEG, PNG, TIFF, BMP, WebP)")]
+FileField = Annotated[UploadFile, File(description="One image")]
+ModelField = Annotated[str | None, Form(description="Model name; default from settings")]
+DeadlineField = Annotated[
+    float | None, Form(gt=0, description="Run within this many seconds or expire")
+]
+
+
+def _url(request: Request, res: Resources, name: str, **params: str) -> str:
+    if res.settings.public_url:
+        return res.settings.public_url.rstrip("/") + request.app.url_path_for(name, **params)
+    return str(request.url_for(name, **params))
+
+
+def _model(res: Resources, model: str | None) -> str:
+    name = model or res.settings.model_name
+    if name != res.settings.model_name:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"unknown model {name!r}; available: {res.settings.model_name!r}",
+        )
+    return name
+
+
+async def _read(files: list[UploadFile]) -> list[Upload]:
+    return [Upload(f.filename or "unnamed", await f.read()) for f in files]
+
+
+def _accepted(request: Request, res: Resources, sub: Submission) -> list[schemas.AcceptedJob]:
+    return [
+        schemas.AcceptedJob(
+            job_id=job_id,
+            filename=name,
+            status_url=_url(request, res, "get_job", job_id=str(job_id)),
+        )
+        for job_id, name in sub.jobs
+    ]
+
+
+def _rejected(sub: Submission) -> list[schemas.RejectedFile]:
+    return [
+        schemas.RejectedFile(
+            filename=r.filename, error=str(r.error), status_code=r.error.status_code
+        )
+        for r in sub.rejected
+    ]
+
+
+@router.post(
+    "/batches",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=schemas.BatchAccepted,
+    responses={422: {"model": schemas.ErrorOut}},
+    summary="Submit a batch of images",
+)
+async def submit_batch(
+    request: Request,
+    res: ResourcesDep,
+    files: FilesField,
+    model: ModelField = None,
+    priority: Annotated[Priority, Form()] = Priority.routine,
+    deadline_s: DeadlineField = None,
+) -> schemas.BatchAccepted | JSONResponse:
+    name = _model(res, model)
+    uploads = await _read(files)
+    sub = await run_in_threadpool(
+        submit, res, uploads, model=name, priority=priority, deadline_s=deadline_s, as_batch=True
+    )
+    if sub.batch_id is None:
+        return JSONResponse(
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+            content={
+                "detail": "no file of this request is an accepted image",
+                "rejected": [r.model_dump() for r in _rejected(sub)],
+            },
+        )
+    return schemas.BatchAccepted(
+        batch_id=sub.batch_id,
+        status_url=_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
+        model=name,
+        priority=priority.value,
+        accepted=len(sub.jobs),
+        jobs=_accepted(request, res, sub),
+        rejected=_rejected(sub),
+    )
+
+
+# The seed's documented upload call, kept verbatim as an alias.
+router.add_api_route(
+    "/assets",
+    submit_batch,
+    methods=["POST"],
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=schemas.BatchAccepted,
+    summary="Submit a batch of images (alias of POST /v1/batches)",
+)
+
+
+async def _submit_one(
+    res: Resources, file: UploadFile, model: str, priority: Priority, deadline_s: float | None
+) -> tuple[uuid.UUID, str]:
+    uploads = await _read([file])
+    sub = await run_in_threadpool(
+        submit, res, uploads, model=model, priority=priority, deadline_s=deadline_s, as_batch=False
+    )
+    if sub.rejected:
+        bad = sub.rejected[0]
+        raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
+    return sub.jobs[0]
+
+
+@router.post(
+    "/jobs",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=schemas.JobAccepted,
+    responses={413: {"model": schemas.ErrorOut}, 415: {"model": schemas.ErrorOut}},
+    summary="Submit one image",
+)
+async def submit_job(
+    request: Request,
+    res: ResourcesDep,
+    file: FileField,
+    model: ModelField = None,
+    priority: Annotated[Priority, Form()] = Priority.routine,
+    deadline_s: DeadlineField = None,
+) -> schemas.JobAccepted:
+    name = _model(res, model)
+    job_id, filename = await _submit_one(res, file, name, priority, deadline_s)
+    return schemas.JobAccepted(
+        job_id=job_id,
+        filename=filename,
+        status_url=_url(request, res, "get_job", job_id=str(job_id)),
+        model=name,
+        priority=priority.value,
+    )
+
+
+@router.post(
+    "/detect",
+    response_model=schemas.DetectOut,
+    responses={202: {"model": schemas.JobAccepted}, 415: {"model": schemas.ErrorOut}},
+    summary="Detect on one image and wait for the result",
+)
+async def detect(
+    request: Request,
+    res: ResourcesDep,
+    file: FileField,
+    model: ModelField = None,
+    priority: Annotated[Priority, Form()] = Priority.urgent,
+) -> schemas.DetectOut | JSONResponse:
+    started = time.perf_counter()
+    name = _model(res, model)
+    job_id, filename = await _submit_one(res, file, name, priority, None)
+    state = await run_in_threadpool(_wait_finished, res, job_id, res.settings.detect_timeout_s)
+    status_url = _url(request, res, "get_job", job_id=str(job_id))
+    if state not in TERMINAL_STATES:
+        # Still queued or running: the job goes on; the caller polls the status URL.
+        return JSONResponse(
+            status_code=status.HTTP_202_ACCEPTED,
+            headers={"Location": status_url},
+            content=schemas.JobAccepted(
+                job_id=job_id,
+                filename=filename,
+                status_url=status_url,
+                model=name,
+                priority=priority.value,
+            ).model_dump(mode="json"),
+        )
+    with res.sessions() as session:
+        job = session.get_one(Job, job_id)
+        if job.state != JobState.done:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"job {job.state}: {job.error or 'no result'}",
+            )
+        dets = _detections(session, [job_id])[job_id]
+    return schemas.DetectOut(
+        job_id=job_id,
+        filename=filename,
+        model=name,
+        width=job.width,
+        height=job.height,
+        detections=dets,
+        latency_ms=(time.perf_counter() - started) * 1000.0,
+        queue_wait_ms=job.queue_wait_ms,
+        inference_ms=job.inference_ms,
+        batch_size=job.batch_size,
+    )
+
+
+def _wait_finished(res: Resources, job_id: uuid.UUID, timeout_s: float) -> str:
+    """Wait for a worker's finished-notice, re-reading Postgres at least every second
+    so a lost notice (Redis restart) costs latency, not the answer."""
+    deadline = time.monotonic() + timeout_s
+    pubsub = res.redis.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(job_done_channel(str(job_id)))
+        while True:
+            with res.sessions() as session:
+                state = session.scalar(select(Job.state).where(Job.id == job_id))
+            remaining = deadline - time.monotonic()
+            if state in TERMINAL_STATES or remaining <= 0 or state is None:
+                return state or JobState.failed
+            pubsub.get_message(timeout=min(1.0, remaining))
+    finally:
+        pubsub.close()
+
+
+def _parse_id(raw: str, kind: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {kind} with id {raw!r}") from None
+
+
+def _detections(
+    session: Session, ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[schemas.DetectionOut]]:
+    out: dict[uuid.UUID, list[schemas.DetectionOut]] = defaultdict(list)
+    rows = session.scalars(
+        select(Detection).where(Detection.job_id.in_(ids)).order_by(Detection.id)
+    )
+    for d in rows:
+        out[d.job_id].append(
+            schemas.DetectionOut(
+                label=d.label, class_id=d.class_id, score=d.score, box=[d.x1, d.y1, d.x2, d.y2]
+            )
+        )
+    return out
+
+
+def _job_out(
+    request: Request, res: Resources, job: Job, dets: list[schemas.DetectionOut] | None
+) -> schemas.JobOut:
+    jid = str(job.id)
+    return schemas.JobOut(
+        id=job.id,
+        batch_id=job.batch_id,
+        filename=job.filename,
+        state=JobState(job.state),
+        model=job.model,
+        priority=job.priority,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        width=job.width,
+        height=job.height,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        deadline_at=job.deadline_at,
+        queue_wait_ms=job.queue_wait_ms,
+        inference_ms=job.inference_ms,
+        batch_size=job.batch_size,
+        worker_id=job.worker_id,
+        detections=dets if job.state == JobState.done else None,
+        error=job.error,
+        status_url=_url(request, res, "get_job", job_id=jid),
+        image_url=_url(request, res, "get_job_image", job_id=jid),
+    )
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=schemas.JobOut,
+    responses={404: {"model": schemas.ErrorOut}},
+    summary="A job's state and, when done, its detections",
+)
+def get_job(
+    job_id: str, request: Request, res: ResourcesDep, session: SessionDep
+) -> schemas.JobOut:
+    jid = _parse_id(job_id, "job")
+    job = session.get(Job, jid)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}")
+    return _job_out(request, res, job, _detections(session, [jid])[jid])
+
+
+@router.get(
+    "/jobs/{job_id}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/*": {}}}, 404: {"model": schemas.ErrorOut}},
+    summary="The uploaded image of a job",
+)
+def get_job_image(job_id: str, res: ResourcesDep, session: SessionDep) -> Response:
+    jid = _parse_id(job_id, "job")
+    job = session.get(Job, jid)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}")
+    data = res.store.get(job.object_key)
+    return Response(content=data, media_type=f"image/{job.image_format}")
+
+
+def batch_state(counts: dict[str, int]) -> BatchState:
+    unfinished = counts.get(JobState.pending, 0) + counts.get(JobState.processing, 0)
+    if unfinished:
+        started = sum(counts.values()) - counts.get(JobState.pending, 0)
+        return BatchState.processing if started else BatchState.pending
+    if counts.get(JobState.failed, 0) or counts.get(JobState.expired, 0):
+        return BatchState.done_with_failures
+    return BatchState.done
+
+
+@router.get(
+    "/batches/{batch_id}",
+    response_model=schemas.BatchOut,
+    responses={404: {"model": schemas.ErrorOut}},
+    summary="A batch's state, counts per job state and a page of its jobs",
+)
+def get_batch(
+    batch_id: str,
+    request: Request,
+    res: ResourcesDep,
+    session: SessionDep,
+    page: Annotated[int, Query(ge=1)] = 1,
+    page_size: Annotated[int | None, Query(ge=1, le=1000)] = None,
+) -> schemas.BatchOut:
+    bid = _parse_id(batch_id, "batch")
+    batch = session.get(Batch, bid)
+    if batch is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch with id {batch_id!r}")
+    size = page_size or res.settings.batch_page_size
+    counts = {s.value: 0 for s in JobState}
+    for state, n in session.execute(
+        select(Job.state, func.count()).where(Job.batch_id == bid).group_by(Job.state)
+    ):
+        counts[state] = n
+    jobs = list(
+        session.scalars(
+            select(Job)
+            .where(Job.batch_id == bid)
+            .order_by(Job.created_at, Job.id)
+            .offset((page - 1) * size)
+            .limit(size)
+        )
+    )
+    dets = _detections(session, [j.id for j in jobs if j.state == JobState.done])
+    more = page * size < batch.total
+    next_url = None
+    if more:
+        base = _url(request, res, "get_batch", batch_id=batch_id)
+        next_url = f"{base}?page={page + 1}&page_size={size}"
+    return schemas.BatchOut(
+        id=batch.id,
+        state=batch_state(counts),
+        model=batch.model,
+        priority=batch.priority,
+        total=batch.total,
+        counts=counts,
+        created_at=batch.created_at,
+        page=page,
+        page_size=size,
+        jobs=[_job_out(request, res, j, dets.get(j.id, [])) for j in jobs],
+        next_page_url=next_url,
+    )

@@ -1,0 +1,100 @@
+"""Response bodies of the public API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from common.constants import BatchState, JobState
+
+
+class DetectionOut(BaseModel):
+    label: str
+    class_id: int
+    score: float
+    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the original image")
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    batch_id: uuid.UUID | None
+    filename: str
+    state: JobState
+    model: str
+    priority: str
+    attempts: int
+    max_attempts: int
+    width: int
+    height: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    deadline_at: datetime | None
+    queue_wait_ms: float | None = Field(description="Submission to the claim that ran it, ms")
+    inference_ms: float | None = Field(description="Model call of its batch, ms")
+    batch_size: int | None = Field(description="Images in the model call this job ran in")
+    worker_id: str | None
+    detections: list[DetectionOut] | None = Field(description="Present when state is done")
+    error: str | None
+    status_url: str
+    image_url: str
+
+
+class AcceptedJob(BaseModel):
+    job_id: uuid.UUID
+    filename: str
+    status_url: str
+
+
+class RejectedFile(BaseModel):
+    filename: str
+    error: str
+    status_code: int
+
+
+class BatchAccepted(BaseModel):
+    batch_id: uuid.UUID
+    status_url: str
+    model: str
+    priority: str
+    accepted: int
+    jobs: list[AcceptedJob]
+    rejected: list[RejectedFile]
+
+
+class JobAccepted(AcceptedJob):
+    model: str
+    priority: str
+
+
+class BatchOut(BaseModel):
+    id: uuid.UUID
+    state: BatchState
+    model: str
+    priority: str
+    total: int
+    counts: dict[str, int]
+    created_at: datetime
+    page: int
+    page_size: int
+    jobs: list[JobOut]
+    next_page_url: str | None
+
+
+class DetectOut(BaseModel):
+    job_id: uuid.UUID
+    filename: str
+    model: str
+    width: int
+    height: int
+    detections: list[DetectionOut]
+    latency_ms: float = Field(description="Request received to result read, ms")
+    queue_wait_ms: float | None
+    inference_ms: float | None
+    batch_size: int | None
+
+
+class ErrorOut(BaseModel):
+    detail: str

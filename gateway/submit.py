@@ -1,0 +1,118 @@
+"""Accepting uploads: validate, store the bytes, record the jobs, dispatch the ids.
+
+Order matters for "never lose an accepted job": the object is stored before the row
+commits, and the row commits before the id is pushed. If the push fails, the job is
+still pending in Postgres and the worker's sweeper pushes it again."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import redis
+from sqlalchemy import insert
+
+from common import queue
+from common.constants import JobState, Priority
+from common.exceptions import InvalidImage
+from common.images import ImageInfo, inspect_image
+from common.models import Batch, Job
+from common.storage import new_object_key
+from gateway.deps import Resources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Rejection:
+    filename: str
+    error: InvalidImage
+
+
+@dataclass(frozen=True)
+class Submission:
+    batch_id: uuid.UUID | None
+    jobs: list[tuple[uuid.UUID, str]]
+    rejected: list[Rejection]
+
+
+def submit(
+    res: Resources,
+    uploads: list[Upload],
+    *,
+    model: str,
+    priority: Priority,
+    deadline_s: float | None,
+    as_batch: bool,
+) -> Submission:
+    settings = res.settings
+    valid: list[tuple[Upload, ImageInfo]] = []
+    rejected: list[Rejection] = []
+    for upload in uploads:
+        try:
+            info = inspect_image(upload.data, settings.max_file_bytes, settings.max_image_pixels)
+        except InvalidImage as exc:
+            rejected.append(Rejection(upload.filename, exc))
+        else:
+            valid.append((upload, info))
+    if not valid:
+        return Submission(None, [], rejected)
+
+    keys = [new_object_key(info.format) for _, info in valid]
+    with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
+        # list() re-raises the first failed PUT; the request then answers 503.
+        list(
+            pool.map(
+                lambda item: res.store.put(item[0], item[1][0].data, item[1][1].content_type),
+                zip(keys, valid, strict=True),
+            )
+        )
+
+    batch_id = uuid.uuid4() if as_batch else None
+    deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
+    job_ids = [uuid.uuid4() for _ in valid]
+    rows = [
+        {
+            "id": job_id,
+            "batch_id": batch_id,
+            "filename": upload.filename,
+            "object_key": key,
+            "image_format": info.format,
+            "size_bytes": len(upload.data),
+            "width": info.width,
+            "height": info.height,
+            "model": model,
+            "priority": priority.value,
+            "state": JobState.pending,
+            "attempts": 0,
+            "max_attempts": settings.max_attempts,
+            "deadline_at": deadline_at,
+        }
+        for job_id, key, (upload, info) in zip(job_ids, keys, valid, strict=True)
+    ]
+    with res.engine.begin() as conn:
+        if batch_id is not None:
+            conn.execute(
+                insert(Batch).values(
+                    id=batch_id, model=model, priority=priority.value, total=len(rows)
+                )
+            )
+        conn.execute(insert(Job), rows)
+
+    ids = [str(job_id) for job_id in job_ids]
+    try:
+        queue.push(res.redis, model, priority, ids)
+    except redis.RedisError:
+        # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.
+        log.warning("could not push %d job ids to Redis; the sweeper will", len(ids), exc_info=True)
+    jobs = [(job_id, upload.filename) for job_id, (upload, _) in zip(job_ids, valid, strict=True)]
+    return Submission(batch_id, jobs, rejected)

@@ -1,0 +1,108 @@
+"""End-to-end fixtures: settings pointing at the real services, a clean database and
+Redis per test (as arq does), the gateway in-process, and a burst-mode worker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from common.cli import run_migrations
+from common.db import get_engine
+from common.settings import Settings
+from tests.conftest import DEMO_WEIGHTS, REPO
+
+
+@pytest.fixture(scope="session")
+def base_settings(
+    service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    run_migrations(service_env["HEPATO_DATABASE_URL"])
+    return Settings(
+        database_url=service_env["HEPATO_DATABASE_URL"],
+        redis_url=service_env["HEPATO_REDIS_URL"],
+        s3_endpoint=service_env["HEPATO_S3_ENDPOINT"],
+        s3_bucket="hepato-test",
+        data_dir=REPO / ".data",
+        model_weights=DEMO_WEIGHTS,
+        # Short timers so recovery paths finish within a test.
+        lease_s=4.0,
+        lease_extend_every_s=1.0,
+        sweep_interval_s=0.5,
+        requeue_pending_after_s=2.0,
+        poll_timeout_s=0.2,
+        max_wait_ms=50.0,
+        max_batch_size=8,
+        detect_timeout_s=60.0,
+    )
+
+
+@pytest.fixture
+def settings(base_settings: Settings) -> Iterator[Settings]:
+    engine = get_engine(base_settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE detections, jobs, batches CASCADE"))
+    redis.Redis.from_url(base_settings.redis_url).flushall()
+    yield base_settings
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    from gateway.app import create_app
+
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def detector(base_settings: Settings):  # type: ignore[no-untyped-def]
+    from worker.detector import YoloDetector
+
+    s = base_settings
+    return YoloDetector(
+        s.model_weights,
+        imgsz=s.model_imgsz,
+        conf=s.model_conf,
+        iou=s.model_iou,
+        device="cpu",
+        threads=0,
+        config_dir=s.ultralytics_dir,
+    )
+
+
+@pytest.fixture
+def run_worker(settings: Settings, detector) -> Callable[..., object]:  # type: ignore[no-untyped-def]
+    """Run a worker in burst mode until every job is finished (arq's burst fixture)."""
+    from worker.runner import Worker
+
+    def run(**overrides: object) -> Worker:
+        worker = Worker(settings.model_copy(update=overrides), detector, burst=True)
+        worker.run(install_signals=False)
+        return worker
+
+    return run
+
+
+@pytest.fixture
+def worker_env(service_env: dict[str, str], settings: Settings) -> dict[str, str]:
+    """Environment for a worker subprocess against the test services."""
+    return {
+        **os.environ,
+        **service_env,
+        "HEPATO_S3_BUCKET": settings.s3_bucket,
+        "HEPATO_MODEL_WEIGHTS": str(settings.model_weights),
+        "HEPATO_LEASE_S": str(settings.lease_s),
+        "HEPATO_SWEEP_INTERVAL_S": "3600",
+        "HEPATO_POLL_TIMEOUT_S": "0.2",
+    }
+
+
+def images(folder: Path, pattern: str) -> list[Path]:
+    found = sorted(folder.glob(pattern))
+    assert found, f"no {pattern} in {folder}"
+    return found

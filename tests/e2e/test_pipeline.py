@@ -1,0 +1,262 @@
+"""The core pipeline end to end on real Postgres, Redis and S3."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import func, select
+
+from common.db import session_factory
+from common.models import Detection, Job
+from common.settings import Settings
+from common.storage import ObjectStore
+from tests.conftest import SAMPLES
+from tests.e2e.conftest import images
+
+pytestmark = pytest.mark.slow
+
+
+def upload(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def submit(client: TestClient, paths: list[Path], **form: str) -> dict:  # type: ignore[type-arg]
+    response = client.post("/v1/batches", files=upload(paths), data=form)
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def thirty_two() -> list[Path]:
+    synthetic = images(SAMPLES, "synthetic_*.png")
+    return [synthetic[i % len(synthetic)] for i in range(32)]
+
+
+def db_jobs(settings: Settings) -> list[Job]:
+    with session_factory(settings.database_url)() as session:
+        return list(session.scalars(select(Job)))
+
+
+def result_sets(settings: Settings) -> dict[uuid.UUID, Counter]:  # type: ignore[type-arg]
+    """Detections per job, counted by identical rows: a duplicate means two result sets."""
+    with session_factory(settings.database_url)() as session:
+        rows = session.execute(
+            select(Detection.job_id, Detection.label, Detection.score, Detection.x1, Detection.y1)
+        ).all()
+    out: dict[uuid.UUID, Counter] = {}  # type: ignore[type-arg]
+    for job_id, *key in rows:
+        out.setdefault(job_id, Counter())[tuple(key)] += 1
+    return out
+
+
+def test_batch_of_32_all_done_with_detections_and_uploads(
+    client: TestClient, settings: Settings, run_worker
+) -> None:
+    accepted = submit(client, thirty_two())
+    assert accepted["accepted"] == 32 and accepted["rejected"] == []
+    assert {j["filename"] for j in accepted["jobs"]} <= {p.name for p in thirty_two()}
+    assert client.get(accepted["status_url"]).json()["state"] == "pending"
+
+    run_worker()
+
+    batch = client.get(accepted["status_url"], params={"page_size": 10}).json()
+    assert batch["state"] == "done"
+    assert batch["total"] == 32 and batch["counts"]["done"] == 32
+    assert len(batch["jobs"]) == 10 and batch["next_page_url"]
+    jobs = db_jobs(settings)
+    assert len(jobs) == 32 and all(j.state == "done" for j in jobs)
+    store = ObjectStore(settings)
+    assert all(store.exists(j.object_key) for j in jobs)
+    with session_factory(settings.database_url)() as session:
+        n = session.scalar(select(func.count()).select_from(Detection))
+    assert n and n > 0, "the demo model finds vacuoles on the synthetic samples"
+    job = client.get(accepted["jobs"][0]["status_url"]).json()
+    assert job["state"] == "done" and job["detections"]
+    assert job["started_at"] and job["finished_at"] and job["queue_wait_ms"] is not None
+    assert job["inference_ms"] > 0 and job["attempts"] == 1
+    det = job["detections"][0]
+    assert det["label"] in {"fibrosis", "inflammation", "steatosis", "ballooning"}
+    assert len(det["box"]) == 4 and 0 <= det["score"] <= 1
+    image = client.get(job["image_url"])
+    assert image.status_code == 200 and image.content == thirty_two()[0].read_bytes()
+
+
+def test_microbatches_larger_than_one_when_queued(
+    client: TestClient, settings: Settings, run_worker
+) -> None:
+    submit(client, thirty_two())
+    worker = run_worker(max_batch_size=8)
+    sizes = [j.batch_size for j in db_jobs(settings)]
+    assert max(sizes) == 8  # type: ignore[type-var]
+    assert worker.batches <= 8, f"32 queued jobs took {worker.batches} microbatches"
+
+
+def test_pipeline_equals_direct_model_predict(
+    client: TestClient, settings: Settings, run_worker
+) -> None:
+    from ultralytics import YOLO
+
+    paths = [*images(SAMPLES, "*.png"), *images(SAMPLES, "*.jpg")]
+    accepted = submit(client, paths)
+    run_worker(max_batch_size=16)
+    direct = YOLO(str(settings.model_weights), task="detect")
+    compared = 0
+    for job, path in zip(accepted["jobs"], paths, strict=True):
+        got = client.get(job["status_url"]).json()["detections"]
+        want = direct.predict(
+            str(path),
+            imgsz=settings.model_imgsz,
+            conf=settings.model_conf,
+            iou=settings.model_iou,
+            device="cpu",
+            verbose=False,
+        )[0].boxes
+        assert [d["label"] for d in got] == [direct.names[int(c)] for c in want.cls], path.name
+        for d, box, score in zip(got, want.xyxy.tolist(), want.conf.tolist(), strict=True):
+            assert d["box"] == pytest.approx(box, abs=1e-2), path.name
+            assert d["score"] == pytest.approx(score, abs=1e-4), path.name
+            compared += 1
+    assert compared > 0
+
+
+def test_killed_worker_loses_nothing(
+    client: TestClient, settings: Settings, run_worker, worker_env: dict[str, str]
+) -> None:
+    accepted = submit(client, thirty_two())
+    env = {
+        **worker_env,
+        "HEPATO_WORKER_ID": "doomed",
+        "HEPATO_MAX_BATCH_SIZE": "16",
+        "HEPATO_MODEL_IMGSZ": "640",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            held = [
+                j for j in db_jobs(settings) if j.worker_id == "doomed" and j.state == "processing"
+            ]
+            if held:
+                break
+            assert proc.poll() is None, "worker exited early"
+            time.sleep(0.02)
+        assert held, "the worker never claimed a batch"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    run_worker()
+
+    jobs = db_jobs(settings)
+    assert len(jobs) == accepted["accepted"] == 32
+    assert all(j.state == "done" for j in jobs), Counter(j.state for j in jobs)
+    redelivered = [j for j in jobs if j.attempts > 1]
+    assert redelivered, "the killed batch was finished by another worker"
+    assert all(j.worker_id != "doomed" for j in redelivered)
+    for job_id, rows in result_sets(settings).items():
+        assert max(rows.values()) == 1, f"job {job_id} has two result sets"
+
+
+def test_redis_flushed_while_pending_loses_nothing(
+    client: TestClient, settings: Settings, run_worker
+) -> None:
+    accepted = submit(client, images(SAMPLES, "synthetic_*.png"))
+    redis.Redis.from_url(settings.redis_url).flushall()
+    run_worker()
+    jobs = db_jobs(settings)
+    assert len(jobs) == accepted["accepted"]
+    assert all(j.state == "done" for j in jobs)
+
+
+def test_malformed_file_in_batch_is_named_and_the_rest_accepted(
+    client: TestClient, settings: Settings, run_worker
+) -> None:
+    good = images(SAMPLES, "synthetic_*.png")[:3]
+    files = [
+        *upload(good),
+        ("files", ("notes.png", b"<html>not an image</html>", "image/png")),
+        ("files", ("truncated.png", good[0].read_bytes()[:200], "image/png")),
+    ]
+    response = client.post("/v1/batches", files=files)
+    assert response.status_code == 202
+    body = response.json()
+    assert body["accepted"] == 3
+    rejected = {r["filename"]: r for r in body["rejected"]}
+    assert set(rejected) == {"notes.png", "truncated.png"}
+    assert rejected["notes.png"]["status_code"] == 415
+    assert "not an accepted image format" in rejected["notes.png"]["error"]
+    assert "PNG" in rejected["truncated.png"]["error"]
+    run_worker()
+    assert client.get(body["status_url"]).json()["state"] == "done"
+
+
+def test_malformed_single_upload_is_a_4xx_naming_the_problem(client: TestClient) -> None:
+    response = client.post("/v1/jobs", files={"file": ("x.jpg", b"%PDF-1.7 nope", "image/jpeg")})
+    assert response.status_code == 415
+    assert "x.jpg" in response.json()["detail"]
+    assert "not an accepted image format" in response.json()["detail"]
+    response = client.post("/v1/batches", files=[("files", ("y.png", b"", "image/png"))])
+    assert response.status_code == 422
+    assert response.json()["rejected"][0]["error"] == "empty file"
+
+
+def test_unknown_ids_are_404(client: TestClient) -> None:
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}").status_code == 404
+    assert client.get("/v1/jobs/not-a-uuid").status_code == 404
+    assert client.get(f"/v1/batches/{uuid.uuid4()}").status_code == 404
+
+
+def test_unknown_model_is_refused(client: TestClient) -> None:
+    path = images(SAMPLES, "synthetic_*.png")[0]
+    response = client.post("/v1/batches", files=upload([path]), data={"model": "nope"})
+    assert response.status_code == 422 and "unknown model" in response.json()["detail"]
+
+
+def test_seed_calls_verbatim_and_health(client: TestClient, settings: Settings, detector) -> None:
+    import threading
+
+    from worker.runner import Worker
+
+    # A long-running worker in a thread serves /v1/detect, which waits for the result.
+    worker = Worker(settings, detector)
+    thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
+    thread.start()
+    try:
+        path = images(SAMPLES, "synthetic_*.png")[0]
+        response = client.post("/v1/detect", files={"file": ("sample.jpg", path.read_bytes())})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["detections"] and body["latency_ms"] > 0
+        assert (body["width"], body["height"]) == Image.open(io.BytesIO(path.read_bytes())).size
+        two = images(SAMPLES, "synthetic_*.png")[:2]
+        response = client.post("/v1/assets", files=upload(two))
+        assert response.status_code == 202 and response.json()["accepted"] == 2
+    finally:
+        worker.stopping.set()
+        thread.join(timeout=30)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and all(ready.json()["checks"].values())
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    for path_name in (
+        "/v1/batches",
+        "/v1/jobs",
+        "/v1/detect",
+        "/v1/assets",
+        "/v1/jobs/{job_id}",
+        "/v1/batches/{batch_id}",
+    ):
+        assert path_name in paths

@@ -1,0 +1,1 @@
+"""GPU/CPU worker processes: drain Redis in microbatches, run the model, write results."""

@@ -1,0 +1,102 @@
+"""YOLOv8 detection through ultralytics on PyTorch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.exceptions import ModelWeightsNotFound
+from common.jobs import DetectionRow
+from worker.ultralytics_env import configure_ultralytics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupTiming:
+    size: int
+    inference_ms: float
+
+
+class YoloDetector:
+    """Loads once per process; ``predict`` runs a whole microbatch.
+
+    Images are passed to ultralytics in groups of equal shape: ultralytics letterboxes a
+    mixed-shape list to a full square but a single image to its minimal rectangle, so
+    only equal-shape groups give exactly what ``model.predict`` gives image by image."""
+
+    def __init__(
+        self,
+        weights: Path,
+        *,
+        imgsz: int,
+        conf: float,
+        iou: float,
+        device: str,
+        threads: int,
+        config_dir: Path,
+    ) -> None:
+        weights = Path(weights)
+        # A missing .pt makes ultralytics try a download; refuse first.
+        if not weights.is_file():
+            raise ModelWeightsNotFound(f"model weights not found: {weights}")
+        configure_ultralytics(config_dir)
+        import torch
+        from ultralytics import YOLO
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.imgsz, self.conf, self.iou = imgsz, conf, iou
+        self.model = YOLO(str(weights), task="detect")
+        self.labels: dict[int, str] = dict(self.model.names)
+        # The first predict builds the predictor, whose device selection resets torch to
+        # cpu_count-1 threads; set ours after it.
+        self.predict([np.full((imgsz, imgsz, 3), 114, dtype=np.uint8)])
+        if self.device == "cpu":
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+        log.info(
+            "loaded %s on %s (classes: %s, torch threads: %d)",
+            weights,
+            self.device,
+            ", ".join(self.labels.values()),
+            torch.get_num_threads(),
+        )
+
+    def predict(
+        self, images: list[np.ndarray]
+    ) -> tuple[list[list[DetectionRow]], list[int], float]:
+        """Detections per image (BGR arrays), the size of the model call each image ran in,
+        and the total inference time in ms."""
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            groups[image.shape].append(i)
+        out: list[list[DetectionRow]] = [[] for _ in images]
+        sizes = [0] * len(images)
+        started = time.perf_counter()
+        for indices in groups.values():
+            results = self.model.predict(
+                [images[i] for i in indices],
+                imgsz=self.imgsz,
+                conf=self.conf,
+                iou=self.iou,
+                device=self.device,
+                verbose=False,
+            )
+            result: Any
+            for i, result in zip(indices, results, strict=True):
+                sizes[i] = len(indices)
+                boxes = result.boxes
+                xyxy = boxes.xyxy.cpu().numpy().tolist()
+                scores = boxes.conf.cpu().numpy().tolist()
+                classes = boxes.cls.cpu().numpy().astype(int).tolist()
+                out[i] = [
+                    DetectionRow(c, self.labels[c], float(s), (b[0], b[1], b[2], b[3]))
+                    for b, s, c in zip(xyxy, scores, classes, strict=True)
+                ]
+        return out, sizes, (time.perf_counter() - started) * 1000.0
