@@ -20,7 +20,8 @@ from common.images import MIME_TYPES, sniff_format
 from common.localstack import LocalStack
 from common.settings import get_settings
 
-console = Console()
+# Piped output gets a table wide enough for its links instead of 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 TERMINAL_BATCH = ("done", "done_with_failures")
 
 
@@ -146,7 +147,7 @@ def _print_results(jobs: list[dict], files: list[Path], repeat: int) -> None:
     # With --repeat the same images went through several times; show each image once.
     shown = jobs[: len(files)] if repeat > 1 else jobs
     table = Table(title="Detections per image (demo model, not for clinical use)")
-    for col in ("image", "state", "batch", "detections", "per class", "best", "inspect"):
+    for col in ("image", "state", "batch", "detections", "per class", "best score", "inspect"):
         table.add_column(col, overflow="fold")
     for job in shown:
         dets = job["detections"] or []
@@ -159,6 +160,7 @@ def _print_results(jobs: list[dict], files: list[Path], repeat: int) -> None:
             str(len(dets)),
             ", ".join(f"{k} {v}" for k, v in sorted(per_class.items())) or "-",
             f"{best:.2f}" if best is not None else "-",
-            f"{job['status_url']}\n{job['image_url']}",
+            job["status_url"],
         )
     console.print(table)
+    console.print("each job's image is at <status URL>/image; the batch at its status URL")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "samples"
+SAMPLES = Path(os.environ.get("HEPATO_TEST_SAMPLES", REPO / "samples"))
 DEMO_WEIGHTS = REPO / "models" / "demo" / "hepato-yolov8n.pt"
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 def configure_ultralytics(config_dir: Path) -> None:
     config_dir.mkdir(parents=True, exist_ok=True)
     os.environ["YOLO_OFFLINE"] = "1"
+    # Requirement checks would otherwise pip-install what they miss (e.g. onnxslim on export).
+    os.environ["YOLO_AUTOINSTALL"] = "false"
     os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
     # Plots in training/validation want Arial.ttf and download it when it is missing;
     # matplotlib's bundled DejaVu Sans stands in, placed where ultralytics looks first.

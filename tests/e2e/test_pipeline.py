@@ -260,3 +260,33 @@ def test_seed_calls_verbatim_and_health(client: TestClient, settings: Settings, 
         "/v1/batches/{batch_id}",
     ):
         assert path_name in paths
+
+
+def test_sigterm_finishes_the_batch_in_hand_and_exits(
+    client: TestClient, settings: Settings, worker_env: dict[str, str]
+) -> None:
+    submit(client, thirty_two())
+    env = {
+        **worker_env,
+        "HEPATO_WORKER_ID": "polite",
+        "HEPATO_MAX_BATCH_SIZE": "8",
+        "HEPATO_MODEL_IMGSZ": "640",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        held: list[Job] = []
+        while not held and time.monotonic() < deadline:
+            held = [j for j in db_jobs(settings) if j.state == "processing"]
+            assert proc.poll() is None, "worker exited early"
+            time.sleep(0.02)
+        assert held, "the worker never claimed a batch"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    jobs = {j.id: j for j in db_jobs(settings)}
+    assert all(jobs[j.id].state == "done" for j in held), "the batch in hand was finished"
+    assert not [j for j in jobs.values() if j.state == "processing"]
+    assert [j for j in jobs.values() if j.state == "pending"], "it stopped taking work"

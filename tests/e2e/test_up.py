@@ -1,0 +1,47 @@
+"""The one-command local stack, as a newcomer runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from common.localstack import free_port
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.slow
+
+
+def test_up_runs_the_samples_and_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "HEPATO_DATA_DIR": str(tmp_path), "HEPATO_S3_BUCKET": "hepato"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "common.cli",
+        "up",
+        "--workers",
+        "2",
+        "--port",
+        str(port),
+        "--samples",
+        str(SAMPLES),
+        "--no-keep-running",
+    ]
+    for run in range(2):  # the second run reuses the data directory
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "images/s end to end with 2 worker(s)" in result.stdout
+        assert "batch state done" in result.stdout
+        assert "ihc_colon.png" in result.stdout
+        assert "stack stopped" in result.stdout
+        left = [
+            p.info["cmdline"]
+            for p in psutil.process_iter(["cmdline"])
+            if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+        ]
+        assert not left, f"run {run}: processes left behind: {left}"
