@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Engine, and_, extract, func, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, extract, func, insert, select, update
 
 from common.constants import JobState
 from common.models import Detection, Job
@@ -138,19 +138,20 @@ def complete(engine: Engine, token: uuid.UUID, results: Sequence[JobResult]) -> 
         ]
         if rows:
             conn.execute(insert(Detection), rows)
-        for r in mine:
-            conn.execute(
-                update(Job)
-                .where(Job.id == r.id)
-                .values(
-                    state=JobState.done,
-                    finished_at=func.now(),
-                    lease_until=None,
-                    batch_size=r.batch_size,
-                    inference_ms=r.inference_ms,
-                    error=None,
-                )
-            )
+        # One executemany (pipelined by psycopg), not a round trip per job.
+        conn.execute(
+            update(Job)
+            .where(Job.id == bindparam("job"))
+            .values(
+                state=JobState.done,
+                finished_at=func.now(),
+                lease_until=None,
+                batch_size=bindparam("size"),
+                inference_ms=bindparam("ms"),
+                error=None,
+            ),
+            [{"job": r.id, "size": r.batch_size, "ms": r.inference_ms} for r in mine],
+        )
     return owned
 
 

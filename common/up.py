@@ -42,6 +42,8 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
         from common.cli import run_migrations
 
         env = {**os.environ, **stack.env(), "HEPATO_PORT": str(port)}
+        # Workers on one CPU share its cores rather than each taking all of them.
+        env.setdefault("HEPATO_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         run_migrations(stack.database_url)
         base = f"http://127.0.0.1:{port}"
         stack.spawn("gateway", [sys.executable, "-m", "common.cli", "gateway"], env)
