@@ -120,16 +120,29 @@ router.add_api_route(
 
 
 async def _submit_one(
-    res: Resources, file: UploadFile, model: str, priority: Priority, deadline_s: float | None
-) -> tuple[uuid.UUID, str]:
+    request: Request,
+    res: Resources,
+    file: UploadFile,
+    model: str | None,
+    priority: Priority,
+    deadline_s: float | None,
+) -> schemas.JobAccepted:
+    name = _model(res, model)
     uploads = await _read([file])
     sub = await run_in_threadpool(
-        submit, res, uploads, model=model, priority=priority, deadline_s=deadline_s, as_batch=False
+        submit, res, uploads, model=name, priority=priority, deadline_s=deadline_s, as_batch=False
     )
     if sub.rejected:
         bad = sub.rejected[0]
         raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
-    return sub.jobs[0]
+    job_id, filename = sub.jobs[0]
+    return schemas.JobAccepted(
+        job_id=job_id,
+        filename=filename,
+        status_url=_url(request, res, "get_job", job_id=str(job_id)),
+        model=name,
+        priority=priority.value,
+    )
 
 
 @router.post(
@@ -147,15 +160,7 @@ async def submit_job(
     priority: Annotated[Priority, Form()] = Priority.routine,
     deadline_s: DeadlineField = None,
 ) -> schemas.JobAccepted:
-    name = _model(res, model)
-    job_id, filename = await _submit_one(res, file, name, priority, deadline_s)
-    return schemas.JobAccepted(
-        job_id=job_id,
-        filename=filename,
-        status_url=_url(request, res, "get_job", job_id=str(job_id)),
-        model=name,
-        priority=priority.value,
-    )
+    return await _submit_one(request, res, file, model, priority, deadline_s)
 
 
 @router.post(
@@ -172,22 +177,15 @@ async def detect(
     priority: Annotated[Priority, Form()] = Priority.urgent,
 ) -> schemas.DetectOut | JSONResponse:
     started = time.perf_counter()
-    name = _model(res, model)
-    job_id, filename = await _submit_one(res, file, name, priority, None)
+    accepted = await _submit_one(request, res, file, model, priority, None)
+    job_id = accepted.job_id
     state = await run_in_threadpool(_wait_finished, res, job_id, res.settings.detect_timeout_s)
-    status_url = _url(request, res, "get_job", job_id=str(job_id))
     if state not in TERMINAL_STATES:
         # Still queued or running: the job goes on; the caller polls the status URL.
         return JSONResponse(
             status_code=status.HTTP_202_ACCEPTED,
-            headers={"Location": status_url},
-            content=schemas.JobAccepted(
-                job_id=job_id,
-                filename=filename,
-                status_url=status_url,
-                model=name,
-                priority=priority.value,
-            ).model_dump(mode="json"),
+            headers={"Location": accepted.status_url},
+            content=accepted.model_dump(mode="json"),
         )
     with res.sessions() as session:
         job = session.get_one(Job, job_id)
@@ -199,8 +197,8 @@ async def detect(
         dets = _detections(session, [job_id])[job_id]
     return schemas.DetectOut(
         job_id=job_id,
-        filename=filename,
-        model=name,
+        filename=accepted.filename,
+        model=accepted.model,
         width=job.width,
         height=job.height,
         detections=dets,

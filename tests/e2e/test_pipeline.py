@@ -59,6 +59,31 @@ def result_sets(settings: Settings) -> dict[uuid.UUID, Counter]:  # type: ignore
     return out
 
 
+def start_worker_until_it_claims(
+    settings: Settings, env: dict[str, str], worker_id: str
+) -> tuple[subprocess.Popen, list[Job]]:  # type: ignore[type-arg]
+    """Start a worker process (slowed by a larger input size, so a batch takes a while)
+    and return once it holds a claimed batch."""
+    env = {
+        **env,
+        "HEPATO_WORKER_ID": worker_id,
+        "HEPATO_MAX_BATCH_SIZE": "16",
+        "HEPATO_MODEL_IMGSZ": "640",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
+    deadline = time.monotonic() + 120
+    held: list[Job] = []
+    while not held and time.monotonic() < deadline:
+        held = [j for j in db_jobs(settings) if j.state == "processing"]
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early with {proc.returncode}")
+        time.sleep(0.02)
+    if not held:
+        proc.kill()
+        raise AssertionError("the worker never claimed a batch")
+    return proc, held
+
+
 def test_batch_of_32_all_done_with_detections_and_uploads(
     client: TestClient, settings: Settings, run_worker
 ) -> None:
@@ -133,29 +158,14 @@ def test_killed_worker_loses_nothing(
     client: TestClient, settings: Settings, run_worker, worker_env: dict[str, str]
 ) -> None:
     accepted = submit(client, thirty_two())
-    env = {
-        **worker_env,
-        "HEPATO_WORKER_ID": "doomed",
-        "HEPATO_MAX_BATCH_SIZE": "16",
-        "HEPATO_MODEL_IMGSZ": "640",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
+    proc, held = start_worker_until_it_claims(settings, worker_env, "doomed")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            held = [
-                j for j in db_jobs(settings) if j.worker_id == "doomed" and j.state == "processing"
-            ]
-            if held:
-                break
-            assert proc.poll() is None, "worker exited early"
-            time.sleep(0.02)
-        assert held, "the worker never claimed a batch"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert all(j.worker_id == "doomed" for j in held)
 
     run_worker()
 
@@ -266,21 +276,8 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits(
     client: TestClient, settings: Settings, worker_env: dict[str, str]
 ) -> None:
     submit(client, thirty_two())
-    env = {
-        **worker_env,
-        "HEPATO_WORKER_ID": "polite",
-        "HEPATO_MAX_BATCH_SIZE": "8",
-        "HEPATO_MODEL_IMGSZ": "640",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
+    proc, held = start_worker_until_it_claims(settings, worker_env, "polite")
     try:
-        deadline = time.monotonic() + 120
-        held: list[Job] = []
-        while not held and time.monotonic() < deadline:
-            held = [j for j in db_jobs(settings) if j.state == "processing"]
-            assert proc.poll() is None, "worker exited early"
-            time.sleep(0.02)
-        assert held, "the worker never claimed a batch"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
