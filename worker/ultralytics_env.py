@@ -15,12 +15,15 @@ def configure_ultralytics(config_dir: Path) -> None:
     os.environ["YOLO_AUTOINSTALL"] = "false"
     os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
     # Plots in training/validation want Arial.ttf and download it when it is missing;
-    # matplotlib's bundled DejaVu Sans stands in, placed where ultralytics looks first.
+    # matplotlib's bundled DejaVu Sans stands in, placed where ultralytics looks first
+    # (its settings dir is the "Ultralytics" folder inside YOLO_CONFIG_DIR).
     import matplotlib
 
+    fonts_dir = config_dir / "Ultralytics"
+    fonts_dir.mkdir(exist_ok=True)
     dejavu = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        target = config_dir / name
+        target = fonts_dir / name
         if not target.exists() and dejavu.exists():
             shutil.copyfile(dejavu, target)
     from ultralytics import settings
