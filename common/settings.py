@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # The demo model was trained on 320 px images.
     model_imgsz: int = Field(320, description="Inference size, pixels (long side).")
     model_conf: float = Field(0.25, description="Score threshold, 0..1.")
-    model_iou: float = Field(0.7, description="NMS IoU threshold, 0..1.")
+    model_iou: float = Field(0.5, description="NMS IoU threshold, 0..1.")
     device: str = Field("", description="torch device: 'cuda', 'cuda:1', 'cpu'; empty = auto.")
     torch_threads: int = Field(0, description="CPU threads for torch; 0 = all cores.")
 
