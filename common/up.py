@@ -12,10 +12,12 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common.constants import WORKER_KEY_PATTERN
 from common.images import MIME_TYPES, sniff_format
 from common.localstack import LocalStack
 from common.settings import get_settings
@@ -50,7 +52,7 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
         for i in range(workers):
             stack.spawn(f"worker-{i}", [sys.executable, "-m", "common.cli", "worker"], env)
         with console.status(f"waiting for the gateway at {base} and {workers} worker(s)..."):
-            _wait_ready(base, stack)
+            _wait_ready(base, stack, workers)
         console.print(f"gateway ready at {base} (API docs: {base}/docs); logs in {stack.root}/logs")
         code = _main_job(base, sample_files(samples), repeat, workers)
         if keep_running:
@@ -72,17 +74,21 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
         console.print("stack stopped")
 
 
-def _wait_ready(base: str, stack: LocalStack, timeout_s: float = 180.0) -> None:
+def _wait_ready(base: str, stack: LocalStack, workers: int, timeout_s: float = 180.0) -> None:
+    """Until the gateway is ready and every worker has loaded its model, so the run's
+    figures measure serving, not start-up."""
+    client = redis.Redis.from_url(stack.redis_url)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for name, proc in stack.apps:
             if proc.poll() is not None:
                 raise SystemExit(f"{name} exited with {proc.returncode}; see {stack.root}/logs")
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
+            ready = httpx.get(f"{base}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
+            ready = False
+        if ready and len(list(client.scan_iter(WORKER_KEY_PATTERN))) >= workers:
+            return
         time.sleep(0.3)
     raise SystemExit(f"gateway not ready after {timeout_s:.0f}s")
 
@@ -125,7 +131,7 @@ def _main_job(base: str, files: list[Path], repeat: int, workers: int) -> int:
                 time.sleep(0.2)
         elapsed = time.perf_counter() - started
         jobs = _all_jobs(client, status_url)
-    _print_results(jobs, files, repeat)
+    _print_results(jobs, repeat)
     sizes = [j["batch_size"] for j in jobs if j["batch_size"]]
     console.print(
         f"[bold]{len(jobs)} images in {elapsed:.2f}s = {len(jobs) / elapsed:.2f} images/s end to "
@@ -145,9 +151,11 @@ def _all_jobs(client: httpx.Client, status_url: str) -> list[dict]:
     return jobs
 
 
-def _print_results(jobs: list[dict], files: list[Path], repeat: int) -> None:
+def _print_results(jobs: list[dict], repeat: int) -> None:
     # With --repeat the same images went through several times; show each image once.
-    shown = jobs[: len(files)] if repeat > 1 else jobs
+    if repeat > 1:
+        jobs = list({j["filename"]: j for j in jobs}.values())
+    shown = sorted(jobs, key=lambda j: j["filename"])
     table = Table(title="Detections per image (demo model, not for clinical use)")
     for col in ("image", "state", "batch", "detections", "per class", "best score", "inspect"):
         table.add_column(col, overflow="fold")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from common import jobs, queue
-from common.constants import job_done_channel, queue_keys
+from common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, queue_keys, worker_key
 from common.db import get_engine
 from common.exceptions import InvalidImage, ObjectFetchError
 from common.jobs import ClaimedJob, DetectionRow, JobResult
@@ -68,6 +69,7 @@ class Worker:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
+        self._heartbeat()
         sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
         sweeper.start()
         log.info(
@@ -99,6 +101,8 @@ class Worker:
                 break
         self.stopping.set()
         sweeper.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(worker_key(self.id))
         self.fetch_pool.shutdown(wait=False)
         log.info(
             "worker %s stopped after %d batches, %d jobs", self.id, self.batches, self.jobs_done
@@ -190,11 +194,22 @@ class Worker:
             thread.join()
 
     def _sweep_loop(self) -> None:
-        while not self.stopping.wait(self.settings.sweep_interval_s):
+        every = min(self.settings.sweep_interval_s, WORKER_HEARTBEAT_TTL_S / 3)
+        last_sweep = time.monotonic()
+        while not self.stopping.wait(every):
+            self._heartbeat()
+            if time.monotonic() - last_sweep < self.settings.sweep_interval_s:
+                continue
+            last_sweep = time.monotonic()
             try:
                 self.sweep_once()
             except Exception:
                 log.warning("sweep failed", exc_info=True)
+
+    def _heartbeat(self) -> None:
+        """Tell operators (and ``hepato up``) this worker is loaded and alive."""
+        with contextlib.suppress(redis.RedisError):
+            self.redis.set(worker_key(self.id), self.model, ex=WORKER_HEARTBEAT_TTL_S)
 
     def sweep_once(self) -> None:
         requeue, failed = jobs.sweep(self.engine, self.settings.requeue_pending_after_s)
