@@ -187,18 +187,6 @@ def fail(
     return requeue
 
 
-def release(engine: Engine, token: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[Requeue]:
-    """Hand owned jobs back untouched (shutdown): the attempt does not count."""
-    with engine.begin() as conn:
-        rows = conn.execute(
-            update(Job)
-            .where(_owned(token, ids))
-            .values(**_pending_values(), attempts=Job.attempts - 1)
-            .returning(Job.id, Job.model, Job.priority)
-        ).all()
-    return [Requeue(*row) for row in rows]
-
-
 def _pending_values() -> dict[str, object]:
     return {
         "state": JobState.pending,

@@ -89,16 +89,17 @@ class Worker:
                     self.settings.max_wait_ms / 1000.0,
                     self.settings.poll_timeout_s,
                 )
+                if ids:
+                    self.process(ids)
+                elif self.burst and self._drained():
+                    break
                 backoff = 0.1
-            except redis.RedisError as exc:
-                log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
+            except (redis.RedisError, OperationalError) as exc:
+                # Ids popped but not claimed are safe: their jobs are still pending in
+                # Postgres, and the sweeper pushes them again.
+                log.warning("service unavailable (%s); retrying in %.1fs", exc, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
-            if ids:
-                self.process(ids)
-            elif self.burst and self._drained():
-                break
         self.stopping.set()
         sweeper.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
@@ -127,13 +128,15 @@ class Worker:
         try:
             with self._lease_keeper(token, [c.id for c in claimed]):
                 self._run_batch(token, claimed)
-        except Exception:
-            # Hand the batch back rather than let it wait out its lease.
-            log.exception("batch failed; handing %d jobs back", len(claimed))
+        except Exception as exc:
+            # Back to the queue now rather than after the lease; the attempt counts, so an
+            # input that breaks the model ends failed after max_attempts, not in a loop.
+            log.exception("batch of %d failed", len(claimed))
+            errors = {c.id: f"batch failed: {exc!r}" for c in claimed}
             try:
-                self._push(jobs.release(self.engine, token, [c.id for c in claimed]))
+                self._push(jobs.fail(self.engine, token, errors, retry=True))
             except Exception:
-                log.exception("hand-back failed; the sweeper will recover the jobs")
+                log.exception("could not return the batch; the sweeper will recover it")
 
     def _run_batch(self, token: uuid.UUID, claimed: list[ClaimedJob]) -> None:
         datas = list(self.fetch_pool.map(self._fetch, claimed))

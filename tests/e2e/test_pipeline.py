@@ -287,3 +287,24 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits(
     assert all(jobs[j.id].state == "done" for j in held), "the batch in hand was finished"
     assert not [j for j in jobs.values() if j.state == "processing"]
     assert [j for j in jobs.values() if j.state == "pending"], "it stopped taking work"
+
+
+def test_a_model_error_is_retried_then_the_job_fails(
+    client: TestClient, settings: Settings
+) -> None:
+    from worker.runner import Worker
+
+    class Broken:
+        def predict(self, images: list) -> tuple:  # type: ignore[type-arg]
+            raise RuntimeError("model exploded")
+
+    accepted = submit(client, images(SAMPLES, "synthetic_*.png")[:2])
+    Worker(settings, Broken(), burst=True).run(install_signals=False)
+    jobs = db_jobs(settings)
+    assert len(jobs) == accepted["accepted"] == 2
+    for job in jobs:
+        assert job.state == "failed"
+        assert job.attempts == settings.max_attempts
+        assert job.error and "model exploded" in job.error and "gave up after" in job.error
+    body = client.get(accepted["status_url"]).json()
+    assert body["state"] == "done_with_failures" and body["counts"]["failed"] == 2
