@@ -1,0 +1,139 @@
+"""YOLOv8 detection on ONNX Runtime, without ultralytics at run time: our own letterbox
+and NMS, written to give what ultralytics' predictor gives for the same weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from common.exceptions import ModelWeightsNotFound
+from common.jobs import DetectionRow
+
+log = logging.getLogger(__name__)
+
+PAD_VALUE = 114  # ultralytics' letterbox grey
+MAX_WH = 7680.0  # class offset for per-class NMS in one pass (as ultralytics)
+MAX_NMS = 30000  # candidates kept before NMS
+MAX_DET = 300  # detections kept per image
+
+
+def letterbox(
+    image: np.ndarray, size: int, *, auto: bool, stride: int = 32
+) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Resize keeping the aspect ratio and pad with grey, centred. ``auto`` pads only to a
+    multiple of ``stride`` (ultralytics' minimal rectangle); otherwise to ``size`` square.
+    Returns the image, the scale and the (left, top) padding."""
+    h, w = image.shape[:2]
+    r = min(size / h, size / w)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    dw, dh = size - new_w, size - new_h
+    if auto:
+        dw, dh = dw % stride, dh % stride
+    if (w, h) != (new_w, new_h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom = round(dh / 2 - 0.1), round(dh / 2 + 0.1)
+    left, right = round(dw / 2 - 0.1), round(dw / 2 + 0.1)
+    image = cv2.copyMakeBorder(
+        image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3
+    )
+    return image, r, (left, top)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS over boxes sorted by score, each step vectorised over the rest.
+    Returns the kept indices, best first."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        overlap = inter / (areas[i] + areas[rest] - inter + 1e-9)
+        order = rest[overlap <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def postprocess(
+    output: np.ndarray,
+    conf: float,
+    iou: float,
+    scale: float,
+    pad: tuple[int, int],
+    original: tuple[int, int],
+) -> list[tuple[int, float, tuple[float, float, float, float]]]:
+    """One image's raw output (4 + classes, anchors) to (class, score, box) in pixels of
+    the original image."""
+    pred = output.T
+    scores_all = pred[:, 4:]
+    cls = scores_all.argmax(1)
+    score = scores_all[np.arange(len(cls)), cls]
+    mask = score > conf
+    pred, cls, score = pred[mask], cls[mask], score[mask]
+    if not len(score):
+        return []
+    top = np.argsort(-score, kind="stable")[:MAX_NMS]
+    pred, cls, score = pred[top], cls[top], score[top]
+    xy, wh = pred[:, :2], pred[:, 2:4]
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
+    keep = nms(boxes + cls[:, None] * MAX_WH, score, iou)[:MAX_DET]
+    boxes, cls, score = boxes[keep], cls[keep], score[keep]
+    boxes[:, [0, 2]] = (boxes[:, [0, 2]] - pad[0]) / scale
+    boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad[1]) / scale
+    h, w = original
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    return [
+        (int(c), float(s), (float(b[0]), float(b[1]), float(b[2]), float(b[3])))
+        for c, s, b in zip(cls, score, boxes, strict=True)
+    ]
+
+
+class YoloOnnxDetector:
+    """Same interface as the PyTorch detector: ``predict(BGR images)``. Images run in
+    groups of equal shape, letterboxed to their minimal rectangle, as ultralytics does."""
+
+    def __init__(
+        self, weights: Path, *, labels: list[str], imgsz: int, conf: float, iou: float
+    ) -> None:
+        import onnxruntime as ort
+
+        weights = Path(weights)
+        if not weights.is_file():
+            raise ModelWeightsNotFound(f"model weights not found: {weights}")
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(weights), providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.labels, self.imgsz, self.conf, self.iou = labels, imgsz, conf, iou
+        log.info("loaded %s on ONNX Runtime (%s)", weights, self.session.get_providers()[0])
+
+    def predict(
+        self, images: list[np.ndarray]
+    ) -> tuple[list[list[DetectionRow]], list[int], float]:
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            groups[image.shape].append(i)
+        out: list[list[DetectionRow]] = [[] for _ in images]
+        sizes = [0] * len(images)
+        started = time.perf_counter()
+        for indices in groups.values():
+            boxed = [letterbox(images[i], self.imgsz, auto=True) for i in indices]
+            batch = np.stack([b[0] for b in boxed])[..., ::-1].transpose(0, 3, 1, 2)
+            tensor = np.ascontiguousarray(batch, dtype=np.float32) / 255.0
+            (raw,) = self.session.run(None, {self.input_name: tensor})
+            for k, i in enumerate(indices):
+                _, scale, pad = boxed[k]
+                found = postprocess(raw[k], self.conf, self.iou, scale, pad, images[i].shape[:2])
+                out[i] = [DetectionRow(c, self.labels[c], s, b) for c, s, b in found]
+                sizes[i] = len(indices)
+        return out, sizes, (time.perf_counter() - started) * 1000.0
