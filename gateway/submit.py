@@ -66,6 +66,9 @@ def submit(
             valid.append((upload, info))
     if not valid:
         return Submission(None, [], rejected)
+    # Refuse up front (503) while the queue is down, so nothing is half-accepted. Should
+    # Redis fail between here and the push, the committed jobs are still safe (see below).
+    res.redis.ping()
 
     keys = [new_object_key(info.format) for _, info in valid]
     with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:

@@ -308,3 +308,25 @@ def test_a_model_error_is_retried_then_the_job_fails(
         assert job.error and "model exploded" in job.error and "gave up after" in job.error
     body = client.get(accepted["status_url"]).json()
     assert body["state"] == "done_with_failures" and body["counts"]["failed"] == 2
+
+
+@pytest.mark.parametrize(
+    ("service", "override"),
+    [
+        ("Redis", {"redis_url": "redis://127.0.0.1:1/0"}),
+        ("database", {"database_url": "postgresql+psycopg://nobody@127.0.0.1:1/none"}),
+    ],
+)
+def test_a_service_down_is_503_with_retry_after_and_nothing_kept(
+    settings: Settings, service: str, override: dict[str, str]
+) -> None:
+    from gateway.app import create_app
+
+    path = images(SAMPLES, "synthetic_*.png")[0]
+    with TestClient(create_app(settings.model_copy(update=override))) as down:
+        response = down.post("/v1/batches", files=upload([path]))
+        assert response.status_code == 503
+        assert response.headers["Retry-After"]
+        assert service in response.json()["detail"]
+        assert down.get("/readyz").status_code == 503
+    assert db_jobs(settings) == []
