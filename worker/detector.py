@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +11,15 @@ import numpy as np
 
 from common.exceptions import ModelWeightsNotFound
 from common.jobs import DetectionRow
+from worker.grouping import Prediction, predict_by_shape
 from worker.ultralytics_env import configure_ultralytics
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GroupTiming:
-    size: int
-    inference_ms: float
-
-
 class YoloDetector:
-    """Loads once per process; ``predict`` runs a whole microbatch.
-
-    Images are passed to ultralytics in groups of equal shape: ultralytics letterboxes a
-    mixed-shape list to a full square but a single image to its minimal rectangle, so
-    only equal-shape groups give exactly what ``model.predict`` gives image by image."""
+    """Loads once per process; ``predict`` runs a whole microbatch, one ultralytics call
+    per image size (see worker.grouping)."""
 
     def __init__(
         self,
@@ -68,35 +57,29 @@ class YoloDetector:
             torch.get_num_threads(),
         )
 
-    def predict(
-        self, images: list[np.ndarray]
-    ) -> tuple[list[list[DetectionRow]], list[int], float]:
-        """Detections per image (BGR arrays), the size of the model call each image ran in,
-        and the total inference time in ms."""
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, image in enumerate(images):
-            groups[image.shape].append(i)
-        out: list[list[DetectionRow]] = [[] for _ in images]
-        sizes = [0] * len(images)
-        started = time.perf_counter()
-        for indices in groups.values():
-            results = self.model.predict(
-                [images[i] for i in indices],
-                imgsz=self.imgsz,
-                conf=self.conf,
-                iou=self.iou,
-                device=self.device,
-                verbose=False,
-            )
-            result: Any
-            for i, result in zip(indices, results, strict=True):
-                sizes[i] = len(indices)
-                boxes = result.boxes
-                xyxy = boxes.xyxy.cpu().numpy().tolist()
-                scores = boxes.conf.cpu().numpy().tolist()
-                classes = boxes.cls.cpu().numpy().astype(int).tolist()
-                out[i] = [
+    def predict(self, images: list[np.ndarray]) -> Prediction:
+        return predict_by_shape(images, self._predict_group)
+
+    def _predict_group(self, images: list[np.ndarray]) -> list[list[DetectionRow]]:
+        results = self.model.predict(
+            images,
+            imgsz=self.imgsz,
+            conf=self.conf,
+            iou=self.iou,
+            device=self.device,
+            verbose=False,
+        )
+        out = []
+        result: Any
+        for result in results:
+            boxes = result.boxes
+            xyxy = boxes.xyxy.cpu().numpy().tolist()
+            scores = boxes.conf.cpu().numpy().tolist()
+            classes = boxes.cls.cpu().numpy().astype(int).tolist()
+            out.append(
+                [
                     DetectionRow(c, self.labels[c], float(s), (b[0], b[1], b[2], b[3]))
                     for b, s, c in zip(xyxy, scores, classes, strict=True)
                 ]
-        return out, sizes, (time.perf_counter() - started) * 1000.0
+            )
+        return out

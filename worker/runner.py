@@ -24,18 +24,17 @@ from common import jobs, queue
 from common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, queue_keys, worker_key
 from common.db import get_engine
 from common.exceptions import InvalidImage, ObjectFetchError
-from common.jobs import ClaimedJob, DetectionRow, JobResult
+from common.jobs import ClaimedJob, JobResult
 from common.settings import Settings
 from common.storage import ObjectStore
 from worker.decode import decode_bgr
+from worker.grouping import Prediction
 
 log = logging.getLogger(__name__)
 
 
 class Detector(Protocol):
-    def predict(
-        self, images: list[np.ndarray]
-    ) -> tuple[list[list[DetectionRow]], list[int], float]: ...
+    def predict(self, images: list[np.ndarray]) -> Prediction: ...
 
 
 def _db_retry(seconds: float) -> Callable:

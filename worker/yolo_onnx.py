@@ -4,8 +4,6 @@ and NMS, written to give what ultralytics' predictor gives for the same weights.
 from __future__ import annotations
 
 import logging
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import cv2
@@ -13,6 +11,7 @@ import numpy as np
 
 from common.exceptions import ModelWeightsNotFound
 from common.jobs import DetectionRow
+from worker.grouping import Prediction, predict_by_shape
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +116,17 @@ class YoloOnnxDetector:
         self.labels, self.imgsz, self.conf, self.iou = labels, imgsz, conf, iou
         log.info("loaded %s on ONNX Runtime (%s)", weights, self.session.get_providers()[0])
 
-    def predict(
-        self, images: list[np.ndarray]
-    ) -> tuple[list[list[DetectionRow]], list[int], float]:
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, image in enumerate(images):
-            groups[image.shape].append(i)
-        out: list[list[DetectionRow]] = [[] for _ in images]
-        sizes = [0] * len(images)
-        started = time.perf_counter()
-        for indices in groups.values():
-            boxed = [letterbox(images[i], self.imgsz, auto=True) for i in indices]
-            batch = np.stack([b[0] for b in boxed])[..., ::-1].transpose(0, 3, 1, 2)
-            tensor = np.ascontiguousarray(batch, dtype=np.float32) / 255.0
-            (raw,) = self.session.run(None, {self.input_name: tensor})
-            for k, i in enumerate(indices):
-                _, scale, pad = boxed[k]
-                found = postprocess(raw[k], self.conf, self.iou, scale, pad, images[i].shape[:2])
-                out[i] = [DetectionRow(c, self.labels[c], s, b) for c, s, b in found]
-                sizes[i] = len(indices)
-        return out, sizes, (time.perf_counter() - started) * 1000.0
+    def predict(self, images: list[np.ndarray]) -> Prediction:
+        return predict_by_shape(images, self._predict_group)
+
+    def _predict_group(self, images: list[np.ndarray]) -> list[list[DetectionRow]]:
+        boxed = [letterbox(image, self.imgsz, auto=True) for image in images]
+        batch = np.stack([b[0] for b in boxed])[..., ::-1].transpose(0, 3, 1, 2)
+        tensor = np.ascontiguousarray(batch, dtype=np.float32) / 255.0
+        (raw,) = self.session.run(None, {self.input_name: tensor})
+        out = []
+        for k, image in enumerate(images):
+            _, scale, pad = boxed[k]
+            found = postprocess(raw[k], self.conf, self.iou, scale, pad, image.shape[:2])
+            out.append([DetectionRow(c, self.labels[c], s, b) for c, s, b in found])
+        return out
