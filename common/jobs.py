@@ -247,6 +247,20 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> tuple[li
     return [Requeue(*row) for row in (*requeued, *lost)], failed
 
 
+def cancel(
+    engine: Engine, *, job_id: uuid.UUID | None = None, batch_id: uuid.UUID | None = None
+) -> int:
+    """Cancel what has not started: pending jobs become ``canceled``; a worker that pops
+    their ids later drops them at claim. Returns how many were canceled."""
+    where = Job.id == job_id if job_id is not None else Job.batch_id == batch_id
+    with engine.begin() as conn:
+        return conn.execute(
+            update(Job)
+            .where(where, Job.state == JobState.pending)
+            .values(state=JobState.canceled, finished_at=func.now(), error="canceled by client")
+        ).rowcount
+
+
 def count_unfinished(engine: Engine, model: str) -> int:
     with engine.connect() as conn:
         return int(

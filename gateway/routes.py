@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from common import jobs
 from common.constants import TERMINAL_STATES, BatchState, JobState, Priority, job_done_channel
 from common.models import Batch, Detection, Job
 from gateway import schemas
@@ -372,4 +373,44 @@ def get_batch(
         page_size=size,
         jobs=[_job_out(request, res, j, dets.get(j.id, [])) for j in jobs],
         next_page_url=next_url,
+    )
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=schemas.Canceled,
+    responses={404: {"model": schemas.ErrorOut}, 409: {"model": schemas.ErrorOut}},
+    summary="Cancel a job that has not started",
+)
+def cancel_job(
+    job_id: str, request: Request, res: ResourcesDep, session: SessionDep
+) -> schemas.Canceled:
+    jid = _parse_id(job_id, "job")
+    job = session.get(Job, jid)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}")
+    if jobs.cancel(res.engine, job_id=jid) == 0:
+        session.refresh(job)
+        if job.state != JobState.canceled:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"job is {job.state}: only pending jobs can be canceled"
+            )
+    return schemas.Canceled(canceled=1, status_url=_url(request, res, "get_job", job_id=job_id))
+
+
+@router.delete(
+    "/batches/{batch_id}",
+    response_model=schemas.Canceled,
+    responses={404: {"model": schemas.ErrorOut}},
+    summary="Cancel the jobs of a batch that have not started",
+)
+def cancel_batch(
+    batch_id: str, request: Request, res: ResourcesDep, session: SessionDep
+) -> schemas.Canceled:
+    bid = _parse_id(batch_id, "batch")
+    if session.get(Batch, bid) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch with id {batch_id!r}")
+    return schemas.Canceled(
+        canceled=jobs.cancel(res.engine, batch_id=bid),
+        status_url=_url(request, res, "get_batch", batch_id=batch_id),
     )

@@ -98,3 +98,8 @@ class DetectOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class Canceled(BaseModel):
+    canceled: int = Field(description="Jobs that were pending and are now canceled")
+    status_url: str

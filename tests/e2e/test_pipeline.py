@@ -330,3 +330,38 @@ def test_a_service_down_is_503_with_retry_after_and_nothing_kept(
         assert service in response.json()["detail"]
         assert down.get("/readyz").status_code == 503
     assert db_jobs(settings) == []
+
+
+def test_cancel_what_has_not_started(client: TestClient, settings: Settings, run_worker) -> None:
+    paths = images(SAMPLES, "synthetic_*.png")
+    batch = submit(client, paths)
+    single = client.post("/v1/jobs", files={"file": (paths[0].name, paths[0].read_bytes())})
+    job_url = single.json()["status_url"]
+
+    first = batch["jobs"][0]["status_url"]
+    assert client.delete(first).json()["canceled"] == 1
+    assert client.delete(first).status_code == 200, "canceling twice is harmless"
+    assert client.delete(batch["status_url"]).json()["canceled"] == len(paths) - 1
+    assert client.delete(f"/v1/jobs/{uuid.uuid4()}").status_code == 404
+    assert client.delete(f"/v1/batches/{uuid.uuid4()}").status_code == 404
+
+    run_worker()  # their ids are still on Redis: the worker must drop them, not run them
+    body = client.get(batch["status_url"]).json()
+    assert body["state"] == "done" and body["counts"]["canceled"] == len(paths)
+    assert all(j["detections"] is None and j["started_at"] is None for j in body["jobs"])
+    assert client.get(job_url).json()["state"] == "done"
+    response = client.delete(job_url)
+    assert response.status_code == 409 and "done" in response.json()["detail"]
+
+
+def test_a_job_past_its_deadline_expires_and_never_runs(
+    client: TestClient, settings: Settings, run_worker
+) -> None:
+    paths = images(SAMPLES, "synthetic_*.png")[:2]
+    accepted = submit(client, paths, deadline_s="0.05")
+    time.sleep(0.1)  # the deadline is wall-clock time; let it pass before any worker runs
+    run_worker()
+    for job in client.get(accepted["status_url"]).json()["jobs"]:
+        assert job["state"] == "expired" and job["attempts"] == 0 and job["started_at"] is None
+        assert "deadline" in job["error"]
+    assert client.get(accepted["status_url"]).json()["state"] == "done_with_failures"
