@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
@@ -21,6 +21,8 @@ from gateway.deps import Resources, ResourcesDep, SessionDep
 from gateway.submit import Submission, Upload, submit
 
 router = APIRouter(prefix="/v1")
+
+T = TypeVar("T", Job, Batch)
 
 FilesField = Annotated[list[UploadFile], File(description="Images (JPEG, PNG, TIFF, BMP, WebP)")]
 FileField = Annotated[UploadFile, File(description="One image")]
@@ -228,11 +230,23 @@ def _wait_finished(res: Resources, job_id: uuid.UUID, timeout_s: float) -> str:
         pubsub.close()
 
 
-def _parse_id(raw: str, kind: str) -> uuid.UUID:
+def _job_or_404(session: Session, raw: str) -> Job:
+    return _row_or_404(session, Job, raw, "job")
+
+
+def _batch_or_404(session: Session, raw: str) -> Batch:
+    return _row_or_404(session, Batch, raw, "batch")
+
+
+def _row_or_404(session: Session, model: type[T], raw: str, kind: str) -> T:
+    """The row with this id; a malformed id is as unknown as a missing one."""
     try:
-        return uuid.UUID(raw)
+        row = session.get(model, uuid.UUID(raw))
     except ValueError:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {kind} with id {raw!r}") from None
+        row = None
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {kind} with id {raw!r}")
+    return row
 
 
 def _detections(
@@ -290,10 +304,8 @@ def _job_out(
 def get_job(
     job_id: str, request: Request, res: ResourcesDep, session: SessionDep
 ) -> schemas.JobOut:
-    jid = _parse_id(job_id, "job")
-    job = session.get(Job, jid)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}")
+    job = _job_or_404(session, job_id)
+    jid = job.id
     return _job_out(request, res, job, _detections(session, [jid])[jid])
 
 
@@ -304,10 +316,7 @@ def get_job(
     summary="The uploaded image of a job",
 )
 def get_job_image(job_id: str, res: ResourcesDep, session: SessionDep) -> Response:
-    jid = _parse_id(job_id, "job")
-    job = session.get(Job, jid)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}")
+    job = _job_or_404(session, job_id)
     data = res.store.get(job.object_key)
     return Response(content=data, media_type=f"image/{job.image_format}")
 
@@ -336,10 +345,8 @@ def get_batch(
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> schemas.BatchOut:
-    bid = _parse_id(batch_id, "batch")
-    batch = session.get(Batch, bid)
-    if batch is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch with id {batch_id!r}")
+    batch = _batch_or_404(session, batch_id)
+    bid = batch.id
     size = page_size or res.settings.batch_page_size
     counts = {s.value: 0 for s in JobState}
     for state, n in session.execute(
@@ -385,10 +392,8 @@ def get_batch(
 def cancel_job(
     job_id: str, request: Request, res: ResourcesDep, session: SessionDep
 ) -> schemas.Canceled:
-    jid = _parse_id(job_id, "job")
-    job = session.get(Job, jid)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}")
+    job = _job_or_404(session, job_id)
+    jid = job.id
     if jobs.cancel(res.engine, job_id=jid) == 0:
         session.refresh(job)
         if job.state != JobState.canceled:
@@ -407,10 +412,8 @@ def cancel_job(
 def cancel_batch(
     batch_id: str, request: Request, res: ResourcesDep, session: SessionDep
 ) -> schemas.Canceled:
-    bid = _parse_id(batch_id, "batch")
-    if session.get(Batch, bid) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch with id {batch_id!r}")
+    batch = _batch_or_404(session, batch_id)
     return schemas.Canceled(
-        canceled=jobs.cancel(res.engine, batch_id=bid),
+        canceled=jobs.cancel(res.engine, batch_id=batch.id),
         status_url=_url(request, res, "get_batch", batch_id=batch_id),
     )
