@@ -8,13 +8,15 @@ from typing import Annotated
 
 import typer
 
+from common.models_cli import app as models_app
 from common.settings import REPO_ROOT, get_settings
 
 app = typer.Typer(
-    help="HepatoAI: microbatched detection for histopathology images.",
+    help="HepatoAI: microbatched inference for histopathology images.",
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(models_app, name="models")
 
 
 def _logging(level: str = "INFO") -> None:
@@ -43,13 +45,23 @@ def gateway(
 
 @app.command()
 def worker(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model to serve; repeat for more [default: settings]"),
+    ] = None,
     burst: Annotated[bool, typer.Option(help="Exit when no job is left")] = False,
 ) -> None:
-    """Run one worker process: load the model once, then drain the queue in microbatches."""
+    """Run one worker process: load its models once, then drain their queues in
+    microbatches, one model per batch, taking turns."""
+    from common.exceptions import HepatoError
     from worker.runner import run_worker
 
     _logging()
-    run_worker(get_settings(), burst=burst)
+    try:
+        run_worker(get_settings(), burst=burst, models=model or ())
+    except HepatoError as exc:
+        logging.getLogger("hepato").error("%s", exc)
+        raise typer.Exit(2) from None
 
 
 def migrations_dir() -> Path:

@@ -24,7 +24,15 @@ class UnknownModel(HepatoError):
 
 
 class ModelWeightsNotFound(HepatoError):
-    """The weights file named in the settings does not exist (we never download)."""
+    """The weights a manifest names do not exist (we never download)."""
+
+
+class InvalidManifest(HepatoError):
+    """A model manifest is malformed; the message names the file and every problem."""
+
+
+class BackendError(HepatoError):
+    """A model runtime cannot be used as installed or configured (the message says why)."""
 
 
 class ObjectFetchError(HepatoError):

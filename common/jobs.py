@@ -8,10 +8,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Engine, and_, bindparam, extract, func, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, extract, func, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 
 from common.constants import JobState
-from common.models import Detection, Job
+from common.models import Job
+from common.results import TaskResult
 
 
 @dataclass(frozen=True)
@@ -32,17 +34,9 @@ class Requeue:
 
 
 @dataclass(frozen=True)
-class DetectionRow:
-    class_id: int
-    label: str
-    score: float
-    box: tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
 class JobResult:
     id: uuid.UUID
-    detections: Sequence[DetectionRow]
+    result: TaskResult
     batch_size: int
     inference_ms: float
 
@@ -107,8 +101,10 @@ def extend_leases(
     return result.rowcount
 
 
-def complete(engine: Engine, token: uuid.UUID, results: Sequence[JobResult]) -> set[uuid.UUID]:
-    """Write detections and ``done`` in one transaction, for the jobs this lease still
+def complete(
+    engine: Engine, token: uuid.UUID, results: Sequence[JobResult], model_version: str
+) -> set[uuid.UUID]:
+    """Write results and ``done`` in one transaction, for the jobs this lease still
     owns. Returns the ids written; the others were taken over by another worker."""
     if not results:
         return set()
@@ -122,22 +118,6 @@ def complete(engine: Engine, token: uuid.UUID, results: Sequence[JobResult]) -> 
         mine = [r for r in results if r.id in owned]
         if not mine:
             return set()
-        rows = [
-            {
-                "job_id": r.id,
-                "class_id": d.class_id,
-                "label": d.label,
-                "score": d.score,
-                "x1": d.box[0],
-                "y1": d.box[1],
-                "x2": d.box[2],
-                "y2": d.box[3],
-            }
-            for r in mine
-            for d in r.detections
-        ]
-        if rows:
-            conn.execute(insert(Detection), rows)
         # One executemany (pipelined by psycopg), not a round trip per job.
         conn.execute(
             update(Job)
@@ -149,8 +129,19 @@ def complete(engine: Engine, token: uuid.UUID, results: Sequence[JobResult]) -> 
                 batch_size=bindparam("size"),
                 inference_ms=bindparam("ms"),
                 error=None,
+                model_version=bindparam("version"),
+                result=bindparam("result", type_=JSONB),
             ),
-            [{"job": r.id, "size": r.batch_size, "ms": r.inference_ms} for r in mine],
+            [
+                {
+                    "job": r.id,
+                    "size": r.batch_size,
+                    "ms": r.inference_ms,
+                    "version": model_version,
+                    "result": r.result.model_dump(mode="json"),
+                }
+                for r in mine
+            ],
         )
     return owned
 
@@ -261,12 +252,14 @@ def cancel(
         ).rowcount
 
 
-def count_unfinished(engine: Engine, model: str) -> int:
+def count_unfinished(engine: Engine, models: Sequence[str]) -> int:
     with engine.connect() as conn:
         return int(
             conn.execute(
                 select(func.count())
                 .select_from(Job)
-                .where(Job.model == model, Job.state.in_([JobState.pending, JobState.processing]))
+                .where(
+                    Job.model.in_(models), Job.state.in_([JobState.pending, JobState.processing])
+                )
             ).scalar_one()
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -17,7 +18,8 @@ from sqlalchemy import (
     Uuid,
     func,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
@@ -49,6 +51,8 @@ class Job(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(128))
+    # The manifest's task at submission: the shape ``result`` will have.
+    task: Mapped[str] = mapped_column(String(16))
     priority: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -69,31 +73,13 @@ class Job(Base):
     queue_wait_ms: Mapped[float | None] = mapped_column(Float)
     inference_ms: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
-
-    detections: Mapped[list[Detection]] = relationship(
-        back_populates="job", order_by="Detection.id", lazy="raise"
-    )
+    # The version of the model that produced ``result`` (set with it).
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    # A common.results.TaskResult as JSON; its "task" field says which shape.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     __table_args__ = (
         Index("ix_jobs_batch_state", "batch_id", "state"),
         Index("ix_jobs_state_enqueued", "state", "enqueued_at"),
         Index("ix_jobs_state_lease", "state", "lease_until"),
     )
-
-
-class Detection(Base):
-    __tablename__ = "detections"
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    job_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), index=True
-    )
-    class_id: Mapped[int] = mapped_column(Integer)
-    label: Mapped[str] = mapped_column(String(128))
-    score: Mapped[float] = mapped_column(Float)
-    x1: Mapped[float] = mapped_column(Float)
-    y1: Mapped[float] = mapped_column(Float)
-    x2: Mapped[float] = mapped_column(Float)
-    y2: Mapped[float] = mapped_column(Float)
-
-    job: Mapped[Job] = relationship(back_populates="detections")

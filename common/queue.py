@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import redis
@@ -24,6 +25,19 @@ def depth(client: redis.Redis, model: str) -> int:
     return int(sum(pipe.execute()))
 
 
+@dataclass(frozen=True)
+class ModelQueue:
+    """One model's queues and how its microbatches are formed."""
+
+    model: str
+    max_batch: int
+    max_wait_s: float
+
+    @property
+    def keys(self) -> list[str]:
+        return queue_keys(self.model)
+
+
 def collect_batch(
     client: redis.Redis,
     keys: Sequence[str],
@@ -37,7 +51,29 @@ def collect_batch(
     first = client.blpop(list(keys), timeout=poll_timeout_s)
     if first is None:
         return []
-    batch = [_text(cast(tuple[bytes, bytes], first)[1])]
+    return _fill(client, keys, [_text(first[1])], max_batch, max_wait_s)
+
+
+def collect_any(
+    client: redis.Redis, queues: Sequence[ModelQueue], poll_timeout_s: float
+) -> tuple[ModelQueue, list[str]] | None:
+    """A microbatch of one model, from whichever of ``queues`` has work: every model's
+    urgent queue before any routine one, and among equals the first in ``queues``. The
+    caller rotates ``queues`` between calls so that no model starves another."""
+    by_key = {key: q for q in queues for key in q.keys}
+    urgent = [q.keys[0] for q in queues]
+    routine = [q.keys[1] for q in queues]
+    first = client.blpop([*urgent, *routine], timeout=poll_timeout_s)
+    if first is None:
+        return None
+    key, value = first
+    owner = by_key[_text(key)]
+    return owner, _fill(client, owner.keys, [_text(value)], owner.max_batch, owner.max_wait_s)
+
+
+def _fill(
+    client: redis.Redis, keys: Sequence[str], batch: list[str], max_batch: int, max_wait_s: float
+) -> list[str]:
     deadline = time.monotonic() + max_wait_s
     while True:
         for key in keys:

@@ -45,22 +45,26 @@ class Settings(BaseSettings):
     detect_timeout_s: float = Field(30.0, description="How long /v1/detect waits for a result, s.")
     batch_page_size: int = Field(100, description="Jobs per page in GET /v1/batches/{id}.")
 
-    # --- model ----------------------------------------------------------------
-    model_name: str = Field("hepato-yolov8n", description="Default model for submissions.")
-    model_weights: Path = Field(
-        REPO_ROOT / "models" / "demo" / "hepato-yolov8n.pt",
-        description="Local weights file; nothing is ever downloaded.",
+    # --- models ---------------------------------------------------------------
+    models_dir: Path = Field(
+        REPO_ROOT / "models" / "manifests",
+        description="Directory of model manifests (*.yaml); weights are local files only.",
     )
-    # The demo model was trained on 320 px images.
-    model_imgsz: int = Field(320, description="Inference size, pixels (long side).")
-    model_conf: float = Field(0.25, description="Score threshold, 0..1.")
-    model_iou: float = Field(0.5, description="NMS IoU threshold, 0..1.")
-    device: str = Field("", description="torch device: 'cuda', 'cuda:1', 'cpu'; empty = auto.")
-    torch_threads: int = Field(0, description="CPU threads for torch; 0 = all cores.")
+    default_model: str = Field("hepato-yolov8n", description="Model of a job that names none.")
+    worker_models: list[str] = Field(
+        default_factory=list,
+        description="Models a worker serves (JSON list); empty = the default model.",
+    )
+    device: str = Field("", description="'cuda', 'cuda:1' or 'cpu'; empty = CUDA when present.")
+    cpu_threads: int = Field(0, ge=0, description="CPU threads per model runtime; 0 = all.")
 
     # --- worker ---------------------------------------------------------------
-    max_batch_size: int = Field(16, ge=1, description="Most jobs in one microbatch.")
-    max_wait_ms: float = Field(10.0, ge=0, description="Wait for stragglers after the first, ms.")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Caps every model's max_batch_size (images); unset = manifests'."
+    )
+    max_wait_ms: float | None = Field(
+        None, ge=0, description="Overrides every model's max_wait_ms (ms); unset = manifests'."
+    )
     poll_timeout_s: float = Field(1.0, gt=0, description="BLPOP timeout; bounds shutdown, s.")
     lease_s: float = Field(60.0, gt=0, description="A claimed job's lease, s.")
     lease_extend_every_s: float = Field(10.0, gt=0, description="Lease renewal period, s.")

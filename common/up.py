@@ -45,7 +45,7 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
 
         env = {**os.environ, **stack.env(), "HEPATO_PORT": str(port)}
         # Workers on one CPU share its cores rather than each taking all of them.
-        env.setdefault("HEPATO_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        env.setdefault("HEPATO_CPU_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         run_migrations(stack.database_url)
         base = f"http://127.0.0.1:{port}"
         stack.spawn("gateway", [sys.executable, "-m", "common.cli", "gateway"], env)
@@ -160,7 +160,7 @@ def _print_results(jobs: list[dict], repeat: int) -> None:
     for col in ("image", "state", "batch", "detections", "per class", "best score", "inspect"):
         table.add_column(col, overflow="fold")
     for job in shown:
-        dets = job["detections"] or []
+        dets = (job["result"] or {}).get("boxes", [])
         per_class = Counter(d["label"] for d in dets)
         best = max((d["score"] for d in dets), default=None)
         table.add_row(

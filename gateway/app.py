@@ -17,6 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from common.db import get_engine, session_factory
+from common.exceptions import UnknownModel
+from common.manifest import load_registry
 from common.settings import Settings, get_settings
 from common.storage import ObjectStore
 from gateway.deps import Resources, ResourcesDep
@@ -37,6 +39,12 @@ def _unavailable(what: str) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # A bad manifest stops the gateway here, with the file and field named.
+    models = load_registry(settings.models_dir)
+    if settings.default_model not in models:
+        raise UnknownModel(
+            f"default model {settings.default_model!r} has no manifest in {settings.models_dir}"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sessions=session_factory(settings.database_url),
             redis=redis.Redis.from_url(settings.redis_url, health_check_interval=30),
             store=store,
+            models=models,
         )
         yield
         app.state.resources.redis.close()
@@ -58,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="HepatoAI",
         version="0.1.0",
-        summary="Microbatched detection for liver histopathology images",
+        summary="Microbatched inference for liver histopathology images",
         lifespan=lifespan,
         # Starlette's default of 1,000 files per form would cap a batch.
         form_limits={"max_files": settings.max_files_per_request, "max_fields": 100},

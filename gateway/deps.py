@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.manifest import ModelManifest
 from common.settings import Settings
 from common.storage import ObjectStore
 
@@ -24,6 +25,7 @@ class Resources:
     sessions: sessionmaker[Session]
     redis: redis.Redis
     store: ObjectStore
+    models: dict[str, ModelManifest]
 
 
 def get_resources(request: Request) -> Resources:

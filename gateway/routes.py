@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import defaultdict
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
@@ -15,7 +14,9 @@ from sqlalchemy.orm import Session
 
 from common import jobs
 from common.constants import TERMINAL_STATES, BatchState, JobState, Priority, job_done_channel
-from common.models import Batch, Detection, Job
+from common.manifest import ModelManifest
+from common.models import Batch, Job
+from common.results import TASK_RESULT
 from gateway import schemas
 from gateway.deps import Resources, ResourcesDep, SessionDep
 from gateway.submit import Submission, Upload, submit
@@ -38,14 +39,14 @@ def _url(request: Request, res: Resources, name: str, **params: str) -> str:
     return str(request.url_for(name, **params))
 
 
-def _model(res: Resources, model: str | None) -> str:
-    name = model or res.settings.model_name
-    if name != res.settings.model_name:
+def _model(res: Resources, model: str | None) -> ModelManifest:
+    name = model or res.settings.default_model
+    if name not in res.models:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"unknown model {name!r}; available: {res.settings.model_name!r}",
+            f"unknown model {name!r}; available: {', '.join(sorted(res.models))}",
         )
-    return name
+    return res.models[name]
 
 
 async def _read(files: list[UploadFile]) -> list[Upload]:
@@ -103,7 +104,7 @@ async def submit_batch(
     return schemas.BatchAccepted(
         batch_id=sub.batch_id,
         status_url=_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
-        model=name,
+        model=name.name,
         priority=priority.value,
         accepted=len(sub.jobs),
         jobs=_accepted(request, res, sub),
@@ -143,7 +144,7 @@ async def _submit_one(
         job_id=job_id,
         filename=filename,
         status_url=_url(request, res, "get_job", job_id=str(job_id)),
-        model=name,
+        model=name.name,
         priority=priority.value,
     )
 
@@ -167,18 +168,24 @@ async def submit_job(
 
 
 @router.post(
-    "/detect",
-    response_model=schemas.DetectOut,
+    "/predict",
+    response_model=schemas.PredictOut,
     responses={202: {"model": schemas.JobAccepted}, 415: {"model": schemas.ErrorOut}},
-    summary="Detect on one image and wait for the result",
+    summary="Run one image through a model and wait for the result",
 )
-async def detect(
+@router.post(
+    "/detect",
+    response_model=schemas.PredictOut,
+    responses={202: {"model": schemas.JobAccepted}, 415: {"model": schemas.ErrorOut}},
+    summary="Alias of /v1/predict",
+)
+async def predict(
     request: Request,
     res: ResourcesDep,
     file: FileField,
     model: ModelField = None,
     priority: Annotated[Priority, Form()] = Priority.urgent,
-) -> schemas.DetectOut | JSONResponse:
+) -> schemas.PredictOut | JSONResponse:
     started = time.perf_counter()
     accepted = await _submit_one(request, res, file, model, priority, None)
     job_id = accepted.job_id
@@ -197,14 +204,14 @@ async def detect(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 f"job {job.state}: {job.error or 'no result'}",
             )
-        dets = _detections(session, [job_id])[job_id]
-    return schemas.DetectOut(
+    return schemas.PredictOut(
         job_id=job_id,
         filename=accepted.filename,
-        model=accepted.model,
+        model=schemas.ModelRef(name=job.model, version=job.model_version),
+        task=job.task,
         width=job.width,
         height=job.height,
-        detections=dets,
+        result=TASK_RESULT.validate_python(job.result),
         latency_ms=(time.perf_counter() - started) * 1000.0,
         queue_wait_ms=job.queue_wait_ms,
         inference_ms=job.inference_ms,
@@ -249,32 +256,15 @@ def _row_or_404(session: Session, model: type[T], raw: str, kind: str) -> T:
     return row
 
 
-def _detections(
-    session: Session, ids: list[uuid.UUID]
-) -> dict[uuid.UUID, list[schemas.DetectionOut]]:
-    out: dict[uuid.UUID, list[schemas.DetectionOut]] = defaultdict(list)
-    rows = session.scalars(
-        select(Detection).where(Detection.job_id.in_(ids)).order_by(Detection.id)
-    )
-    for d in rows:
-        out[d.job_id].append(
-            schemas.DetectionOut(
-                label=d.label, class_id=d.class_id, score=d.score, box=[d.x1, d.y1, d.x2, d.y2]
-            )
-        )
-    return out
-
-
-def _job_out(
-    request: Request, res: Resources, job: Job, dets: list[schemas.DetectionOut] | None
-) -> schemas.JobOut:
+def _job_out(request: Request, res: Resources, job: Job) -> schemas.JobOut:
     jid = str(job.id)
     return schemas.JobOut(
         id=job.id,
         batch_id=job.batch_id,
         filename=job.filename,
         state=JobState(job.state),
-        model=job.model,
+        model=schemas.ModelRef(name=job.model, version=job.model_version),
+        task=job.task,
         priority=job.priority,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
@@ -288,25 +278,42 @@ def _job_out(
         inference_ms=job.inference_ms,
         batch_size=job.batch_size,
         worker_id=job.worker_id,
-        detections=dets if job.state == JobState.done else None,
+        result=TASK_RESULT.validate_python(job.result) if job.result is not None else None,
         error=job.error,
         status_url=_url(request, res, "get_job", job_id=jid),
         image_url=_url(request, res, "get_job_image", job_id=jid),
     )
 
 
+@router.get("/models", response_model=list[schemas.ModelOut], summary="Models jobs can name")
+def list_models(res: ResourcesDep) -> list[schemas.ModelOut]:
+    return [
+        schemas.ModelOut(
+            name=m.name,
+            version=m.version,
+            task=m.task,
+            backend=m.backend,
+            description=m.description,
+            labels=m.labels,
+            input_size=m.input_size,
+            max_batch_size=m.max_batch_size,
+            default=m.name == res.settings.default_model,
+        )
+        for m in sorted(res.models.values(), key=lambda m: m.name)
+    ]
+
+
 @router.get(
     "/jobs/{job_id}",
     response_model=schemas.JobOut,
     responses={404: {"model": schemas.ErrorOut}},
-    summary="A job's state and, when done, its detections",
+    summary="A job's state and, when done, its typed result",
 )
 def get_job(
     job_id: str, request: Request, res: ResourcesDep, session: SessionDep
 ) -> schemas.JobOut:
     job = _job_or_404(session, job_id)
-    jid = job.id
-    return _job_out(request, res, job, _detections(session, [jid])[jid])
+    return _job_out(request, res, job)
 
 
 @router.get(
@@ -362,7 +369,6 @@ def get_batch(
             .limit(size)
         )
     )
-    dets = _detections(session, [j.id for j in jobs if j.state == JobState.done])
     more = page * size < batch.total
     next_url = None
     if more:
@@ -378,7 +384,7 @@ def get_batch(
         created_at=batch.created_at,
         page=page,
         page_size=size,
-        jobs=[_job_out(request, res, j, dets.get(j.id, [])) for j in jobs],
+        jobs=[_job_out(request, res, j) for j in jobs],
         next_page_url=next_url,
     )
 

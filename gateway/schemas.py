@@ -8,13 +8,24 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from common.constants import BatchState, JobState
+from common.results import TaskResult
 
 
-class DetectionOut(BaseModel):
-    label: str
-    class_id: int
-    score: float
-    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the original image")
+class ModelRef(BaseModel):
+    name: str
+    version: str | None = Field(description="Version that produced the result; null before")
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    task: str
+    backend: str
+    description: str
+    labels: list[str]
+    input_size: int
+    max_batch_size: int
+    default: bool
 
 
 class JobOut(BaseModel):
@@ -22,7 +33,8 @@ class JobOut(BaseModel):
     batch_id: uuid.UUID | None
     filename: str
     state: JobState
-    model: str
+    model: ModelRef
+    task: str = Field(description="detect, classify, zero-shot or vqa: the shape of result")
     priority: str
     attempts: int
     max_attempts: int
@@ -36,7 +48,7 @@ class JobOut(BaseModel):
     inference_ms: float | None = Field(description="Model call of its batch, ms")
     batch_size: int | None = Field(description="Images in the model call this job ran in")
     worker_id: str | None
-    detections: list[DetectionOut] | None = Field(description="Present when state is done")
+    result: TaskResult | None = Field(description="Present when state is done")
     error: str | None
     status_url: str
     image_url: str
@@ -83,13 +95,14 @@ class BatchOut(BaseModel):
     next_page_url: str | None
 
 
-class DetectOut(BaseModel):
+class PredictOut(BaseModel):
     job_id: uuid.UUID
     filename: str
-    model: str
+    model: ModelRef
+    task: str
     width: int
     height: int
-    detections: list[DetectionOut]
+    result: TaskResult
     latency_ms: float = Field(description="Request received to result read, ms")
     queue_wait_ms: float | None
     inference_ms: float | None

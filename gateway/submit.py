@@ -19,6 +19,7 @@ from common import queue
 from common.constants import JobState, Priority
 from common.exceptions import InvalidImage
 from common.images import ImageInfo, inspect_image
+from common.manifest import ModelManifest
 from common.models import Batch, Job
 from common.storage import new_object_key
 from gateway.deps import Resources
@@ -49,7 +50,7 @@ def submit(
     res: Resources,
     uploads: list[Upload],
     *,
-    model: str,
+    model: ModelManifest,
     priority: Priority,
     deadline_s: float | None,
     as_batch: bool,
@@ -93,7 +94,8 @@ def submit(
             "size_bytes": len(upload.data),
             "width": info.width,
             "height": info.height,
-            "model": model,
+            "model": model.name,
+            "task": model.task,
             "priority": priority.value,
             "state": JobState.pending,
             "attempts": 0,
@@ -106,14 +108,14 @@ def submit(
         if batch_id is not None:
             conn.execute(
                 insert(Batch).values(
-                    id=batch_id, model=model, priority=priority.value, total=len(rows)
+                    id=batch_id, model=model.name, priority=priority.value, total=len(rows)
                 )
             )
         conn.execute(insert(Job), rows)
 
     ids = [str(job_id) for job_id in job_ids]
     try:
-        queue.push(res.redis, model, priority, ids)
+        queue.push(res.redis, model.name, priority, ids)
     except redis.RedisError:
         # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.
         log.warning("could not push %d job ids to Redis; the sweeper will", len(ids), exc_info=True)

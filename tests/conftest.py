@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("HEPATO_TEST_SAMPLES", REPO / "samples"))
 DEMO_WEIGHTS = REPO / "models" / "demo" / "hepato-yolov8n.pt"
+MODELS_DIR = REPO / "models" / "manifests"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The worker loop: collect a microbatch, claim it, fetch, infer, write, repeat."""
+"""The worker loop: collect a microbatch of one model, claim it, fetch, infer, write,
+repeat. One worker serves one or more models, taking turns between them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Protocol
 
 import numpy as np
 import redis
@@ -21,20 +21,18 @@ from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from common import jobs, queue
-from common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, queue_keys, worker_key
+from common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, worker_key
 from common.db import get_engine
-from common.exceptions import InvalidImage, ObjectFetchError
+from common.exceptions import InvalidImage, ObjectFetchError, UnknownModel
 from common.jobs import ClaimedJob, JobResult
+from common.manifest import load_registry
+from common.queue import ModelQueue
 from common.settings import Settings
 from common.storage import ObjectStore
-from worker.decode import decode_bgr
-from worker.grouping import Prediction
+from worker.backends.base import Model, Runtime, load_model
+from worker.decode import decode_rgb
 
 log = logging.getLogger(__name__)
-
-
-class Detector(Protocol):
-    def predict(self, images: list[np.ndarray]) -> Prediction: ...
 
 
 def _db_retry(seconds: float) -> Callable:
@@ -48,12 +46,14 @@ def _db_retry(seconds: float) -> Callable:
 
 
 class Worker:
-    def __init__(self, settings: Settings, detector: Detector, *, burst: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, models: Mapping[str, Model], *, burst: bool = False
+    ) -> None:
         self.settings = settings
-        self.detector = detector
+        self.models = dict(models)
         self.burst = burst
-        self.model = settings.model_name
-        self.keys = queue_keys(self.model)
+        self.queues = [self._queue(name, model) for name, model in self.models.items()]
+        self.turn = 0
         self.id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = get_engine(settings.database_url)
         self.redis = redis.Redis.from_url(settings.redis_url)
@@ -71,25 +71,20 @@ class Worker:
         self._heartbeat()
         sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
         sweeper.start()
-        log.info(
-            "worker %s serving %s (batch<=%d, wait<=%.0fms)",
-            self.id,
-            self.model,
-            self.settings.max_batch_size,
-            self.settings.max_wait_ms,
-        )
+        for q in self.queues:
+            log.info(
+                "worker %s serving %s (batch<=%d, wait<=%.0fms)",
+                self.id,
+                q.model,
+                q.max_batch,
+                q.max_wait_s * 1000,
+            )
         backoff = 0.1
         while not self.stopping.is_set():
             try:
-                ids = queue.collect_batch(
-                    self.redis,
-                    self.keys,
-                    self.settings.max_batch_size,
-                    self.settings.max_wait_ms / 1000.0,
-                    self.settings.poll_timeout_s,
-                )
-                if ids:
-                    self.process(ids)
+                got = queue.collect_any(self.redis, self._rotation(), self.settings.poll_timeout_s)
+                if got:
+                    self.process(got[0].model, got[1])
                 elif self.burst and self._drained():
                     break
                 backoff = 0.1
@@ -108,16 +103,31 @@ class Worker:
             "worker %s stopped after %d batches, %d jobs", self.id, self.batches, self.jobs_done
         )
 
+    def _queue(self, name: str, model: Model) -> ModelQueue:
+        cap, wait_ms = self.settings.max_batch_size, self.settings.max_wait_ms
+        size = model.manifest.max_batch_size
+        return ModelQueue(
+            name,
+            min(size, cap) if cap else size,
+            (model.manifest.max_wait_ms if wait_ms is None else wait_ms) / 1000.0,
+        )
+
+    def _rotation(self) -> list[ModelQueue]:
+        """Each turn starts with the next model, so a busy model cannot starve the rest."""
+        k = self.turn % len(self.queues)
+        self.turn += 1
+        return self.queues[k:] + self.queues[:k]
+
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("signal %d: finishing the batch in hand, then exiting", signum)
         self.stopping.set()
 
     def _drained(self) -> bool:
         self.sweep_once()
-        return jobs.count_unfinished(self.engine, self.model) == 0
+        return jobs.count_unfinished(self.engine, list(self.models)) == 0
 
     # --- one microbatch --------------------------------------------------------
-    def process(self, ids: Sequence[str]) -> None:
+    def process(self, model: str, ids: Sequence[str]) -> None:
         token, claimed = _db_retry(self.settings.lease_s)(jobs.claim)(
             self.engine, ids, self.id, self.settings.lease_s
         )
@@ -126,7 +136,7 @@ class Worker:
         self.batches += 1
         try:
             with self._lease_keeper(token, [c.id for c in claimed]):
-                self._run_batch(token, claimed)
+                self._run_batch(self.models[model], token, claimed)
         except Exception as exc:
             # Back to the queue now rather than after the lease; the attempt counts, so an
             # input that breaks the model ends failed after max_attempts, not in a loop.
@@ -137,7 +147,7 @@ class Worker:
             except Exception:
                 log.exception("could not return the batch; the sweeper will recover it")
 
-    def _run_batch(self, token: uuid.UUID, claimed: list[ClaimedJob]) -> None:
+    def _run_batch(self, model: Model, token: uuid.UUID, claimed: list[ClaimedJob]) -> None:
         datas = list(self.fetch_pool.map(self._fetch, claimed))
         images: list[np.ndarray] = []
         ready: list[ClaimedJob] = []
@@ -148,19 +158,19 @@ class Worker:
                 transient[job.id] = str(data)
                 continue
             try:
-                images.append(decode_bgr(data))
+                images.append(decode_rgb(data))
                 ready.append(job)
             except InvalidImage as exc:
                 permanent[job.id] = str(exc)
         results: list[JobResult] = []
         if images:
-            detections, sizes, infer_ms = self.detector.predict(images)
+            found, sizes, infer_ms = model.predict(images)
             results = [
-                JobResult(job.id, dets, size, infer_ms)
-                for job, dets, size in zip(ready, detections, sizes, strict=True)
+                JobResult(job.id, result, size, infer_ms)
+                for job, result, size in zip(ready, found, sizes, strict=True)
             ]
         write = _db_retry(self.settings.lease_s)
-        written = write(jobs.complete)(self.engine, token, results)
+        written = write(jobs.complete)(self.engine, token, results, model.manifest.version)
         lost = len(results) - len(written)
         if lost:
             log.warning("%d results refused: their lease passed to another worker", lost)
@@ -211,7 +221,7 @@ class Worker:
     def _heartbeat(self) -> None:
         """Tell operators (and ``hepato up``) this worker is loaded and alive."""
         with contextlib.suppress(redis.RedisError):
-            self.redis.set(worker_key(self.id), self.model, ex=WORKER_HEARTBEAT_TTL_S)
+            self.redis.set(worker_key(self.id), ",".join(self.models), ex=WORKER_HEARTBEAT_TTL_S)
 
     def sweep_once(self) -> None:
         requeue, failed = jobs.sweep(self.engine, self.settings.requeue_pending_after_s)
@@ -239,20 +249,27 @@ class Worker:
             pass  # waiters re-read Postgres; the notice only saves them latency
 
 
-def run_worker(settings: Settings, *, burst: bool = False) -> Worker:
-    from worker.detector import YoloDetector
+def load_models(settings: Settings, names: Sequence[str] = ()) -> dict[str, Model]:
+    """Load the named models (else the settings' worker_models, else the default model)
+    from the manifests, each once."""
+    registry = load_registry(settings.models_dir)
+    names = list(dict.fromkeys(names or settings.worker_models or [settings.default_model]))
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise UnknownModel(
+            f"no manifest for {', '.join(map(repr, unknown))} in {settings.models_dir}; "
+            f"available: {', '.join(sorted(registry)) or 'none'}"
+        )
+    runtime = Runtime(settings.device, settings.cpu_threads, settings.ultralytics_dir)
+    loaded = {}
+    for name in names:
+        started = time.perf_counter()
+        loaded[name] = load_model(registry[name], runtime)
+        log.info("model %s ready in %.1fs", name, time.perf_counter() - started)
+    return loaded
 
-    started = time.perf_counter()
-    detector = YoloDetector(
-        settings.model_weights,
-        imgsz=settings.model_imgsz,
-        conf=settings.model_conf,
-        iou=settings.model_iou,
-        device=settings.device,
-        threads=settings.torch_threads,
-        config_dir=settings.ultralytics_dir,
-    )
-    log.info("model ready in %.1fs", time.perf_counter() - started)
-    worker = Worker(settings, detector, burst=burst)
+
+def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:
+    worker = Worker(settings, load_models(settings, models), burst=burst)
     worker.run()
     return worker

@@ -38,9 +38,12 @@ REQUIRED_ENV = (
     "HEPATO_S3_BUCKET",
     "HEPATO_S3_SECURE",
     "HEPATO_DATA_DIR",
-    "HEPATO_MODEL_WEIGHTS",
+    "HEPATO_MODELS_DIR",
 )
-MODEL_STACK = re.compile(r"\btorch\b|\btorchvision\b|\bultralytics\b|\[worker\]", re.IGNORECASE)
+MODEL_STACK = re.compile(
+    r"\btorch\b|\btorchvision\b|\bultralytics\b|\bonnxruntime\b|\[[^\]]*\b(worker|torch|onnx-\w+)\b",
+    re.IGNORECASE,
+)
 # A concrete version somewhere in the tag: 16.10, 7.4.6-alpine, RELEASE.2025-04-22T22-12-26Z.
 VERSIONED_TAG = re.compile(r"\d+[.-]\d+")
 # Base images of our own Dockerfiles: a patch release (3.11.14-slim-bookworm, 2.5.1-cuda12.4-...).
@@ -243,7 +246,7 @@ def test_backing_services_have_healthchecks_and_volumes() -> None:
 def test_hepato_services_share_the_settings_anchor() -> None:
     shared = compose()["x-hepato-env"]
     assert set(REQUIRED_ENV) <= set(shared), set(REQUIRED_ENV) - set(shared)
-    assert shared["HEPATO_MODEL_WEIGHTS"] == "/app/models/demo/hepato-yolov8n.pt"
+    assert shared["HEPATO_MODELS_DIR"] == "/app/models/manifests"
     assert shared["HEPATO_DATA_DIR"] == "/data"
     assert "@postgres:5432/" in shared["HEPATO_DATABASE_URL"]
     assert shared["HEPATO_DATABASE_URL"].startswith("postgresql+psycopg://")
@@ -362,11 +365,14 @@ def test_gateway_image_serves_on_8000() -> None:
 
 def test_worker_image_has_model_stack_and_offline_ultralytics() -> None:
     installs = [a for a in args_of(WORKER_DOCKERFILE, "RUN") if "pip install" in a]
-    assert any(".[worker]" in a for a in installs), "Dockerfile.worker must install .[worker]"
+    assert any(".[worker,onnx-gpu,torch]" in a for a in installs), (
+        "Dockerfile.worker must install .[worker,onnx-gpu,torch]"
+    )
     env = " ".join(args_of(WORKER_DOCKERFILE, "ENV"))
     assert re.search(r"\bYOLO_OFFLINE=1\b", env)
     assert re.search(r"\bYOLO_CONFIG_DIR=/data/ultralytics\b", env)
-    assert re.search(r"\bHEPATO_MODEL_WEIGHTS=/app/models/demo/hepato-yolov8n\.pt\b", env)
+    assert re.search(r"\bHEPATO_MODELS_DIR=/app/models/manifests\b", env)
+    assert re.search(r"\bHF_HUB_OFFLINE=1\b", env)
     copies = args_of(WORKER_DOCKERFILE, "COPY")
     assert any(a.split()[0] == "models" for a in copies), "the weights must be in the image"
 

@@ -15,7 +15,8 @@ from sqlalchemy import text
 from common.cli import run_migrations
 from common.db import get_engine
 from common.settings import Settings
-from tests.conftest import DEMO_WEIGHTS, REPO
+from tests.conftest import MODELS_DIR, REPO
+from worker.backends.base import Model
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,7 @@ def base_settings(
         s3_endpoint=service_env["HEPATO_S3_ENDPOINT"],
         s3_bucket="hepato-test",
         data_dir=REPO / ".data",
-        model_weights=DEMO_WEIGHTS,
+        models_dir=MODELS_DIR,
         # Short timers so recovery paths finish within a test.
         lease_s=4.0,
         lease_extend_every_s=1.0,
@@ -46,7 +47,7 @@ def base_settings(
 def settings(base_settings: Settings) -> Iterator[Settings]:
     engine = get_engine(base_settings.database_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE detections, jobs, batches CASCADE"))
+        conn.execute(text("TRUNCATE jobs, batches CASCADE"))
     redis.Redis.from_url(base_settings.redis_url).flushall()
     yield base_settings
 
@@ -60,28 +61,20 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="session")
-def detector(base_settings: Settings):  # type: ignore[no-untyped-def]
-    from worker.detector import YoloDetector
+def models(base_settings: Settings) -> dict[str, Model]:
+    """The default model (the demo detector on ONNX Runtime), loaded once."""
+    from worker.runner import load_models
 
-    s = base_settings
-    return YoloDetector(
-        s.model_weights,
-        imgsz=s.model_imgsz,
-        conf=s.model_conf,
-        iou=s.model_iou,
-        device="cpu",
-        threads=0,
-        config_dir=s.ultralytics_dir,
-    )
+    return load_models(base_settings)
 
 
 @pytest.fixture
-def run_worker(settings: Settings, detector) -> Callable[..., object]:  # type: ignore[no-untyped-def]
+def run_worker(settings: Settings, models: dict[str, Model]) -> Callable[..., object]:
     """Run a worker in burst mode until every job is finished (arq's burst fixture)."""
     from worker.runner import Worker
 
     def run(**overrides: object) -> Worker:
-        worker = Worker(settings.model_copy(update=overrides), detector, burst=True)
+        worker = Worker(settings.model_copy(update=overrides), models, burst=True)
         worker.run(install_signals=False)
         return worker
 
@@ -95,7 +88,7 @@ def worker_env(service_env: dict[str, str], settings: Settings) -> dict[str, str
         **os.environ,
         **service_env,
         "HEPATO_S3_BUCKET": settings.s3_bucket,
-        "HEPATO_MODEL_WEIGHTS": str(settings.model_weights),
+        "HEPATO_MODELS_DIR": str(settings.models_dir),
         "HEPATO_LEASE_S": str(settings.lease_s),
         "HEPATO_SWEEP_INTERVAL_S": "3600",
         "HEPATO_POLL_TIMEOUT_S": "0.2",

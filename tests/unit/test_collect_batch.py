@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 
 from common.constants import queue_keys
-from common.queue import collect_batch
+from common.queue import ModelQueue, collect_any, collect_batch
 
 URGENT, ROUTINE = queue_keys("m")
 
@@ -65,3 +65,38 @@ def test_zero_wait_takes_only_what_is_there(r: fakeredis.FakeRedis) -> None:
         "a",
         "b",
     ]
+
+
+def test_collect_any_keeps_each_batch_to_one_model(r: fakeredis.FakeRedis) -> None:
+    a, b = ModelQueue("a", 4, 0.0), ModelQueue("b", 2, 0.0)
+    r.rpush(a.keys[1], *[f"a{i}" for i in range(6)])
+    r.rpush(b.keys[1], *[f"b{i}" for i in range(6)])
+    got = collect_any(r, [a, b], poll_timeout_s=1.0)
+    assert got == (a, ["a0", "a1", "a2", "a3"])
+    got = collect_any(r, [b, a], poll_timeout_s=1.0)
+    assert got == (b, ["b0", "b1"]), "max_batch is the model's own"
+
+
+def test_collect_any_takes_urgent_of_any_model_first(r: fakeredis.FakeRedis) -> None:
+    a, b = ModelQueue("a", 8, 0.0), ModelQueue("b", 8, 0.0)
+    r.rpush(a.keys[1], "a-routine")
+    r.rpush(b.keys[0], "b-urgent")
+    got = collect_any(r, [a, b], poll_timeout_s=1.0)
+    assert got is not None and got[0] is b and got[1] == ["b-urgent"]
+
+
+def test_rotating_the_models_serves_both_when_both_are_busy(r: fakeredis.FakeRedis) -> None:
+    a, b = ModelQueue("a", 2, 0.0), ModelQueue("b", 2, 0.0)
+    r.rpush(a.keys[1], *[f"a{i}" for i in range(100)])
+    r.rpush(b.keys[1], *[f"b{i}" for i in range(100)])
+    order = [a, b]
+    served = []
+    for turn in range(6):
+        got = collect_any(r, order[turn % 2 :] + order[: turn % 2], poll_timeout_s=1.0)
+        assert got is not None
+        served.append(got[0].model)
+    assert served == ["a", "b"] * 3
+
+
+def test_collect_any_returns_none_when_idle(r: fakeredis.FakeRedis) -> None:
+    assert collect_any(r, [ModelQueue("a", 2, 0.0)], poll_timeout_s=0.05) is None

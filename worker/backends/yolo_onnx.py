@@ -1,24 +1,23 @@
-"""YOLOv8 detection on ONNX Runtime, without ultralytics at run time: our own letterbox
-and NMS, written to give what ultralytics' predictor gives for the same weights."""
+"""YOLOv8 detection on ONNX Runtime, without ultralytics or torch at run time: our own
+letterbox and NMS, written to give what ultralytics' predictor gives for the same weights.
+Images are RGB; the letterbox grey is the same in every channel order."""
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
-from common.exceptions import ModelWeightsNotFound
-from common.jobs import DetectionRow
-from worker.grouping import Prediction, predict_by_shape
-
-log = logging.getLogger(__name__)
+from common.manifest import DetectManifest
+from common.results import Box, DetectResult, TaskResult
+from worker.backends.base import Runtime
+from worker.backends.batching import Prediction, predict_by_shape
+from worker.backends.onnx_runtime import session
 
 PAD_VALUE = 114  # ultralytics' letterbox grey
 MAX_WH = 7680.0  # class offset for per-class NMS in one pass (as ultralytics)
 MAX_NMS = 30000  # candidates kept before NMS
-MAX_DET = 300  # detections kept per image
 
 
 def letterbox(
@@ -69,6 +68,8 @@ def postprocess(
     scale: float,
     pad: tuple[int, int],
     original: tuple[int, int],
+    *,
+    max_det: int = 300,
 ) -> list[tuple[int, float, tuple[float, float, float, float]]]:
     """One image's raw output (4 + classes, anchors) to (class, score, box) in pixels of
     the original image."""
@@ -84,7 +85,7 @@ def postprocess(
     pred, cls, score = pred[top], cls[top], score[top]
     xy, wh = pred[:, :2], pred[:, 2:4]
     boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
-    keep = nms(boxes + cls[:, None] * MAX_WH, score, iou)[:MAX_DET]
+    keep = nms(boxes + cls[:, None] * MAX_WH, score, iou)[:max_det]
     boxes, cls, score = boxes[keep], cls[keep], score[keep]
     boxes[:, [0, 2]] = (boxes[:, [0, 2]] - pad[0]) / scale
     boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad[1]) / scale
@@ -97,36 +98,49 @@ def postprocess(
     ]
 
 
-class YoloOnnxDetector:
-    """Same interface as the PyTorch detector: ``predict(BGR images)``. Images run in
-    groups of equal shape, letterboxed to their minimal rectangle, as ultralytics does."""
+class YoloOnnx:
+    """YOLOv8 on ONNX Runtime, giving what ultralytics gives for the same weights. Images
+    run in groups of equal shape, letterboxed to their minimal rectangle, as ultralytics
+    does."""
 
-    def __init__(
-        self, weights: Path, *, labels: list[str], imgsz: int, conf: float, iou: float
-    ) -> None:
-        import onnxruntime as ort
-
-        weights = Path(weights)
-        if not weights.is_file():
-            raise ModelWeightsNotFound(f"model weights not found: {weights}")
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(weights), providers=providers)
+    def __init__(self, manifest: DetectManifest, runtime: Runtime) -> None:
+        self.manifest = manifest
+        self.session = session(manifest, runtime)
         self.input_name = self.session.get_inputs()[0].name
-        self.labels, self.imgsz, self.conf, self.iou = labels, imgsz, conf, iou
-        log.info("loaded %s on ONNX Runtime (%s)", weights, self.session.get_providers()[0])
+        self.options = manifest.options
 
-    def predict(self, images: list[np.ndarray]) -> Prediction:
+    def predict(self, images: list[np.ndarray]) -> Prediction[TaskResult]:
         return predict_by_shape(images, self._predict_group)
 
-    def _predict_group(self, images: list[np.ndarray]) -> list[list[DetectionRow]]:
-        boxed = [letterbox(image, self.imgsz, auto=True) for image in images]
-        batch = np.stack([b[0] for b in boxed])[..., ::-1].transpose(0, 3, 1, 2)
+    def _predict_group(self, images: list[np.ndarray]) -> list[TaskResult]:
+        boxed = [letterbox(image, self.manifest.input_size, auto=True) for image in images]
+        batch = np.stack([b[0] for b in boxed]).transpose(0, 3, 1, 2)
         tensor = np.ascontiguousarray(batch, dtype=np.float32) / 255.0
         (raw,) = self.session.run(None, {self.input_name: tensor})
-        out = []
+        labels = self.manifest.labels
+        out: list[TaskResult] = []
         for k, image in enumerate(images):
             _, scale, pad = boxed[k]
-            found = postprocess(raw[k], self.conf, self.iou, scale, pad, image.shape[:2])
-            out.append([DetectionRow(c, self.labels[c], s, b) for c, s, b in found])
+            found = postprocess(
+                raw[k],
+                self.options.score_threshold,
+                self.options.iou,
+                scale,
+                pad,
+                image.shape[:2],
+                max_det=self.options.max_detections,
+            )
+            out.append(DetectResult(boxes=[make_box(labels, c, s, b) for c, s, b in found]))
         return out
+
+
+def make_box(labels: list[str], class_id: int, score: float, box: Sequence[float]) -> Box:
+    return Box(
+        label=labels[class_id],
+        class_id=class_id,
+        score=score,
+        x1=box[0],
+        y1=box[1],
+        x2=box[2],
+        y2=box[3],
+    )

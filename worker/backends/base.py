@@ -1,0 +1,79 @@
+"""What every model backend is: built from its manifest and the worker's runtime, it turns
+a microbatch of RGB images into one typed result per image."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from common.exceptions import BackendError, ModelWeightsNotFound
+from common.manifest import ModelManifest
+from common.results import TaskResult
+from worker.backends.batching import Prediction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how models run in this worker process."""
+
+    device: str = ""  # torch device ('cuda', 'cuda:1', 'cpu'); empty = CUDA when present
+    threads: int = 0  # CPU threads per runtime; 0 = all cores
+    config_dir: Path = field(default_factory=lambda: Path(".data") / "ultralytics")
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+class Model(Protocol):
+    manifest: ModelManifest
+
+    def predict(self, images: list[np.ndarray]) -> Prediction[TaskResult]:
+        """``images`` are RGB uint8 arrays (H, W, 3) of any sizes."""
+        ...
+
+
+# (task, backend) -> "module:Class". Imported only when a worker loads such a model, so
+# the gateway and an ONNX-only worker never import torch.
+BACKENDS: dict[tuple[str, str], str] = {
+    ("detect", "ultralytics"): "worker.backends.yolo_torch:YoloTorch",
+    ("detect", "onnx"): "worker.backends.yolo_onnx:YoloOnnx",
+    ("detect", "transformers"): "worker.backends.detr:Detr",
+    ("classify", "torch"): "worker.backends.classify:ResNetTorch",
+    ("classify", "onnx"): "worker.backends.classify:ResNetOnnx",
+    ("zero-shot", "transformers"): "worker.backends.zero_shot:ClipZeroShot",
+    ("vqa", "transformers"): "worker.backends.vqa:VisionLanguageQa",
+}
+
+
+def require_weights(manifest: ModelManifest) -> Path:
+    """Refuse before a library tries to download what is missing."""
+    path = manifest.weights_path
+    if not path.exists():
+        raise ModelWeightsNotFound(
+            f"model {manifest.name!r}: weights not found: {path} (from {manifest.source})"
+        )
+    return path
+
+
+def load_model(manifest: ModelManifest, runtime: Runtime) -> Model:
+    target = BACKENDS[(manifest.task, manifest.backend)]
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendError(
+            f"model {manifest.name!r} needs the {manifest.backend} backend, which is not "
+            f"installed ({exc}); install hepato[torch] for PyTorch and transformers models, "
+            "hepato[onnx-cpu] or hepato[onnx-gpu] for ONNX Runtime"
+        ) from exc
+    model: Model = getattr(module, class_name)(manifest, runtime)
+    return model
