@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from common.bench_cli import app as bench_app
 from common.models_cli import app as models_app
 from common.settings import REPO_ROOT, get_settings
 
@@ -17,6 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
 
 
 def _logging(level: str = "INFO") -> None:

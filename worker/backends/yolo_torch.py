@@ -62,6 +62,8 @@ class YoloTorch:
 
     def _predict_group(self, images: list[np.ndarray]) -> list[TaskResult]:
         options = self.manifest.options
+        # fp16 only when asked: ultralytics warns on every call that passes `half`.
+        extra = {"half": True} if self.half else {}
         # ultralytics takes numpy images as OpenCV gives them: BGR.
         results = self.model.predict(
             [np.ascontiguousarray(image[..., ::-1]) for image in images],
@@ -70,8 +72,8 @@ class YoloTorch:
             iou=options.iou,
             max_det=options.max_detections,
             device=self.device,
-            half=self.half,
             verbose=False,
+            **extra,
         )
         labels = self.manifest.labels
         out: list[TaskResult] = []

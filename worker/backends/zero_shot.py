@@ -1,0 +1,109 @@
+"""Zero-shot classification with a CLIP-style model from a transformers checkpoint
+directory: each image is scored against the manifest's prompts, one per label.
+
+The prompts never change between batches, so their embeddings are computed once at load;
+a batch runs the image tower only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from common.manifest import ZeroShotManifest
+from common.results import PromptScore, ZeroShotResult
+from worker.backends.base import Runtime, require_weights
+from worker.backends.batching import Prediction, predict_whole
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from transformers import AutoModel, AutoProcessor
+
+log = logging.getLogger(__name__)
+
+
+def _embeddings(output: Any) -> torch.Tensor:
+    """transformers 4.x returns the projected embeddings; 5.x an output object that holds
+    them as ``pooler_output``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.pooler_output
+
+
+class ClipZeroShot:
+    def __init__(self, manifest: ZeroShotManifest, runtime: Runtime) -> None:
+        self.manifest = manifest
+        path = require_weights(manifest)
+        self.device = torch.device(
+            runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if self.device.type == "cpu":
+            torch.set_num_threads(runtime.cpu_threads)
+        half = manifest.fp16 and self.device.type == "cuda"
+        # Explicit: transformers 5 otherwise loads in the checkpoint's own dtype.
+        self.dtype = torch.float16 if half else torch.float32
+        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.prompts = list(manifest.options.prompts)
+        self.labels = list(manifest.labels)
+        with torch.inference_mode():
+            tokens = self.processor.tokenizer(
+                self.prompts,
+                padding=True,
+                truncation=True,
+                max_length=self.model.config.text_config.max_position_embeddings,
+                return_tensors="pt",
+            ).to(self.device)
+            text = _embeddings(self.model.get_text_features(**tokens)).float()
+            # (embedding, prompts): similarities are one matmul per batch.
+            self.text = torch.nn.functional.normalize(text, dim=-1).T.contiguous()
+            self.scale = float(self.model.logit_scale.float().exp())
+        log.info(
+            "loaded %s (backend %s, %s) on %s, %s, %d prompts",
+            manifest.name,
+            manifest.backend,
+            type(self.model).__name__,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            len(self.prompts),
+        )
+
+    def predict(self, images: list[np.ndarray]) -> Prediction[ZeroShotResult]:
+        # Every image is resized and cropped to one input, so a batch is one call.
+        return predict_whole(images, self._run)
+
+    def _run(self, images: list[np.ndarray]) -> list[ZeroShotResult]:
+        if not images:
+            return []
+        pixels = self.processor.image_processor(
+            images=images, return_tensors="pt", input_data_format="channels_last"
+        )["pixel_values"]
+        with torch.inference_mode():
+            pixels = pixels.to(self.device, self.dtype)
+            image = _embeddings(self.model.get_image_features(pixel_values=pixels)).float()
+            image = torch.nn.functional.normalize(image, dim=-1)
+            similarity = image @ self.text
+            probability = torch.softmax(self.scale * similarity, dim=-1)
+        return [
+            self._result(p, s)
+            for p, s in zip(probability.cpu().numpy(), similarity.cpu().numpy(), strict=True)
+        ]
+
+    def _result(self, probability: np.ndarray, similarity: np.ndarray) -> ZeroShotResult:
+        order = np.argsort(-probability, kind="stable")
+        return ZeroShotResult(
+            scores=[
+                PromptScore(
+                    label=self.labels[i],
+                    prompt=self.prompts[i],
+                    probability=float(probability[i]),
+                    similarity=float(similarity[i]),
+                )
+                for i in order
+            ]
+        )
