@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.exceptions import HepatoError
-from common.manifest import dump_manifest, load_registry
+from common.manifest import ModelManifest, dump_manifest, load_registry
 from common.settings import get_settings
 
 app = typer.Typer(help="The model registry: manifests in HEPATO_MODELS_DIR.", no_args_is_help=True)
@@ -69,6 +69,7 @@ def export(
         if name not in registry:
             raise typer.BadParameter(f"no model {name!r}; available: {', '.join(sorted(registry))}")
         manifest = registry[name]
+        exported: ModelManifest
         if manifest.task == "detect" and manifest.backend == "ultralytics":
             from worker.backends.yolo_torch import export_onnx as export_yolo
 

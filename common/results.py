@@ -3,6 +3,7 @@ the API returns them; ``task`` says which shape a result has."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
@@ -16,6 +17,11 @@ class Box(BaseModel):
     y1: float
     x2: float
     y2: float
+
+
+def make_box(labels: Sequence[str], class_id: int, score: float, xyxy: Sequence[float]) -> Box:
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    return Box(label=labels[class_id], class_id=class_id, score=score, x1=x1, y1=y1, x2=x2, y2=y2)
 
 
 class DetectResult(BaseModel):

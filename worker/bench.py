@@ -63,7 +63,7 @@ def bench_models(
     min_seconds: float,
     min_calls: int,
 ) -> list[Measurement]:
-    out = []
+    out: list[Measurement] = []
     for manifest in manifests:
         model = load_model(manifest, runtime)
         out.extend(measure(model, images, b, min_seconds, min_calls) for b in batches)

@@ -103,14 +103,9 @@ class ResNetTorch:
         self.manifest = manifest
         require_weights(manifest)
         self._torch = torch
-        self.device = torch.device(
-            runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        if self.device.type == "cpu":
-            torch.set_num_threads(runtime.cpu_threads)
-        self.dtype = (
-            torch.float16 if manifest.fp16 and self.device.type == "cuda" else torch.float32
-        )
+        from worker.backends.torch_runtime import place
+
+        self.device, self.dtype = place(manifest, runtime)
         self.model = build_resnet(manifest).to(self.device, self.dtype)
         log.info(
             "model %s: classify torch %s on %s, %s",

@@ -7,14 +7,10 @@ answer starts in the same column."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
@@ -24,6 +20,7 @@ from common.manifest import VqaManifest
 from common.results import TaskResult, VqaResult
 from worker.backends.base import Runtime, require_weights
 from worker.backends.batching import Prediction, predict_whole
+from worker.backends.torch_runtime import place
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +52,8 @@ class VisionLanguageQa:
         self.manifest = manifest
         self.options = manifest.options
         path = require_weights(manifest)
-        self.device = torch.device(
-            runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        if self.device.type == "cpu":
-            torch.set_num_threads(runtime.cpu_threads)
-        self.dtype = torch.float32
-        if manifest.fp16 and self.device.type == "cuda":
+        self.device, self.dtype = place(manifest, runtime)
+        if self.dtype == torch.float16:
             # Gemma 3 overflows in float16 (its activations exceed 65504); bfloat16 has
             # float32's range and is what MedGemma is trained and shipped in.
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

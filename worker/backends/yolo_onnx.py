@@ -4,13 +4,11 @@ Images are RGB; the letterbox grey is the same in every channel order."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import cv2
 import numpy as np
 
 from common.manifest import DetectManifest
-from common.results import Box, DetectResult, TaskResult
+from common.results import DetectResult, TaskResult, make_box
 from worker.backends.base import Runtime
 from worker.backends.batching import Prediction, predict_by_shape
 from worker.backends.onnx_runtime import session
@@ -132,15 +130,3 @@ class YoloOnnx:
             )
             out.append(DetectResult(boxes=[make_box(labels, c, s, b) for c, s, b in found]))
         return out
-
-
-def make_box(labels: list[str], class_id: int, score: float, box: Sequence[float]) -> Box:
-    return Box(
-        label=labels[class_id],
-        class_id=class_id,
-        score=score,
-        x1=box[0],
-        y1=box[1],
-        x2=box[2],
-        y2=box[3],
-    )

@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 
 from common.manifest import DetectManifest
-from common.results import DetectResult, TaskResult
+from common.results import DetectResult, TaskResult, make_box
 from worker.backends.base import Runtime, require_weights
 from worker.backends.batching import Prediction, predict_by_shape
 from worker.backends.ultralytics_env import configure_ultralytics
-from worker.backends.yolo_onnx import make_box
 
 log = logging.getLogger(__name__)
 

@@ -7,21 +7,17 @@ a batch runs the image tower only."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import AutoModel, AutoProcessor
 
 from common.manifest import ZeroShotManifest
 from common.results import PromptScore, ZeroShotResult
 from worker.backends.base import Runtime, require_weights
 from worker.backends.batching import Prediction, predict_whole
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import torch
-from transformers import AutoModel, AutoProcessor
+from worker.backends.torch_runtime import place
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +34,8 @@ class ClipZeroShot:
     def __init__(self, manifest: ZeroShotManifest, runtime: Runtime) -> None:
         self.manifest = manifest
         path = require_weights(manifest)
-        self.device = torch.device(
-            runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        if self.device.type == "cpu":
-            torch.set_num_threads(runtime.cpu_threads)
-        half = manifest.fp16 and self.device.type == "cuda"
+        self.device, self.dtype = place(manifest, runtime)
         # Explicit: transformers 5 otherwise loads in the checkpoint's own dtype.
-        self.dtype = torch.float16 if half else torch.float32
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
         self.model.to(self.device).eval()
