@@ -22,6 +22,7 @@ class ClaimedJob:
     object_key: str
     attempts: int
     max_attempts: int
+    question: str | None
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def claim(
                 started_at=now,
                 queue_wait_ms=extract("epoch", now - Job.created_at) * 1000.0,
             )
-            .returning(Job.id, Job.object_key, Job.attempts, Job.max_attempts)
+            .returning(Job.id, Job.object_key, Job.attempts, Job.max_attempts, Job.question)
         ).all()
     return token, [ClaimedJob(*row) for row in rows]
 

@@ -75,6 +75,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # The version of the model that produced ``result`` (set with it).
     model_version: Mapped[str | None] = mapped_column(String(64))
+    # For vqa models: this job's question; null asks the manifest's.
+    question: Mapped[str | None] = mapped_column(Text)
     # A common.results.TaskResult as JSON; its "task" field says which shape.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 

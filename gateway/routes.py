@@ -28,6 +28,14 @@ T = TypeVar("T", Job, Batch)
 FilesField = Annotated[list[UploadFile], File(description="Images (JPEG, PNG, TIFF, BMP, WebP)")]
 FileField = Annotated[UploadFile, File(description="One image")]
 ModelField = Annotated[str | None, Form(description="Model name; default from settings")]
+QuestionField = Annotated[
+    str | None,
+    Form(
+        min_length=1,
+        max_length=2000,
+        description="For vqa models: the question to ask of each image; default the model's",
+    ),
+]
 DeadlineField = Annotated[
     float | None, Form(gt=0, description="Run within this many seconds or expire")
 ]
@@ -39,14 +47,20 @@ def _url(request: Request, res: Resources, name: str, **params: str) -> str:
     return str(request.url_for(name, **params))
 
 
-def _model(res: Resources, model: str | None) -> ModelManifest:
+def _model(res: Resources, model: str | None, question: str | None = None) -> ModelManifest:
     name = model or res.settings.default_model
     if name not in res.models:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"unknown model {name!r}; available: {', '.join(sorted(res.models))}",
         )
-    return res.models[name]
+    manifest = res.models[name]
+    if question is not None and manifest.task != "vqa":
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"a question applies to vqa models only; {name!r} is a {manifest.task} model",
+        )
+    return manifest
 
 
 async def _read(files: list[UploadFile]) -> list[Upload]:
@@ -87,11 +101,19 @@ async def submit_batch(
     model: ModelField = None,
     priority: Annotated[Priority, Form()] = Priority.routine,
     deadline_s: DeadlineField = None,
+    question: QuestionField = None,
 ) -> schemas.BatchAccepted | JSONResponse:
-    name = _model(res, model)
+    name = _model(res, model, question)
     uploads = await _read(files)
     sub = await run_in_threadpool(
-        submit, res, uploads, model=name, priority=priority, deadline_s=deadline_s, as_batch=True
+        submit,
+        res,
+        uploads,
+        model=name,
+        priority=priority,
+        deadline_s=deadline_s,
+        as_batch=True,
+        question=question,
     )
     if sub.batch_id is None:
         return JSONResponse(
@@ -130,11 +152,19 @@ async def _submit_one(
     model: str | None,
     priority: Priority,
     deadline_s: float | None,
+    question: str | None,
 ) -> schemas.JobAccepted:
-    name = _model(res, model)
+    name = _model(res, model, question)
     uploads = await _read([file])
     sub = await run_in_threadpool(
-        submit, res, uploads, model=name, priority=priority, deadline_s=deadline_s, as_batch=False
+        submit,
+        res,
+        uploads,
+        model=name,
+        priority=priority,
+        deadline_s=deadline_s,
+        as_batch=False,
+        question=question,
     )
     if sub.rejected:
         bad = sub.rejected[0]
@@ -163,8 +193,9 @@ async def submit_job(
     model: ModelField = None,
     priority: Annotated[Priority, Form()] = Priority.routine,
     deadline_s: DeadlineField = None,
+    question: QuestionField = None,
 ) -> schemas.JobAccepted:
-    return await _submit_one(request, res, file, model, priority, deadline_s)
+    return await _submit_one(request, res, file, model, priority, deadline_s, question)
 
 
 @router.post(
@@ -185,9 +216,10 @@ async def predict(
     file: FileField,
     model: ModelField = None,
     priority: Annotated[Priority, Form()] = Priority.urgent,
+    question: QuestionField = None,
 ) -> schemas.PredictOut | JSONResponse:
     started = time.perf_counter()
-    accepted = await _submit_one(request, res, file, model, priority, None)
+    accepted = await _submit_one(request, res, file, model, priority, None, question)
     job_id = accepted.job_id
     state = await run_in_threadpool(_wait_finished, res, job_id, res.settings.detect_timeout_s)
     if state not in TERMINAL_STATES:

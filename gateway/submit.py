@@ -54,6 +54,7 @@ def submit(
     priority: Priority,
     deadline_s: float | None,
     as_batch: bool,
+    question: str | None = None,
 ) -> Submission:
     settings = res.settings
     valid: list[tuple[Upload, ImageInfo]] = []
@@ -101,6 +102,7 @@ def submit(
             "attempts": 0,
             "max_attempts": settings.max_attempts,
             "deadline_at": deadline_at,
+            "question": question,
         }
         for job_id, key, (upload, info) in zip(job_ids, keys, valid, strict=True)
     ]

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import cast
 
 import numpy as np
 import redis
@@ -29,7 +30,7 @@ from common.manifest import load_registry
 from common.queue import ModelQueue
 from common.settings import Settings
 from common.storage import ObjectStore
-from worker.backends.base import Model, Runtime, load_model
+from worker.backends.base import AsksQuestions, Model, Runtime, load_model
 from worker.decode import decode_rgb
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,12 @@ class Worker:
                 permanent[job.id] = str(exc)
         results: list[JobResult] = []
         if images:
-            found, sizes, infer_ms = model.predict(images)
+            questions = [job.question for job in ready]
+            if any(questions):
+                # Only vqa models take questions (the gateway refuses them for others).
+                found, sizes, infer_ms = cast(AsksQuestions, model).predict(images, questions)
+            else:
+                found, sizes, infer_ms = model.predict(images)
             results = [
                 JobResult(job.id, result, size, infer_ms)
                 for job, result, size in zip(ready, found, sizes, strict=True)

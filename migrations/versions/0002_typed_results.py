@@ -1,4 +1,4 @@
-"""typed results: jobs.task, jobs.model_version, jobs.result; drop detections
+"""typed results: jobs.task, model_version, result, question; drop detections
 
 Boxes now live in jobs.result with every other task's result shape.
 
@@ -26,6 +26,7 @@ def upgrade() -> None:
     op.alter_column('jobs', 'task', server_default=None)
     op.add_column('jobs', sa.Column('model_version', sa.String(length=64), nullable=True))
     op.add_column('jobs', sa.Column('result', postgresql.JSONB(), nullable=True))
+    op.add_column('jobs', sa.Column('question', sa.Text(), nullable=True))
     op.execute("""
         UPDATE jobs SET result = jsonb_build_object(
             'task', 'detect',
@@ -55,6 +56,7 @@ def downgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index(op.f('ix_detections_job_id'), 'detections', ['job_id'], unique=False)
+    op.drop_column('jobs', 'question')
     op.drop_column('jobs', 'result')
     op.drop_column('jobs', 'model_version')
     op.drop_column('jobs', 'task')

@@ -55,6 +55,15 @@ def test_one_worker_serves_every_task_with_typed_results(
         listed = {m["name"]: m for m in client.get("/v1/models").json()}
         assert set(listed) == set(all_models)
         accepted = {name: submit(client, paths, model=name) for name in all_models}
+        vqa = next(n for n, t in tasks.items() if t == "vqa")
+        asked = submit(client, paths[:2], model=vqa, question="Is there ballooning?")
+        refused = client.post(
+            "/v1/batches",
+            files=[("files", (paths[0].name, paths[0].read_bytes()))],
+            data={"model": "hepato-yolov8n", "question": "Is there ballooning?"},
+        )
+        assert refused.status_code == 422
+        assert "a question applies to vqa models only" in refused.json()["detail"]
 
         worker = Worker(settings, all_models, burst=True)
         worker.run(install_signals=False)
@@ -65,14 +74,17 @@ def test_one_worker_serves_every_task_with_typed_results(
             for job in body["jobs"]:
                 assert job["task"] == tasks[name] == job["result"]["task"]
                 assert job["model"] == {"name": name, "version": "1"}
-        vqa = next(n for n, t in tasks.items() if t == "vqa")
         answer = client.get(accepted[vqa]["jobs"][0]["status_url"]).json()["result"]
-        assert answer["question"] and "verdict" in answer and "explanation" in answer
+        default_question = all_models[vqa].manifest.options.question  # type: ignore[union-attr]
+        assert default_question in answer["question"]
+        assert "verdict" in answer and "explanation" in answer
+        for job in client.get(asked["status_url"]).json()["jobs"]:
+            assert "Is there ballooning?" in job["result"]["question"]
     jobs = db_jobs(settings)
     # Every microbatch held one model: the jobs of one call share the model and the call's
     # size never exceeds the cap.
     assert all(1 <= (j.batch_size or 0) <= 4 for j in jobs)
-    per_model = Counter(j.model for j in jobs)
+    per_model = Counter(j.model for j in jobs if j.question is None)
     assert set(per_model.values()) == {len(paths)}
     assert worker.batches >= len(all_models) * 2
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +40,16 @@ class Model(Protocol):
     def predict(self, images: list[np.ndarray]) -> Prediction[TaskResult]:
         """``images`` are RGB uint8 arrays (H, W, 3) of any sizes."""
         ...
+
+
+class AsksQuestions(Protocol):
+    """A vqa model: each image may come with its own question (None: the manifest's)."""
+
+    manifest: ModelManifest
+
+    def predict(
+        self, images: list[np.ndarray], questions: Sequence[str | None] | None = None
+    ) -> Prediction[TaskResult]: ...
 
 
 # (task, backend) -> "module:Class". Imported only when a worker loads such a model, so
