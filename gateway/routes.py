@@ -63,8 +63,27 @@ def _model(res: Resources, model: str | None, question: str | None = None) -> Mo
     return manifest
 
 
-async def _read(files: list[UploadFile]) -> list[Upload]:
-    return [Upload(f.filename or "unnamed", await f.read()) for f in files]
+async def _store(
+    res: Resources,
+    files: list[UploadFile],
+    model: ModelManifest,
+    priority: Priority,
+    deadline_s: float | None,
+    question: str | None,
+    *,
+    as_batch: bool,
+) -> Submission:
+    uploads = [Upload(f.filename or "unnamed", await f.read()) for f in files]
+    return await run_in_threadpool(
+        submit,
+        res,
+        uploads,
+        model=model,
+        priority=priority,
+        deadline_s=deadline_s,
+        as_batch=as_batch,
+        question=question,
+    )
 
 
 def _accepted(request: Request, res: Resources, sub: Submission) -> list[schemas.AcceptedJob]:
@@ -104,17 +123,7 @@ async def submit_batch(
     question: QuestionField = None,
 ) -> schemas.BatchAccepted | JSONResponse:
     name = _model(res, model, question)
-    uploads = await _read(files)
-    sub = await run_in_threadpool(
-        submit,
-        res,
-        uploads,
-        model=name,
-        priority=priority,
-        deadline_s=deadline_s,
-        as_batch=True,
-        question=question,
-    )
+    sub = await _store(res, files, name, priority, deadline_s, question, as_batch=True)
     if sub.batch_id is None:
         return JSONResponse(
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -155,17 +164,7 @@ async def _submit_one(
     question: str | None,
 ) -> schemas.JobAccepted:
     name = _model(res, model, question)
-    uploads = await _read([file])
-    sub = await run_in_threadpool(
-        submit,
-        res,
-        uploads,
-        model=name,
-        priority=priority,
-        deadline_s=deadline_s,
-        as_batch=False,
-        question=question,
-    )
+    sub = await _store(res, [file], name, priority, deadline_s, question, as_batch=False)
     if sub.rejected:
         bad = sub.rejected[0]
         raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
