@@ -23,6 +23,14 @@ class UnknownModel(HepatoError):
     """A submission named a model that no worker serves."""
 
 
+class QueueFull(HepatoError):
+    """A model's queue holds its maximum of pending jobs; nothing of the request is kept."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ModelWeightsNotFound(HepatoError):
     """The weights a manifest names do not exist (we never download)."""
 

@@ -84,4 +84,6 @@ class Job(Base):
         Index("ix_jobs_batch_state", "batch_id", "state"),
         Index("ix_jobs_state_enqueued", "state", "enqueued_at"),
         Index("ix_jobs_state_lease", "state", "lease_until"),
+        # The queue bound counts a model's pending jobs at every submission.
+        Index("ix_jobs_model_state", "model", "state"),
     )

@@ -43,6 +43,14 @@ class Settings(BaseSettings):
         178_956_970, description="Largest decoded image, pixels (Pillow's own bomb limit)."
     )
     detect_timeout_s: float = Field(30.0, description="How long /v1/detect waits for a result, s.")
+    max_queued_per_model: int = Field(
+        100_000,
+        ge=1,
+        description="Pending jobs one model may hold; a submission past it is refused (429).",
+    )
+    queue_full_retry_after_s: int = Field(
+        10, ge=1, description="Retry-After of a 429 for a full queue, s."
+    )
     batch_page_size: int = Field(100, description="Jobs per page in GET /v1/batches/{id}.")
 
     # --- models ---------------------------------------------------------------

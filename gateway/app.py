@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from common.db import get_engine, session_factory
-from common.exceptions import UnknownModel
+from common.exceptions import QueueFull, UnknownModel
 from common.manifest import load_registry
 from common.settings import Settings, get_settings
 from common.storage import ObjectStore
@@ -73,6 +73,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         form_limits={"max_files": settings.max_files_per_request, "max_fields": 100},
     )
     app.include_router(router)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse(
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            headers={"Retry-After": str(exc.retry_after_s)},
+            content={"detail": str(exc)},
+        )
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import redis
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 
 from common import queue
 from common.constants import JobState, Priority
-from common.exceptions import InvalidImage
+from common.exceptions import InvalidImage, QueueFull
 from common.images import ImageInfo, inspect_image
 from common.manifest import ModelManifest
 from common.models import Batch, Job
@@ -37,6 +37,25 @@ class Upload:
 class Rejection:
     filename: str
     error: InvalidImage
+
+
+def _check_room(res: Resources, model: str, adding: int) -> None:
+    """Refuse the whole request when the model's queue would pass its bound. Counted in
+    Postgres, the source of truth, so a Redis restart cannot reset it; concurrent
+    submissions may pass the bound by at most one request's files."""
+    limit = res.settings.max_queued_per_model
+    with res.engine.connect() as conn:
+        pending = conn.execute(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.model == model, Job.state == JobState.pending)
+        ).scalar_one()
+    if pending + adding > limit:
+        raise QueueFull(
+            f"the queue of model {model!r} is full ({pending} of {limit} jobs pending; this "
+            f"request adds {adding}); nothing was accepted, retry later",
+            res.settings.queue_full_retry_after_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,7 @@ def submit(
     # Refuse up front (503) while the queue is down, so nothing is half-accepted. Should
     # Redis fail between here and the push, the committed jobs are still safe (see below).
     res.redis.ping()
+    _check_room(res, model.name, len(valid))
 
     keys = [new_object_key(info.format) for _, info in valid]
     with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:

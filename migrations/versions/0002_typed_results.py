@@ -27,6 +27,7 @@ def upgrade() -> None:
     op.add_column('jobs', sa.Column('model_version', sa.String(length=64), nullable=True))
     op.add_column('jobs', sa.Column('result', postgresql.JSONB(), nullable=True))
     op.add_column('jobs', sa.Column('question', sa.Text(), nullable=True))
+    op.create_index('ix_jobs_model_state', 'jobs', ['model', 'state'], unique=False)
     op.execute("""
         UPDATE jobs SET result = jsonb_build_object(
             'task', 'detect',
@@ -56,6 +57,7 @@ def downgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index(op.f('ix_detections_job_id'), 'detections', ['job_id'], unique=False)
+    op.drop_index('ix_jobs_model_state', table_name='jobs')
     op.drop_column('jobs', 'question')
     op.drop_column('jobs', 'result')
     op.drop_column('jobs', 'model_version')
