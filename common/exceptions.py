@@ -47,5 +47,10 @@ class ObjectFetchError(HepatoError):
     """An image could not be read back from the object store."""
 
 
+class ObjectMissing(ObjectFetchError):
+    """The image is gone from the object store (deleted, or a wrong bucket): retrying
+    cannot help."""
+
+
 class LeaseLost(HepatoError):
     """A fenced write found that another worker now owns the job."""

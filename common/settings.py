@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,21 @@ class Settings(BaseSettings):
         10, ge=1, description="Retry-After of a 429 for a full queue, s."
     )
     batch_page_size: int = Field(100, description="Jobs per page in GET /v1/batches/{id}.")
+    auth: Literal["required", "open"] = Field(
+        "required",
+        description="'required': every call but health, docs and /v1/models needs a tenant's "
+        "API key (Authorization: Bearer or X-API-Key). 'open': no key, every request acts as "
+        "the tenant 'public', so anyone who reaches the gateway reads every job.",
+    )
+    idempotency_ttl_s: float = Field(
+        86_400.0, gt=0, description="How long an Idempotency-Key's answer is kept, s."
+    )
+    presign_expiry_s: int = Field(
+        300,
+        ge=1,
+        le=604_800,
+        description="Lifetime of a presigned image link (GET /v1/jobs/{id}/image_url), s.",
+    )
 
     # --- models ---------------------------------------------------------------
     models_dir: Path = Field(
@@ -83,6 +99,15 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description="Re-push a pending job not claimed for this long (Redis lost it), s.",
+    )
+    decode_processes: int = Field(
+        2, ge=1, description="Processes that decode images, isolated from the worker."
+    )
+    decode_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a microbatch's decoding may take before it is cut, s."
+    )
+    model_timeout_s: float = Field(
+        600.0, gt=0, description="Longest one model call may take before its jobs retry, s."
     )
     worker_id: str = Field("", description="Worker name in the job rows; empty = host:pid.")
 

@@ -10,7 +10,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from common.exceptions import ObjectFetchError
+from common.exceptions import ObjectFetchError, ObjectMissing
 from common.settings import Settings
 
 
@@ -56,6 +56,10 @@ class ObjectStore:
         try:
             response = self.client.get_object(self.bucket, key)
         except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectMissing(
+                    f"the uploaded image is gone from the object store ({exc.code}: {key})"
+                ) from exc
             raise ObjectFetchError(f"object {key!r}: {exc.code}") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise ObjectFetchError(f"object {key!r}: object store unreachable ({exc})") from exc

@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import cast
+from functools import partial
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis
@@ -24,16 +25,18 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from common import jobs, queue
 from common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, worker_key
 from common.db import get_engine
-from common.exceptions import InvalidImage, ObjectFetchError, UnknownModel
+from common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing, UnknownModel
 from common.jobs import ClaimedJob, JobResult
 from common.manifest import load_registry
 from common.queue import ModelQueue
 from common.settings import Settings
 from common.storage import ObjectStore
 from worker.backends.base import AsksQuestions, Model, Runtime, load_model
-from worker.decode import decode_rgb
+from worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _db_retry(seconds: float) -> Callable:
@@ -48,7 +51,12 @@ def _db_retry(seconds: float) -> Callable:
 
 class Worker:
     def __init__(
-        self, settings: Settings, models: Mapping[str, Model], *, burst: bool = False
+        self,
+        settings: Settings,
+        models: Mapping[str, Model],
+        *,
+        burst: bool = False,
+        decode: Decode = decode_rgb,
     ) -> None:
         self.settings = settings
         self.models = dict(models)
@@ -60,6 +68,7 @@ class Worker:
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.store = ObjectStore(settings, pool_size=settings.fetch_concurrency)
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="fetch")
+        self.decoder = IsolatedDecoder(settings.decode_processes, settings.decode_timeout_s, decode)
         self.stopping = threading.Event()
         self.batches = 0
         self.jobs_done = 0
@@ -69,6 +78,8 @@ class Worker:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
+        # Decoder processes start before the heartbeat that tells hepato up we are ready.
+        self.decoder.warm()
         self._heartbeat()
         sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
         sweeper.start()
@@ -100,6 +111,7 @@ class Worker:
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(worker_key(self.id))
         self.fetch_pool.shutdown(wait=False)
+        self.decoder.close()
         log.info(
             "worker %s stopped after %d batches, %d jobs", self.id, self.batches, self.jobs_done
         )
@@ -150,31 +162,29 @@ class Worker:
 
     def _run_batch(self, model: Model, token: uuid.UUID, claimed: list[ClaimedJob]) -> None:
         datas = list(self.fetch_pool.map(self._fetch, claimed))
-        images: list[np.ndarray] = []
-        ready: list[ClaimedJob] = []
         transient: dict[uuid.UUID, str] = {}
         permanent: dict[uuid.UUID, str] = {}
+        fetched: list[tuple[ClaimedJob, bytes]] = []
         for job, data in zip(claimed, datas, strict=True):
-            if isinstance(data, ObjectFetchError):
+            if isinstance(data, ObjectMissing):
+                permanent[job.id] = str(data)
+            elif isinstance(data, ObjectFetchError):
                 transient[job.id] = str(data)
-                continue
-            try:
-                images.append(decode_rgb(data))
-                ready.append(job)
-            except InvalidImage as exc:
-                permanent[job.id] = str(exc)
-        results: list[JobResult] = []
-        if images:
-            questions = [job.question for job in ready]
-            if any(questions):
-                # Only vqa models take questions (the gateway refuses them for others).
-                found, sizes, infer_ms = cast(AsksQuestions, model).predict(images, questions)
             else:
-                found, sizes, infer_ms = model.predict(images)
-            results = [
-                JobResult(job.id, result, size, infer_ms)
-                for job, result, size in zip(ready, found, sizes, strict=True)
-            ]
+                fetched.append((job, data))
+        ready: list[ClaimedJob] = []
+        images: list[np.ndarray] = []
+        decoded = self.decoder.decode_all([data for _, data in fetched])
+        for (job, _), image in zip(fetched, decoded, strict=True):
+            if isinstance(image, InvalidImage):
+                permanent[job.id] = str(image)
+            elif isinstance(image, DecoderFault):
+                transient[job.id] = str(image)
+            else:
+                ready.append(job)
+                images.append(image)
+        results, model_errors = self._infer(model, ready, images)
+        transient.update(model_errors)
         write = _db_retry(self.settings.lease_s)
         written = write(jobs.complete)(self.engine, token, results, model.manifest.version)
         lost = len(results) - len(written)
@@ -184,6 +194,47 @@ class Worker:
         self._push(write(jobs.fail)(self.engine, token, transient, retry=True))
         self.jobs_done += len(written)
         self._notify([*written, *permanent, *transient])
+
+    def _infer(
+        self, model: Model, ready: list[ClaimedJob], images: list[np.ndarray]
+    ) -> tuple[list[JobResult], dict[uuid.UUID, str]]:
+        """Results, and the jobs to retry. A model call that raises on a microbatch is
+        run again one image at a time, so that one poison input costs only its own job an
+        attempt; a call that overruns ``model_timeout_s`` retries the whole batch."""
+        if not ready:
+            return [], {}
+        try:
+            return self._predict(model, ready, images), {}
+        except ModelTimeout as exc:
+            log.error("%s; %d jobs go back to the queue", exc, len(ready))
+            return [], {job.id: str(exc) for job in ready}
+        except Exception as exc:
+            if len(ready) == 1:
+                return [], {ready[0].id: f"the model failed on this image: {exc!r}"}
+            log.warning("model call on %d images raised %r; one by one now", len(ready), exc)
+        results: list[JobResult] = []
+        errors: dict[uuid.UUID, str] = {}
+        for job, image in zip(ready, images, strict=True):
+            try:
+                results.extend(self._predict(model, [job], [image]))
+            except Exception as exc:
+                errors[job.id] = f"the model failed on this image: {exc!r}"
+        return results, errors
+
+    def _predict(
+        self, model: Model, ready: list[ClaimedJob], images: list[np.ndarray]
+    ) -> list[JobResult]:
+        questions = [job.question for job in ready]
+        if any(questions):
+            # Only vqa models take questions (the gateway refuses them for others).
+            call = partial(cast(AsksQuestions, model).predict, images, questions)
+        else:
+            call = partial(model.predict, images)
+        found, sizes, infer_ms = _with_timeout(call, self.settings.model_timeout_s)
+        return [
+            JobResult(job.id, result, size, infer_ms)
+            for job, result, size in zip(ready, found, sizes, strict=True)
+        ]
 
     def _fetch(self, job: ClaimedJob) -> bytes | ObjectFetchError:
         try:
@@ -253,6 +304,32 @@ class Worker:
             pipe.execute()
         except redis.RedisError:
             pass  # waiters re-read Postgres; the notice only saves them latency
+
+
+class ModelTimeout(Exception):
+    pass
+
+
+def _with_timeout(call: Callable[[], T], timeout_s: float) -> T:
+    """Run ``call`` in a daemon thread and give up waiting after ``timeout_s``. A hung
+    model call cannot be killed from Python; its thread is abandoned (and its late result
+    dropped) so that the worker goes on serving."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="model-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ModelTimeout(f"the model call took longer than {timeout_s:g}s")
+    if "error" in box:
+        raise box["error"]
+    return cast(T, box["value"])
 
 
 def load_models(settings: Settings, names: Sequence[str] = ()) -> dict[str, Model]:
