@@ -90,6 +90,17 @@ def _owned(token: uuid.UUID, ids: Sequence[uuid.UUID]):
     return and_(Job.id.in_(ids), Job.lease_token == token, Job.state == JobState.processing)
 
 
+def pending_among(engine: Engine, ids: Iterable[str | uuid.UUID]) -> list[Requeue]:
+    """The still-pending jobs among ``ids``, to push back on their own queues."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Job.id, Job.model, Job.priority).where(
+                Job.id.in_(_uuids(ids)), Job.state == JobState.pending
+            )
+        ).all()
+    return [Requeue(*row) for row in rows]
+
+
 def extend_leases(
     engine: Engine, token: uuid.UUID, ids: Sequence[uuid.UUID], lease_s: float
 ) -> int:

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     String,
     Text,
     Uuid,
@@ -30,6 +31,8 @@ class Batch(Base):
     __tablename__ = "batches"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # Every read and write is scoped to the tenant of the API key that made it.
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
     model: Mapped[str] = mapped_column(String(128))
     priority: Mapped[str] = mapped_column(String(16))
     total: Mapped[int] = mapped_column(Integer)
@@ -43,6 +46,7 @@ class Job(Base):
     batch_id: Mapped[uuid.UUID | None] = mapped_column(
         Uuid, ForeignKey("batches.id", ondelete="CASCADE")
     )
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
     # The client's filename is kept for display only; objects live under server keys.
     filename: Mapped[str] = mapped_column(Text)
     object_key: Mapped[str] = mapped_column(Text)
@@ -87,3 +91,38 @@ class Job(Base):
         # The queue bound counts a model's pending jobs at every submission.
         Index("ix_jobs_model_state", "model", "state"),
     )
+
+
+class ApiKey(Base):
+    """An API key of a tenant. Only the SHA-256 of the key is kept: the key itself is
+    shown once, at creation, and cannot be read back."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    # The key's first characters, for telling keys apart in listings; not enough to use.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyRecord(Base):
+    """One Idempotency-Key of a tenant: inserted before the submission runs (so a
+    concurrent duplicate collides on the primary key), completed with its answer."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of the method, path, form fields and file contents: what "the same request" is.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+    __table_args__ = (PrimaryKeyConstraint("tenant", "key", name="pk_idempotency_keys"),)

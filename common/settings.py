@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     public_url: str = Field("", description="Base URL put in links; empty = from the request.")
     max_file_bytes: int = Field(50 * 1024 * 1024, description="Largest accepted image, bytes.")
     max_files_per_request: int = Field(10_000, description="Most files in one batch request.")
+    max_request_bytes: int = Field(
+        2 * 1024**3,
+        ge=1,
+        description="Largest request body, bytes (all files and fields together); a larger one "
+        "is refused with 413 before it is read, by its Content-Length or as it streams in.",
+    )
     max_image_pixels: int = Field(
         178_956_970, description="Largest decoded image, pixels (Pillow's own bomb limit)."
     )

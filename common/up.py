@@ -43,7 +43,8 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
             stack.start()
         from common.cli import run_migrations
 
-        env = {**os.environ, **stack.env(), "HEPATO_PORT": str(port)}
+        # A local demo stack: no API keys, every request is the tenant "public".
+        env = {**os.environ, **stack.env(), "HEPATO_PORT": str(port), "HEPATO_AUTH": "open"}
         # Workers on one CPU share its cores rather than each taking all of them.
         env.setdefault("HEPATO_CPU_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         run_migrations(stack.database_url)
@@ -54,6 +55,11 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
         with console.status(f"waiting for the gateway at {base} and {workers} worker(s)..."):
             _wait_ready(base, stack, workers)
         console.print(f"gateway ready at {base} (API docs: {base}/docs); logs in {stack.root}/logs")
+        console.print(
+            f"[bold red]auth is OFF (HEPATO_AUTH=open): anyone who can reach {base} can read, "
+            "submit and cancel every job[/]; run `hepato gateway` with API keys "
+            "(`hepato keys create TENANT`) anywhere else"
+        )
         code = _main_job(base, sample_files(samples), repeat, workers)
         if keep_running:
             console.print("[bold green]stack is running[/]; press Ctrl-C to stop it")

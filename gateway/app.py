@@ -22,6 +22,7 @@ from common.manifest import load_registry
 from common.settings import Settings, get_settings
 from common.storage import ObjectStore
 from gateway.deps import Resources, ResourcesDep
+from gateway.limits import install_limits
 from gateway.routes import router
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.default_model not in models:
         raise UnknownModel(
             f"default model {settings.default_model!r} has no manifest in {settings.models_dir}"
+        )
+    if settings.auth == "open":
+        log.warning(
+            "auth is OFF (HEPATO_AUTH=open): anyone who can reach the gateway reads every job"
         )
 
     @asynccontextmanager
@@ -73,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         form_limits={"max_files": settings.max_files_per_request, "max_fields": 100},
     )
     app.include_router(router)
+    install_limits(app, settings)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
@@ -18,7 +19,9 @@ from common.manifest import ModelManifest
 from common.models import Batch, Job
 from common.results import TASK_RESULT
 from gateway import schemas
+from gateway.auth import TenantDep
 from gateway.deps import Resources, ResourcesDep, SessionDep
+from gateway.idempotency import IdempotencyDep
 from gateway.submit import Submission, Upload, submit
 
 router = APIRouter(prefix="/v1")
@@ -36,8 +39,11 @@ QuestionField = Annotated[
         description="For vqa models: the question to ask of each image; default the model's",
     ),
 ]
+# A year bounds the deadline: past it the timestamp arithmetic overflows (a fuzzer found).
+MAX_DEADLINE_S = 365 * 24 * 3600
 DeadlineField = Annotated[
-    float | None, Form(gt=0, description="Run within this many seconds or expire")
+    float | None,
+    Form(gt=0, le=MAX_DEADLINE_S, description="Run within this many seconds (≤ a year) or expire"),
 ]
 
 
@@ -65,6 +71,7 @@ def _model(res: Resources, model: str | None, question: str | None = None) -> Mo
 
 async def _store(
     res: Resources,
+    tenant: str,
     files: list[UploadFile],
     model: ModelManifest,
     priority: Priority,
@@ -73,11 +80,14 @@ async def _store(
     *,
     as_batch: bool,
 ) -> Submission:
-    uploads = [Upload(f.filename or "unnamed", await f.read()) for f in files]
+    # One byte past the per-file limit is enough to refuse a file (413) without reading it.
+    limit = res.settings.max_file_bytes + 1
+    uploads = [Upload(f.filename or "unnamed", await f.read(limit)) for f in files]
     return await run_in_threadpool(
         submit,
         res,
         uploads,
+        tenant=tenant,
         model=model,
         priority=priority,
         deadline_s=deadline_s,
@@ -110,37 +120,42 @@ def _rejected(sub: Submission) -> list[schemas.RejectedFile]:
     "/batches",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=schemas.BatchAccepted,
-    responses={422: {"model": schemas.ErrorOut}},
+    responses=schemas.errors(400, 413, 422, 429, 503),
     summary="Submit a batch of images",
 )
 async def submit_batch(
     request: Request,
     res: ResourcesDep,
+    tenant: TenantDep,
+    idempotency: IdempotencyDep,
     files: FilesField,
     model: ModelField = None,
     priority: Annotated[Priority, Form()] = Priority.routine,
     deadline_s: DeadlineField = None,
     question: QuestionField = None,
-) -> schemas.BatchAccepted | JSONResponse:
-    name = _model(res, model, question)
-    sub = await _store(res, files, name, priority, deadline_s, question, as_batch=True)
-    if sub.batch_id is None:
-        return JSONResponse(
-            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-            content={
-                "detail": "no file of this request is an accepted image",
-                "rejected": [r.model_dump() for r in _rejected(sub)],
-            },
+) -> schemas.BatchAccepted | Response:
+    async def run() -> schemas.BatchAccepted | JSONResponse:
+        name = _model(res, model, question)
+        sub = await _store(res, tenant, files, name, priority, deadline_s, question, as_batch=True)
+        if sub.batch_id is None:
+            return JSONResponse(
+                status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+                content={
+                    "detail": "no file of this request is an accepted image",
+                    "rejected": [r.model_dump() for r in _rejected(sub)],
+                },
+            )
+        return schemas.BatchAccepted(
+            batch_id=sub.batch_id,
+            status_url=_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
+            model=name.name,
+            priority=priority.value,
+            accepted=len(sub.jobs),
+            jobs=_accepted(request, res, sub),
+            rejected=_rejected(sub),
         )
-    return schemas.BatchAccepted(
-        batch_id=sub.batch_id,
-        status_url=_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
-        model=name.name,
-        priority=priority.value,
-        accepted=len(sub.jobs),
-        jobs=_accepted(request, res, sub),
-        rejected=_rejected(sub),
-    )
+
+    return await idempotency.run(status.HTTP_202_ACCEPTED, run)
 
 
 # The seed's documented upload call, kept verbatim as an alias.
@@ -150,6 +165,7 @@ router.add_api_route(
     methods=["POST"],
     status_code=status.HTTP_202_ACCEPTED,
     response_model=schemas.BatchAccepted,
+    responses=schemas.errors(400, 413, 422, 429, 503),
     summary="Submit a batch of images (alias of POST /v1/batches)",
 )
 
@@ -157,6 +173,7 @@ router.add_api_route(
 async def _submit_one(
     request: Request,
     res: Resources,
+    tenant: str,
     file: UploadFile,
     model: str | None,
     priority: Priority,
@@ -164,7 +181,7 @@ async def _submit_one(
     question: str | None,
 ) -> schemas.JobAccepted:
     name = _model(res, model, question)
-    sub = await _store(res, [file], name, priority, deadline_s, question, as_batch=False)
+    sub = await _store(res, tenant, [file], name, priority, deadline_s, question, as_batch=False)
     if sub.rejected:
         bad = sub.rejected[0]
         raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
@@ -182,43 +199,55 @@ async def _submit_one(
     "/jobs",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=schemas.JobAccepted,
-    responses={413: {"model": schemas.ErrorOut}, 415: {"model": schemas.ErrorOut}},
+    responses=schemas.errors(400, 413, 415, 422, 429, 503),
     summary="Submit one image",
 )
 async def submit_job(
     request: Request,
     res: ResourcesDep,
+    tenant: TenantDep,
+    idempotency: IdempotencyDep,
     file: FileField,
     model: ModelField = None,
     priority: Annotated[Priority, Form()] = Priority.routine,
     deadline_s: DeadlineField = None,
     question: QuestionField = None,
-) -> schemas.JobAccepted:
-    return await _submit_one(request, res, file, model, priority, deadline_s, question)
+) -> schemas.JobAccepted | Response:
+    return await idempotency.run(
+        status.HTTP_202_ACCEPTED,
+        lambda: _submit_one(request, res, tenant, file, model, priority, deadline_s, question),
+    )
 
 
 @router.post(
     "/predict",
     response_model=schemas.PredictOut,
-    responses={202: {"model": schemas.JobAccepted}, 415: {"model": schemas.ErrorOut}},
+    responses={
+        202: {"model": schemas.JobAccepted},
+        **schemas.errors(400, 413, 415, 422, 429, 503),
+    },
     summary="Run one image through a model and wait for the result",
 )
 @router.post(
     "/detect",
     response_model=schemas.PredictOut,
-    responses={202: {"model": schemas.JobAccepted}, 415: {"model": schemas.ErrorOut}},
+    responses={
+        202: {"model": schemas.JobAccepted},
+        **schemas.errors(400, 413, 415, 422, 429, 503),
+    },
     summary="Alias of /v1/predict",
 )
 async def predict(
     request: Request,
     res: ResourcesDep,
+    tenant: TenantDep,
     file: FileField,
     model: ModelField = None,
     priority: Annotated[Priority, Form()] = Priority.urgent,
     question: QuestionField = None,
 ) -> schemas.PredictOut | JSONResponse:
     started = time.perf_counter()
-    accepted = await _submit_one(request, res, file, model, priority, None, question)
+    accepted = await _submit_one(request, res, tenant, file, model, priority, None, question)
     job_id = accepted.job_id
     state = await run_in_threadpool(_wait_finished, res, job_id, res.settings.detect_timeout_s)
     if state not in TERMINAL_STATES:
@@ -268,21 +297,22 @@ def _wait_finished(res: Resources, job_id: uuid.UUID, timeout_s: float) -> str:
         pubsub.close()
 
 
-def _job_or_404(session: Session, raw: str) -> Job:
-    return _row_or_404(session, Job, raw, "job")
+def _job_or_404(session: Session, raw: str, tenant: str) -> Job:
+    return _row_or_404(session, Job, raw, tenant, "job")
 
 
-def _batch_or_404(session: Session, raw: str) -> Batch:
-    return _row_or_404(session, Batch, raw, "batch")
+def _batch_or_404(session: Session, raw: str, tenant: str) -> Batch:
+    return _row_or_404(session, Batch, raw, tenant, "batch")
 
 
-def _row_or_404(session: Session, model: type[T], raw: str, kind: str) -> T:
-    """The row with this id; a malformed id is as unknown as a missing one."""
+def _row_or_404(session: Session, model: type[T], raw: str, tenant: str, kind: str) -> T:
+    """The tenant's row with this id. A malformed id, a missing one and another tenant's
+    are one answer, so ids of other tenants cannot be probed."""
     try:
         row = session.get(model, uuid.UUID(raw))
     except ValueError:
         row = None
-    if row is None:
+    if row is None or row.tenant != tenant:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {kind} with id {raw!r}")
     return row
 
@@ -341,9 +371,9 @@ def list_models(res: ResourcesDep) -> list[schemas.ModelOut]:
     summary="A job's state and, when done, its typed result",
 )
 def get_job(
-    job_id: str, request: Request, res: ResourcesDep, session: SessionDep
+    job_id: str, request: Request, res: ResourcesDep, session: SessionDep, tenant: TenantDep
 ) -> schemas.JobOut:
-    job = _job_or_404(session, job_id)
+    job = _job_or_404(session, job_id, tenant)
     return _job_out(request, res, job)
 
 
@@ -353,10 +383,31 @@ def get_job(
     responses={200: {"content": {"image/*": {}}}, 404: {"model": schemas.ErrorOut}},
     summary="The uploaded image of a job",
 )
-def get_job_image(job_id: str, res: ResourcesDep, session: SessionDep) -> Response:
-    job = _job_or_404(session, job_id)
+def get_job_image(
+    job_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+) -> Response:
+    job = _job_or_404(session, job_id, tenant)
     data = res.store.get(job.object_key)
     return Response(content=data, media_type=f"image/{job.image_format}")
+
+
+@router.get(
+    "/jobs/{job_id}/image_url",
+    response_model=schemas.PresignedImage,
+    responses={404: {"model": schemas.ErrorOut}},
+    summary="A presigned link to the uploaded image, valid for HEPATO_PRESIGN_EXPIRY_S",
+)
+def get_job_image_url(
+    job_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+) -> schemas.PresignedImage:
+    job = _job_or_404(session, job_id, tenant)
+    expiry_s = res.settings.presign_expiry_s
+    expires_at = datetime.now(UTC) + timedelta(seconds=expiry_s)
+    return schemas.PresignedImage(
+        url=res.store.presigned_url(job.object_key, expiry_s),
+        expires_in_s=expiry_s,
+        expires_at=expires_at,
+    )
 
 
 def batch_state(counts: dict[str, int]) -> BatchState:
@@ -380,10 +431,11 @@ def get_batch(
     request: Request,
     res: ResourcesDep,
     session: SessionDep,
+    tenant: TenantDep,
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> schemas.BatchOut:
-    batch = _batch_or_404(session, batch_id)
+    batch = _batch_or_404(session, batch_id, tenant)
     bid = batch.id
     size = page_size or res.settings.batch_page_size
     counts = {s.value: 0 for s in JobState}
@@ -427,9 +479,9 @@ def get_batch(
     summary="Cancel a job that has not started",
 )
 def cancel_job(
-    job_id: str, request: Request, res: ResourcesDep, session: SessionDep
+    job_id: str, request: Request, res: ResourcesDep, session: SessionDep, tenant: TenantDep
 ) -> schemas.Canceled:
-    job = _job_or_404(session, job_id)
+    job = _job_or_404(session, job_id, tenant)
     jid = job.id
     if jobs.cancel(res.engine, job_id=jid) == 0:
         session.refresh(job)
@@ -447,9 +499,9 @@ def cancel_job(
     summary="Cancel the jobs of a batch that have not started",
 )
 def cancel_batch(
-    batch_id: str, request: Request, res: ResourcesDep, session: SessionDep
+    batch_id: str, request: Request, res: ResourcesDep, session: SessionDep, tenant: TenantDep
 ) -> schemas.Canceled:
-    batch = _batch_or_404(session, batch_id)
+    batch = _batch_or_404(session, batch_id, tenant)
     return schemas.Canceled(
         canceled=jobs.cancel(res.engine, batch_id=batch.id),
         status_url=_url(request, res, "get_batch", batch_id=batch_id),

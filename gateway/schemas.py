@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -113,6 +114,46 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Unprocessable(BaseModel):
+    """A 422 is either the gateway's own message or FastAPI's list of invalid fields."""
+
+    detail: str | list[ValidationIssue]
+    rejected: list[RejectedFile] | None = Field(
+        None, description="POST /v1/batches: every file, refused by name, when none was accepted"
+    )
+
+
+_ERRORS: dict[int, tuple[type[BaseModel], str]] = {
+    400: (ErrorOut, "The multipart body cannot be parsed"),
+    413: (
+        ErrorOut,
+        "The request, its file count or field count, a file, or an image's pixel count is "
+        "over its limit",
+    ),
+    415: (ErrorOut, "The file is not JPEG, PNG, TIFF, BMP or WebP (judged from its bytes)"),
+    422: (Unprocessable, "A corrupt or truncated file, an unknown model, or an invalid field"),
+    429: (ErrorOut, "The model's queue is full; nothing was kept; retry after Retry-After"),
+    503: (ErrorOut, "Postgres, Redis or the object store is down; retry after Retry-After"),
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses."""
+    return {c: {"model": _ERRORS[c][0], "description": _ERRORS[c][1]} for c in codes}
+
+
 class Canceled(BaseModel):
     canceled: int = Field(description="Jobs that were pending and are now canceled")
     status_url: str
+
+
+class PresignedImage(BaseModel):
+    url: str = Field(description="GET it without a key until it expires; then it is refused")
+    expires_in_s: int = Field(description="Lifetime of the link from its making, s")
+    expires_at: datetime

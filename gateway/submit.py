@@ -18,7 +18,7 @@ from sqlalchemy import func, insert, select
 from common import queue
 from common.constants import JobState, Priority
 from common.exceptions import InvalidImage, QueueFull
-from common.images import ImageInfo, inspect_image
+from common.images import ImageInfo, display_name, inspect_image
 from common.manifest import ModelManifest
 from common.models import Batch, Job
 from common.storage import new_object_key
@@ -69,6 +69,7 @@ def submit(
     res: Resources,
     uploads: list[Upload],
     *,
+    tenant: str,
     model: ModelManifest,
     priority: Priority,
     deadline_s: float | None,
@@ -76,6 +77,9 @@ def submit(
     question: str | None = None,
 ) -> Submission:
     settings = res.settings
+    # Postgres text cannot hold NUL (it would fail the insert as if the database were down).
+    uploads = [Upload(display_name(u.filename), u.data) for u in uploads]
+    question = question.replace("\x00", "\ufffd") if question is not None else None
     valid: list[tuple[Upload, ImageInfo]] = []
     rejected: list[Rejection] = []
     for upload in uploads:
@@ -109,6 +113,7 @@ def submit(
         {
             "id": job_id,
             "batch_id": batch_id,
+            "tenant": tenant,
             "filename": upload.filename,
             "object_key": key,
             "image_format": info.format,
@@ -130,7 +135,11 @@ def submit(
         if batch_id is not None:
             conn.execute(
                 insert(Batch).values(
-                    id=batch_id, model=model.name, priority=priority.value, total=len(rows)
+                    id=batch_id,
+                    tenant=tenant,
+                    model=model.name,
+                    priority=priority.value,
+                    total=len(rows),
                 )
             )
         conn.execute(insert(Job), rows)

@@ -7,8 +7,12 @@ bound: the worker survives either, and the job is retried, then failed."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -50,7 +54,10 @@ class IsolatedDecoder:
             # spawn, not fork: the worker has runtime threads (ONNX Runtime, torch) that a
             # forked child would inherit in an unknown state.
             self._pool = ProcessPoolExecutor(
-                processes or self.processes, mp_context=multiprocessing.get_context("spawn")
+                processes or self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_die_with_parent,
+                initargs=(os.getpid(),),
             )
         return self._pool
 
@@ -126,6 +133,20 @@ class IsolatedDecoder:
         if failed:
             self._kill_pool()
         return sorted(failed)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In each decoder process: a worker killed with SIGKILL cannot stop its children, so
+    ask Linux to kill them with it (elsewhere they exit at their next read of the pool)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # The parent may have died before prctl ran.
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def _broken(future: Future[np.ndarray]) -> bool:

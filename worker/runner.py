@@ -95,7 +95,11 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 got = queue.collect_any(self.redis, self._rotation(), self.settings.poll_timeout_s)
-                if got:
+                if got and self.stopping.is_set():
+                    # Popped after SIGTERM: not ours to start. Back on their own queues;
+                    # the jobs are still pending in Postgres.
+                    self._push(jobs.pending_among(self.engine, got[1]))
+                elif got:
                     self.process(got[0].model, got[1])
                 elif self.burst and self._drained():
                     break

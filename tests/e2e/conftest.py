@@ -40,15 +40,21 @@ def base_settings(
         max_wait_ms=50.0,
         max_batch_size=8,
         detect_timeout_s=60.0,
+        # No API keys here: tests/security builds its clients with auth="required".
+        auth="open",
     )
+
+
+def reset(settings: Settings) -> None:
+    """Empty every table a test writes, and Redis (as arq flushes per test)."""
+    with get_engine(settings.database_url).begin() as conn:
+        conn.execute(text("TRUNCATE jobs, batches, api_keys, idempotency_keys CASCADE"))
+    redis.Redis.from_url(settings.redis_url).flushall()
 
 
 @pytest.fixture
 def settings(base_settings: Settings) -> Iterator[Settings]:
-    engine = get_engine(base_settings.database_url)
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, batches CASCADE"))
-    redis.Redis.from_url(base_settings.redis_url).flushall()
+    reset(base_settings)
     yield base_settings
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -16,7 +18,16 @@ from tests.conftest import SAMPLES
 pytestmark = pytest.mark.slow
 
 
-def test_up_runs_the_samples_and_stops_everything(tmp_path: Path) -> None:
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path: embedded Postgres runs as its own user, and another pytest
+    # session resets pytest's base directory to 0700, locking that user out.
+    with tempfile.TemporaryDirectory(prefix="hepato-up-") as root:
+        yield Path(root)
+
+
+def test_up_runs_the_samples_and_stops_everything(data_dir: Path) -> None:
+    tmp_path = data_dir
     port = free_port()
     env = {**os.environ, "HEPATO_DATA_DIR": str(tmp_path), "HEPATO_S3_BUCKET": "hepato"}
     cmd = [

@@ -1,0 +1,86 @@
+"""Overload: a bounded queue per model (429, nothing kept), and urgent jobs overtaking
+routine ones. (Deadlines and cancellation are in tests/e2e/test_pipeline.py.)"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from fastapi.testclient import TestClient
+
+from common.settings import Settings
+from common.storage import ObjectStore
+from tests.chaos.conftest import record, verdict
+from tests.e2e.test_pipeline import db_jobs, submit, thirty_two, upload
+
+pytestmark = pytest.mark.slow
+
+
+def objects(settings: Settings) -> int:
+    store = ObjectStore(settings)
+    return sum(1 for _ in store.client.list_objects(settings.s3_bucket, recursive=True))
+
+
+def judge(settings: Settings, fault: str, accepted: list[str], completions, **extra) -> None:  # type: ignore[no-untyped-def]
+    v = verdict(settings, accepted, completions())
+    record(
+        fault, len(accepted), len(accepted), len(v.lost), len(v.duplicated), v.redelivered, **extra
+    )
+    assert not v.lost and not v.duplicated
+
+
+def ids(*responses: dict) -> list[str]:  # type: ignore[type-arg]
+    return [job["job_id"] for r in responses for job in r["jobs"]]
+
+
+def test_a_full_queue_refuses_the_whole_request_with_429(
+    settings: Settings, run_worker, completions
+) -> None:
+    from gateway.app import create_app
+
+    bounded = settings.model_copy(update={"max_queued_per_model": 6})
+    with TestClient(create_app(bounded)) as client:
+        first = submit(client, thirty_two()[:4])
+        assert first["accepted"] == 4
+        stored = objects(bounded)
+        response = client.post("/v1/batches", files=upload(thirty_two()[:3]))
+        assert response.status_code == 429
+        assert int(response.headers["Retry-After"]) > 0
+        assert "queue of model 'hepato-yolov8n' is full (4 of 6" in response.json()["detail"]
+        single = client.post("/v1/jobs", files={"file": ("a.png", thirty_two()[0].read_bytes())})
+        assert single.status_code == 202, "one more still fits (5 of 6)"
+        assert len(db_jobs(bounded)) == 5, "nothing of the refused request was kept"
+        assert objects(bounded) == stored + 1, "nor stored"
+        run_worker()
+        again = submit(client, thirty_two()[:6])
+        assert again["accepted"] == 6, "room again once drained"
+        run_worker()
+    accepted = [*ids(first, again), single.json()["job_id"]]
+    judge(bounded, "queue full: a 3-file request refused (429)", accepted, completions)
+
+
+def test_urgent_jobs_overtake_routine_ones(
+    client: TestClient, settings: Settings, run_worker, completions
+) -> None:
+    routine = submit(client, thirty_two() + thirty_two()[:16])
+    urgent = submit(client, thirty_two()[:8], priority="urgent")
+    run_worker(max_batch_size=4)
+    jobs = db_jobs(settings)
+    by_id = {str(j.id): j for j in jobs}
+    urgent_jobs = [by_id[j["job_id"]] for j in urgent["jobs"]]
+    routine_jobs = [by_id[j["job_id"]] for j in routine["jobs"]]
+    assert all(j.state == "done" for j in jobs)
+    # Submitted last, started first: every urgent job ran before any routine one.
+    assert max(j.started_at for j in urgent_jobs) <= min(j.started_at for j in routine_jobs)  # type: ignore[type-var]
+    wait_urgent = statistics.mean(j.queue_wait_ms or 0 for j in urgent_jobs)
+    wait_routine = statistics.mean(j.queue_wait_ms or 0 for j in routine_jobs)
+    print(f"queue wait: urgent {wait_urgent:.0f} ms, routine {wait_routine:.0f} ms (mean)")
+    assert wait_urgent < wait_routine
+    judge(
+        settings,
+        "8 urgent submitted behind 48 routine",
+        ids(routine, urgent),
+        completions,
+        urgent_wait_ms=round(wait_urgent),
+        routine_wait_ms=round(wait_routine),
+    )
