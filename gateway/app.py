@@ -21,6 +21,7 @@ from common.exceptions import QueueFull, UnknownModel
 from common.manifest import load_registry
 from common.settings import Settings, get_settings
 from common.storage import ObjectStore
+from gateway.auth import KeyBeforeBody
 from gateway.deps import Resources, ResourcesDep
 from gateway.limits import install_limits
 from gateway.routes import router
@@ -79,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(router)
     install_limits(app, settings)
+    if settings.auth == "required":
+        app.add_middleware(KeyBeforeBody, database_url=settings.database_url)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from anyio import to_thread
 from fastapi import Depends, HTTPException, Security, status
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.db import get_engine
 from common.tenants import PUBLIC_TENANT, tenant_of
 from gateway.deps import ResourcesDep
 
@@ -19,6 +24,11 @@ from gateway.deps import ResourcesDep
 # every way a key can be wrong. Declared through Security so /docs offers both schemes.
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key")
+
+
+MISSING = "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+# One answer for unknown and revoked keys: which keys exist is not told.
+INVALID = "the API key is not valid (unknown or revoked)"
 
 
 def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
@@ -39,14 +49,50 @@ def get_tenant(
         return PUBLIC_TENANT
     key = credentials.credentials if credentials else header_key
     if not key:
-        raise _unauthorized(
-            "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-        )
+        raise _unauthorized(MISSING)
     tenant = tenant_of(res.engine, key)
     if tenant is None:
-        # One answer for unknown and revoked keys: which keys exist is not told.
-        raise _unauthorized("the API key is not valid (unknown or revoked)", "invalid_token")
+        raise _unauthorized(INVALID, "invalid_token")
     return tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+class KeyBeforeBody:
+    """Refuse an upload without a valid key before its body is read. FastAPI parses (and
+    spools to disk) the whole multipart body before any dependency runs, so without this
+    an anonymous client could make the gateway store gigabytes only to be told 401. The
+    route's TenantDep still decides which tenant the request is."""
+
+    def __init__(self, app: ASGIApp, database_url: str) -> None:
+        self.app = app
+        self.database_url = database_url
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        auth = headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key")
+        try:
+            tenant = key and await to_thread.run_sync(tenant_of, get_engine(self.database_url), key)
+        except Exception:  # outside the app's handlers: answer its 503 here
+            response = JSONResponse(
+                {"detail": "database unavailable; retry later"},
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+            )
+            await response(scope, receive, send)
+            return
+        if tenant:
+            await self.app(scope, receive, send)
+            return
+        error = _unauthorized(INVALID, "invalid_token") if key else _unauthorized(MISSING)
+        response = JSONResponse(
+            {"detail": error.detail},
+            status_code=error.status_code,
+            headers={**(error.headers or {}), "Connection": "close"},
+        )
+        await response(scope, receive, send)

@@ -117,6 +117,46 @@ def test_every_call_but_health_docs_and_models_needs_a_valid_key(client: TestCli
         assert client.get(path).status_code == 200, path
 
 
+@pytest.mark.parametrize("key", [None, "hpk_not-a-key"])
+def test_an_upload_without_a_valid_key_is_refused_before_its_body_is_read(
+    settings: Settings, engine: Engine, key: str | None
+) -> None:
+    import asyncio
+
+    from gateway.app import create_app
+
+    app = create_app(settings.model_copy(update={"auth": "required"}))
+    reads: list[int] = []
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=b")]
+    if key:
+        headers.append((b"x-api-key", key.encode()))
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/batches",
+        "raw_path": b"/v1/batches",
+        "query_string": b"",
+        "headers": headers,
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 1),
+        "root_path": "",
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 401
+    assert reads == [], "not one chunk of the body was read"
+
+
 def test_a_key_works_in_either_header_until_it_is_revoked(
     client: TestClient, engine: Engine
 ) -> None:
