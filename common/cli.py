@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from common.bench_cli import app as bench_app
+from common.client_cli import register as register_client_commands
 from common.keys_cli import app as keys_app
 from common.models_cli import app as models_app
 from common.settings import REPO_ROOT, get_settings
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(keys_app, name="keys")
+register_client_commands(app)  # hepato submit | status | results
 
 
 def _logging(level: str = "INFO") -> None:

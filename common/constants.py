@@ -26,6 +26,17 @@ class BatchState(StrEnum):
     done_with_failures = "done_with_failures"
 
 
+def batch_state(counts: dict[str, int]) -> BatchState:
+    """A batch's state from the counts of its jobs per state."""
+    unfinished = counts.get(JobState.pending, 0) + counts.get(JobState.processing, 0)
+    if unfinished:
+        started = sum(counts.values()) - counts.get(JobState.pending, 0)
+        return BatchState.processing if started else BatchState.pending
+    if counts.get(JobState.failed, 0) or counts.get(JobState.expired, 0):
+        return BatchState.done_with_failures
+    return BatchState.done
+
+
 class Priority(StrEnum):
     urgent = "urgent"
     routine = "routine"
@@ -44,6 +55,16 @@ def queue_keys(model: str) -> list[str]:
 def job_done_channel(job_id: str) -> str:
     """Pub/sub channel a worker publishes on when a job reaches a terminal state."""
     return f"{KEY_PREFIX}:job-finished:{job_id}"
+
+
+def batch_events_channel(batch_id: str) -> str:
+    """Pub/sub channel woken after a commit that recorded events of the batch's jobs."""
+    return f"{KEY_PREFIX}:events:batch:{batch_id}"
+
+
+def job_events_channel(job_id: str) -> str:
+    """Pub/sub channel woken after a commit that recorded events of the job."""
+    return f"{KEY_PREFIX}:events:job:{job_id}"
 
 
 WORKER_HEARTBEAT_TTL_S = 30

@@ -11,6 +11,7 @@ from datetime import timedelta
 from sqlalchemy import Engine, and_, bindparam, extract, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
+from common import events
 from common.constants import JobState
 from common.models import Job
 from common.results import TaskResult
@@ -63,11 +64,18 @@ def claim(
     if not job_ids:
         return token, []
     now = func.now()
-    with engine.begin() as conn:
-        conn.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.state == JobState.pending, Job.deadline_at < now)
-            .values(state=JobState.expired, finished_at=now, error="deadline passed before it ran")
+    with events.transaction(engine) as conn:
+        expired = (
+            conn.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids), Job.state == JobState.pending, Job.deadline_at < now)
+                .values(
+                    state=JobState.expired, finished_at=now, error="deadline passed before it ran"
+                )
+                .returning(Job.id)
+            )
+            .scalars()
+            .all()
         )
         rows = conn.execute(
             update(Job)
@@ -83,6 +91,7 @@ def claim(
             )
             .returning(Job.id, Job.object_key, Job.attempts, Job.max_attempts, Job.question)
         ).all()
+        events.record(conn, [*expired, *(row[0] for row in rows)])
     return token, [ClaimedJob(*row) for row in rows]
 
 
@@ -120,7 +129,7 @@ def complete(
     owns. Returns the ids written; the others were taken over by another worker."""
     if not results:
         return set()
-    with engine.begin() as conn:
+    with events.transaction(engine) as conn:
         # Row locks keep the owned set stable until commit: no one can reclaim in between.
         owned = set(
             conn.execute(
@@ -155,6 +164,7 @@ def complete(
                 for r in mine
             ],
         )
+        events.record(conn, [r.id for r in mine])
     return owned
 
 
@@ -166,7 +176,7 @@ def fail(
     if not errors:
         return []
     requeue: list[Requeue] = []
-    with engine.begin() as conn:
+    with events.transaction(engine) as conn:
         owned = conn.execute(
             select(Job.id, Job.attempts, Job.max_attempts, Job.model, Job.priority)
             .where(_owned(token, list(errors)))
@@ -187,6 +197,7 @@ def fail(
                     else f"{errors[job_id]} (gave up after {attempts} attempts)",
                 }
             conn.execute(update(Job).where(Job.id == job_id).values(**values))
+        events.record(conn, [row[0] for row in owned])
     return requeue
 
 
@@ -206,7 +217,7 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> tuple[li
 
     Returns the jobs to push again and the number failed for exhausting their attempts."""
     now = func.now()
-    with engine.begin() as conn:
+    with events.transaction(engine) as conn:
         expired = (
             select(Job.id)
             .where(Job.state == JobState.processing, Job.lease_until < now)
@@ -221,16 +232,21 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> tuple[li
             .values(**_pending_values(), error="lease expired: worker lost")
             .returning(Job.id, Job.model, Job.priority)
         ).all()
-        failed = conn.execute(
-            update(Job)
-            .where(Job.id.in_(expired), Job.attempts >= Job.max_attempts)
-            .values(
-                state=JobState.failed,
-                finished_at=now,
-                lease_until=None,
-                error=func.concat("lease expired after ", Job.attempts, " attempts"),
+        failed = (
+            conn.execute(
+                update(Job)
+                .where(Job.id.in_(expired), Job.attempts >= Job.max_attempts)
+                .values(
+                    state=JobState.failed,
+                    finished_at=now,
+                    lease_until=None,
+                    error=func.concat("lease expired after ", Job.attempts, " attempts"),
+                )
+                .returning(Job.id)
             )
-        ).rowcount
+            .scalars()
+            .all()
+        )
         stale = (
             select(Job.id)
             .where(
@@ -247,7 +263,8 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> tuple[li
             .values(enqueued_at=now)
             .returning(Job.id, Job.model, Job.priority)
         ).all()
-    return [Requeue(*row) for row in (*requeued, *lost)], failed
+        events.record(conn, [*(row[0] for row in requeued), *failed])
+    return [Requeue(*row) for row in (*requeued, *lost)], len(failed)
 
 
 def cancel(
@@ -256,12 +273,19 @@ def cancel(
     """Cancel what has not started: pending jobs become ``canceled``; a worker that pops
     their ids later drops them at claim. Returns how many were canceled."""
     where = Job.id == job_id if job_id is not None else Job.batch_id == batch_id
-    with engine.begin() as conn:
-        return conn.execute(
-            update(Job)
-            .where(where, Job.state == JobState.pending)
-            .values(state=JobState.canceled, finished_at=func.now(), error="canceled by client")
-        ).rowcount
+    with events.transaction(engine) as conn:
+        canceled = (
+            conn.execute(
+                update(Job)
+                .where(where, Job.state == JobState.pending)
+                .values(state=JobState.canceled, finished_at=func.now(), error="canceled by client")
+                .returning(Job.id)
+            )
+            .scalars()
+            .all()
+        )
+        events.record(conn, canceled)
+    return len(canceled)
 
 
 def count_unfinished(engine: Engine, models: Sequence[str]) -> int:

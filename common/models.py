@@ -36,6 +36,8 @@ class Batch(Base):
     model: Mapped[str] = mapped_column(String(128))
     priority: Mapped[str] = mapped_column(String(16))
     total: Mapped[int] = mapped_column(Integer)
+    # Webhook target when every job is finished (common.webhooks).
+    callback_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -81,6 +83,8 @@ class Job(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
     # For vqa models: this job's question; null asks the manifest's.
     question: Mapped[str | None] = mapped_column(Text)
+    # Webhook target when this job (one without a batch) is finished.
+    callback_url: Mapped[str | None] = mapped_column(Text)
     # A common.results.TaskResult as JSON; its "task" field says which shape.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
@@ -91,6 +95,51 @@ class Job(Base):
         # The queue bound counts a model's pending jobs at every submission.
         Index("ix_jobs_model_state", "model", "state"),
     )
+
+
+class JobEvent(Base):
+    """One state change of a job, written in the transaction that made it: the log the
+    event streams replay. ``id`` is the SSE event id; writers take an advisory lock
+    before inserting (see common.events), so ids become visible in increasing order."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    tenant: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        Index("ix_job_events_batch_id", "batch_id", "id"),
+        Index("ix_job_events_job_id", "job_id", "id"),
+    )
+
+
+class WebhookDelivery(Base):
+    """One webhook to deliver, written in the transaction that finished its job or batch,
+    so a crash after that commit cannot lose it. ``id`` is the webhook-id, the same on
+    every attempt, so the receiver can drop duplicates."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    # The exact body signed and sent on every attempt.
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
 
 
 class ApiKey(Base):

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         10, ge=1, description="Retry-After of a 429 for a full queue, s."
     )
     batch_page_size: int = Field(100, description="Jobs per page in GET /v1/batches/{id}.")
+    export_page_size: int = Field(
+        100, ge=1, description="Jobs read per query while an export streams (bounds its memory)."
+    )
     auth: Literal["required", "open"] = Field(
         "required",
         description="'required': every call but health, docs and /v1/models needs a tenant's "
@@ -74,6 +77,27 @@ class Settings(BaseSettings):
         le=604_800,
         description="Lifetime of a presigned image link (GET /v1/jobs/{id}/image_url), s.",
     )
+
+    events_poll_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="An event stream re-reads Postgres at least this often even with no "
+        "Redis wake-up (a lost wake-up costs at most this much latency), s.",
+    )
+    events_keepalive_s: float = Field(
+        15.0, gt=0, description="Keep-alive comment on an idle event stream every this many s."
+    )
+
+    webhook_secret: str = Field(
+        "",
+        description="Signing secret of webhooks (Standard Webhooks, 'whsec_' + base64); "
+        "empty = submissions with a callback_url are refused (422).",
+    )
+    webhook_max_attempts: int = Field(6, ge=1, description="Attempts per webhook before it fails.")
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="Wait before a webhook's 2nd attempt, doubling after each, s."
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="One webhook attempt's timeout, s.")
 
     # --- models ---------------------------------------------------------------
     models_dir: Path = Field(

@@ -16,6 +16,7 @@ from minio.error import S3Error
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from common import events
 from common.db import get_engine, session_factory
 from common.exceptions import QueueFull, UnknownModel
 from common.manifest import load_registry
@@ -23,8 +24,11 @@ from common.settings import Settings, get_settings
 from common.storage import ObjectStore
 from gateway.auth import KeyBeforeBody
 from gateway.deps import Resources, ResourcesDep
+from gateway.events import router as events_router
+from gateway.exports import router as exports_router
 from gateway.limits import install_limits
 from gateway.routes import router
+from gateway.viewer import router as viewer_router
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=store,
             models=models,
         )
+        events.attach(app.state.resources.engine, app.state.resources.redis)
         yield
         app.state.resources.redis.close()
 
@@ -79,6 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         form_limits={"max_files": settings.max_files_per_request, "max_fields": 100},
     )
     app.include_router(router)
+    app.include_router(events_router)
+    app.include_router(exports_router)
+    app.include_router(viewer_router)
     install_limits(app, settings)
     if settings.auth == "required":
         app.add_middleware(KeyBeforeBody, database_url=settings.database_url)

@@ -10,11 +10,18 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from pydantic import AnyHttpUrl
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common import jobs
-from common.constants import TERMINAL_STATES, BatchState, JobState, Priority, job_done_channel
+from common.constants import (
+    TERMINAL_STATES,
+    JobState,
+    Priority,
+    batch_state,
+    job_done_channel,
+)
 from common.manifest import ModelManifest
 from common.models import Batch, Job
 from common.results import TASK_RESULT
@@ -37,6 +44,13 @@ QuestionField = Annotated[
         min_length=1,
         max_length=2000,
         description="For vqa models: the question to ask of each image; default the model's",
+    ),
+]
+CallbackField = Annotated[
+    AnyHttpUrl | None,
+    Form(
+        description="http(s) URL to POST a signed webhook (Standard Webhooks) to when the "
+        "batch, or a job without a batch, is finished"
     ),
 ]
 # A year bounds the deadline: past it the timestamp arithmetic overflows (a fuzzer found).
@@ -79,7 +93,13 @@ async def _store(
     question: str | None,
     *,
     as_batch: bool,
+    callback_url: AnyHttpUrl | None = None,
 ) -> Submission:
+    if callback_url is not None and not res.settings.webhook_secret:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "callback_url: webhooks are not configured on this server (HEPATO_WEBHOOK_SECRET)",
+        )
     # One byte past the per-file limit is enough to refuse a file (413) without reading it.
     limit = res.settings.max_file_bytes + 1
     uploads = [Upload(f.filename or "unnamed", await f.read(limit)) for f in files]
@@ -93,6 +113,7 @@ async def _store(
         deadline_s=deadline_s,
         as_batch=as_batch,
         question=question,
+        callback_url=str(callback_url) if callback_url else None,
     )
 
 
@@ -133,10 +154,21 @@ async def submit_batch(
     priority: Annotated[Priority, Form()] = Priority.routine,
     deadline_s: DeadlineField = None,
     question: QuestionField = None,
+    callback_url: CallbackField = None,
 ) -> schemas.BatchAccepted | Response:
     async def run() -> schemas.BatchAccepted | JSONResponse:
         name = _model(res, model, question)
-        sub = await _store(res, tenant, files, name, priority, deadline_s, question, as_batch=True)
+        sub = await _store(
+            res,
+            tenant,
+            files,
+            name,
+            priority,
+            deadline_s,
+            question,
+            as_batch=True,
+            callback_url=callback_url,
+        )
         if sub.batch_id is None:
             return JSONResponse(
                 status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -179,9 +211,20 @@ async def _submit_one(
     priority: Priority,
     deadline_s: float | None,
     question: str | None,
+    callback_url: AnyHttpUrl | None = None,
 ) -> schemas.JobAccepted:
     name = _model(res, model, question)
-    sub = await _store(res, tenant, [file], name, priority, deadline_s, question, as_batch=False)
+    sub = await _store(
+        res,
+        tenant,
+        [file],
+        name,
+        priority,
+        deadline_s,
+        question,
+        as_batch=False,
+        callback_url=callback_url,
+    )
     if sub.rejected:
         bad = sub.rejected[0]
         raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
@@ -212,10 +255,13 @@ async def submit_job(
     priority: Annotated[Priority, Form()] = Priority.routine,
     deadline_s: DeadlineField = None,
     question: QuestionField = None,
+    callback_url: CallbackField = None,
 ) -> schemas.JobAccepted | Response:
     return await idempotency.run(
         status.HTTP_202_ACCEPTED,
-        lambda: _submit_one(request, res, tenant, file, model, priority, deadline_s, question),
+        lambda: _submit_one(
+            request, res, tenant, file, model, priority, deadline_s, question, callback_url
+        ),
     )
 
 
@@ -408,16 +454,6 @@ def get_job_image_url(
         expires_in_s=expiry_s,
         expires_at=expires_at,
     )
-
-
-def batch_state(counts: dict[str, int]) -> BatchState:
-    unfinished = counts.get(JobState.pending, 0) + counts.get(JobState.processing, 0)
-    if unfinished:
-        started = sum(counts.values()) - counts.get(JobState.pending, 0)
-        return BatchState.processing if started else BatchState.pending
-    if counts.get(JobState.failed, 0) or counts.get(JobState.expired, 0):
-        return BatchState.done_with_failures
-    return BatchState.done
 
 
 @router.get(

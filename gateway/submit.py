@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import redis
 from sqlalchemy import func, insert, select
 
-from common import queue
+from common import events, queue
 from common.constants import JobState, Priority
 from common.exceptions import InvalidImage, QueueFull
 from common.images import ImageInfo, display_name, inspect_image
@@ -75,6 +75,7 @@ def submit(
     deadline_s: float | None,
     as_batch: bool,
     question: str | None = None,
+    callback_url: str | None = None,
 ) -> Submission:
     settings = res.settings
     # Postgres text cannot hold NUL (it would fail the insert as if the database were down).
@@ -128,10 +129,12 @@ def submit(
             "max_attempts": settings.max_attempts,
             "deadline_at": deadline_at,
             "question": question,
+            # A batch's jobs are reported together, by the batch's webhook.
+            "callback_url": None if batch_id else callback_url,
         }
         for job_id, key, (upload, info) in zip(job_ids, keys, valid, strict=True)
     ]
-    with res.engine.begin() as conn:
+    with events.transaction(res.engine) as conn:
         if batch_id is not None:
             conn.execute(
                 insert(Batch).values(
@@ -140,9 +143,11 @@ def submit(
                     model=model.name,
                     priority=priority.value,
                     total=len(rows),
+                    callback_url=callback_url,
                 )
             )
         conn.execute(insert(Job), rows)
+        events.record(conn, job_ids)
 
     ids = [str(job_id) for job_id in job_ids]
     try:

@@ -22,7 +22,7 @@ import redis
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from common import jobs, queue
+from common import events, jobs, queue, webhooks
 from common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, worker_key
 from common.db import get_engine
 from common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing, UnknownModel
@@ -66,6 +66,7 @@ class Worker:
         self.id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = get_engine(settings.database_url)
         self.redis = redis.Redis.from_url(settings.redis_url)
+        events.attach(self.engine, self.redis)
         self.store = ObjectStore(settings, pool_size=settings.fetch_concurrency)
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="fetch")
         self.decoder = IsolatedDecoder(settings.decode_processes, settings.decode_timeout_s, decode)
@@ -289,6 +290,7 @@ class Worker:
         if requeue or failed:
             log.info("sweeper: re-pushed %d jobs, failed %d out of attempts", len(requeue), failed)
         self._push(requeue)
+        webhooks.deliver_due(self.engine, self.settings)
 
     def _push(self, requeue: Sequence[jobs.Requeue]) -> None:
         by_queue: dict[tuple[str, str], list[str]] = {}

@@ -48,7 +48,9 @@ def base_settings(
 def reset(settings: Settings) -> None:
     """Empty every table a test writes, and Redis (as arq flushes per test)."""
     with get_engine(settings.database_url).begin() as conn:
-        conn.execute(text("TRUNCATE jobs, batches, api_keys, idempotency_keys CASCADE"))
+        conn.execute(
+            text("TRUNCATE jobs, batches, api_keys, idempotency_keys, webhook_deliveries CASCADE")
+        )
     redis.Redis.from_url(settings.redis_url).flushall()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import socket
 import struct
 import threading
 import time
@@ -21,7 +20,6 @@ import httpx2
 import numpy as np
 import psutil
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
@@ -32,6 +30,7 @@ from gateway.app import create_app
 from tests.conftest import SAMPLES
 from tests.e2e import conftest as e2e
 from tests.e2e.test_pipeline import db_jobs
+from tests.server import serve
 from worker.runner import Worker
 
 pytestmark = pytest.mark.slow
@@ -402,21 +401,8 @@ STREAMED = 1024 * MiB  # what the client would send if no one stopped it
 @pytest.fixture
 def live_url(settings: Settings) -> Iterator[str]:
     app = create_app(settings.model_copy(update={"max_request_bytes": LIVE_LIMIT}))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve(app) as url:
+        yield url
 
 
 class Body:
