@@ -113,6 +113,9 @@ def iter_images(
         if after is not None:
             query = query.where(tuple_(Job.created_at, Job.id) > tuple_(*after))
         with sessions() as session:
+            # Autocommit: a read-only page needs no transaction, and none is left open
+            # between the query and the session's close while the file streams.
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
             rows = session.execute(query).all()
         for row in rows:
             result = TASK_RESULT.validate_python(row.result) if row.result is not None else None
