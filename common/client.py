@@ -7,14 +7,13 @@ sans-IO core would still need a sync and an async driver for each of those loops
 are the near-copies this avoids. The price is one thread per sync client, and that the
 sync client's callbacks run on that thread.
 
-Uploads are streamed from disk: every file is a ``_LazyFile`` that opens on its first read
+Uploads are streamed from disk: every file is a ``LazyFile`` that opens on its first read
 and closes at its end, so a request of thousands of files holds one descriptor and one
 64 KiB chunk at a time. Each request carries an ``Idempotency-Key`` that its retries
 reuse, so a retried request never submits twice."""
 
 from __future__ import annotations
 
-import email.utils
 import json
 import mimetypes
 import os
@@ -22,7 +21,6 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar, cast
 
@@ -33,7 +31,18 @@ from httpx_sse import EventSource, SSEError
 from pydantic import BaseModel, TypeAdapter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from common.constants import TERMINAL_STATES, BatchState, JobState, Priority
+from common.client_types import (
+    BatchEvent,
+    Event,
+    HepatoAPIError,
+    HepatoClientError,
+    HepatoConnectionError,
+    JobEvent,
+    OnEvent,
+    retry_after_seconds,
+)
+from common.client_uploads import IMAGE_SUFFIXES, LazyFile, OnUploaded, chunked, find_images
+from common.constants import TERMINAL_STATES, JobState, Priority
 from gateway.schemas import BatchAccepted, BatchOut, JobOut, ModelOut
 
 __all__ = [
@@ -54,7 +63,6 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 # Statuses that mean "nothing was kept, try again later" (README: How a job is never lost).
 RETRY_STATUSES = frozenset({429, 503})
 # sse-starlette pings an idle stream every 15 s: a minute of silence is a dead connection.
@@ -70,60 +78,6 @@ _OCTETS = "application/octet-stream"
 Formats = Literal["geojson", "coco", "csv"]
 
 
-class HepatoClientError(Exception):
-    """Every error this client raises."""
-
-
-class HepatoConnectionError(HepatoClientError):
-    """The gateway could not be reached (after the retries)."""
-
-
-class HepatoAPIError(HepatoClientError):
-    """The gateway answered with an error status (after the retries for 429 and 503)."""
-
-    def __init__(self, status_code: int, detail: Any, *, submitted: Sequence[BatchRef] = ()):
-        super().__init__(f"HTTP {status_code}: {detail}")
-        self.status_code = status_code
-        self.detail = detail
-        # submit(): the batches the requests before the failing one created.
-        self.submitted = list(submitted)
-
-    @classmethod
-    def from_response(cls, response: httpx.Response) -> HepatoAPIError:
-        try:
-            body = response.json()
-            detail = body.get("detail", body) if isinstance(body, dict) else body
-        except ValueError:
-            detail = response.text or response.reason_phrase
-        return cls(response.status_code, detail)
-
-
-class JobEvent(BaseModel):
-    """One state change of a job (``event: job`` on an events stream)."""
-
-    event_id: int | None = None
-    job_id: uuid.UUID
-    batch_id: uuid.UUID | None = None
-    state: JobState
-    error: str | None = None
-    at: datetime
-
-
-class BatchEvent(BaseModel):
-    """A batch's state and counts: the last event of a batch stream, and what the polling
-    fallback of ``wait`` reports whenever the counts change. ``event_id``: the stream's
-    last id (SSE keeps it for an event that names none); None when polled."""
-
-    event_id: int | None = None
-    batch_id: uuid.UUID
-    state: BatchState
-    counts: dict[str, int]
-
-
-Event = JobEvent | BatchEvent
-OnEvent = Callable[[Event], object]
-OnUploaded = Callable[[Path], object]
-
 _JOBS = TypeAdapter(list[JobOut])
 _MODELS = TypeAdapter(list[ModelOut])
 
@@ -132,88 +86,7 @@ class _RetryableStatus(Exception):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"HTTP {response.status_code}")
         self.response = response
-        self.retry_after = _retry_after(response.headers.get("retry-after"))
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-class _LazyFile:
-    """A file for httpx's multipart body that opens at its first read and closes at its
-    end. Its length comes from ``stat`` (httpx asks via tell/seek when there is no
-    ``fileno``), so the Content-Length is known without opening anything."""
-
-    def __init__(self, path: Path, on_uploaded: OnUploaded | None) -> None:
-        self.path = path
-        self.size = path.stat().st_size
-        self.on_uploaded = on_uploaded
-        self.pos = 0
-        self.handle: IO[bytes] | None = None
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
-        self.pos = base + offset
-        if self.handle is not None:
-            self.handle.seek(self.pos)
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        if self.handle is None:
-            if self.pos >= self.size:
-                return b""
-            self.handle = self.path.open("rb")
-            self.handle.seek(self.pos)
-        chunk = self.handle.read(n)
-        self.pos += len(chunk)
-        if not chunk or self.pos >= self.size:
-            self.close()
-            if self.on_uploaded is not None:
-                self.on_uploaded(self.path)
-        return chunk
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
-
-
-def find_images(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files named as they are (the gateway judges them by their bytes), and the image
-    files under each directory, walked in name order."""
-    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    found: list[Path] = []
-    for item in map(Path, items):
-        if item.is_dir():
-            found.extend(
-                p
-                for p in sorted(item.rglob("*"))
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or directory")
-    return found
-
-
-def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+        self.retry_after = retry_after_seconds(response.headers.get("retry-after"))
 
 
 def _batch_finished(counts: dict[str, int]) -> bool:
@@ -319,7 +192,7 @@ class AsyncHepatoClient:
         retry_statuses: frozenset[int],
         kwargs: dict[str, Any],
     ) -> httpx.Response:
-        lazy = [_LazyFile(p, on_uploaded) for p in files]
+        lazy = [LazyFile(p, on_uploaded) for p in files]
         parts = [
             (
                 "files",
@@ -373,7 +246,7 @@ class AsyncHepatoClient:
         if deadline_s is not None:
             form["deadline_s"] = str(deadline_s)
         refs: list[BatchRef] = []
-        for chunk in _chunks(files, batch_size):
+        for chunk in chunked(files, batch_size):
             try:
                 response = await self._send(
                     "POST",

@@ -23,6 +23,7 @@ from common.manifest import load_registry
 from common.settings import Settings, get_settings
 from common.storage import ObjectStore
 from gateway.auth import KeyBeforeBody
+from gateway.cancel import router as cancel_router
 from gateway.deps import Resources, ResourcesDep
 from gateway.events import router as events_router
 from gateway.exports import router as exports_router
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         form_limits={"max_files": settings.max_files_per_request, "max_fields": 100},
     )
     app.include_router(router)
+    app.include_router(cancel_router)
     app.include_router(events_router)
     app.include_router(exports_router)
     app.include_router(viewer_router)

@@ -30,13 +30,14 @@ from common.constants import (
     TERMINAL_STATES,
     JobState,
     batch_events_channel,
+    batch_state,
     job_events_channel,
 )
 from common.models import Job
 from gateway import schemas
 from gateway.auth import TenantDep
 from gateway.deps import Resources, ResourcesDep
-from gateway.routes import _batch_or_404, _job_or_404, batch_state
+from gateway.lookups import batch_or_404, job_or_404
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def batch_events(
     batch_id: str, res: ResourcesDep, tenant: TenantDep, last_event_id: LastEventId = None
 ) -> EventSourceResponse:
     with res.sessions() as session:
-        batch = _batch_or_404(session, batch_id, tenant)
+        batch = batch_or_404(session, batch_id, tenant)
     return _response(res, Scope(batch_id=batch.id), last_event_id)
 
 
@@ -217,5 +218,5 @@ def job_events(
     job_id: str, res: ResourcesDep, tenant: TenantDep, last_event_id: LastEventId = None
 ) -> EventSourceResponse:
     with res.sessions() as session:
-        job = _job_or_404(session, job_id, tenant)
+        job = job_or_404(session, job_id, tenant)
     return _response(res, Scope(job_id=job.id), last_event_id)

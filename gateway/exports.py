@@ -31,7 +31,7 @@ from common.results import TASK_RESULT, Box, DetectResult
 from gateway import schemas
 from gateway.auth import TenantDep
 from gateway.deps import Resources, ResourcesDep, SessionDep
-from gateway.routes import _batch_or_404, _job_or_404
+from gateway.lookups import batch_or_404, job_or_404
 
 router = APIRouter(prefix="/v1", tags=["exports"])
 
@@ -298,7 +298,7 @@ def export_batch(
     tenant: TenantDep,
     fmt: FormatQuery = ExportFormat.geojson,
 ) -> StreamingResponse:
-    batch = _batch_or_404(session, batch_id, tenant)
+    batch = batch_or_404(session, batch_id, tenant)
     for task in session.scalars(select(Job.task).where(Job.batch_id == batch.id).distinct()):
         _require_detect(batch.model, task)
     scope = (Job.batch_id == batch.id) & (Job.tenant == tenant)
@@ -321,7 +321,7 @@ def export_job(
     tenant: TenantDep,
     fmt: FormatQuery = ExportFormat.geojson,
 ) -> StreamingResponse:
-    job = _job_or_404(session, job_id, tenant)
+    job = job_or_404(session, job_id, tenant)
     _require_detect(job.model, job.task)
     scope = (Job.id == job.id) & (Job.tenant == tenant)
     model, name = job.model, f"job-{job.id}"

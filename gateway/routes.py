@@ -12,9 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import AnyHttpUrl
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from common import jobs
 from common.constants import (
     TERMINAL_STATES,
     JobState,
@@ -29,6 +27,7 @@ from gateway import schemas
 from gateway.auth import TenantDep
 from gateway.deps import Resources, ResourcesDep, SessionDep
 from gateway.idempotency import IdempotencyDep
+from gateway.lookups import batch_or_404, job_or_404, public_url
 from gateway.submit import Submission, Upload, submit
 
 router = APIRouter(prefix="/v1")
@@ -59,12 +58,6 @@ DeadlineField = Annotated[
     float | None,
     Form(gt=0, le=MAX_DEADLINE_S, description="Run within this many seconds (≤ a year) or expire"),
 ]
-
-
-def _url(request: Request, res: Resources, name: str, **params: str) -> str:
-    if res.settings.public_url:
-        return res.settings.public_url.rstrip("/") + request.app.url_path_for(name, **params)
-    return str(request.url_for(name, **params))
 
 
 def _model(res: Resources, model: str | None, question: str | None = None) -> ModelManifest:
@@ -122,7 +115,7 @@ def _accepted(request: Request, res: Resources, sub: Submission) -> list[schemas
         schemas.AcceptedJob(
             job_id=job_id,
             filename=name,
-            status_url=_url(request, res, "get_job", job_id=str(job_id)),
+            status_url=public_url(request, res, "get_job", job_id=str(job_id)),
         )
         for job_id, name in sub.jobs
     ]
@@ -179,7 +172,7 @@ async def submit_batch(
             )
         return schemas.BatchAccepted(
             batch_id=sub.batch_id,
-            status_url=_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
+            status_url=public_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
             model=name.name,
             priority=priority.value,
             accepted=len(sub.jobs),
@@ -232,7 +225,7 @@ async def _submit_one(
     return schemas.JobAccepted(
         job_id=job_id,
         filename=filename,
-        status_url=_url(request, res, "get_job", job_id=str(job_id)),
+        status_url=public_url(request, res, "get_job", job_id=str(job_id)),
         model=name.name,
         priority=priority.value,
     )
@@ -343,26 +336,6 @@ def _wait_finished(res: Resources, job_id: uuid.UUID, timeout_s: float) -> str:
         pubsub.close()
 
 
-def _job_or_404(session: Session, raw: str, tenant: str) -> Job:
-    return _row_or_404(session, Job, raw, tenant, "job")
-
-
-def _batch_or_404(session: Session, raw: str, tenant: str) -> Batch:
-    return _row_or_404(session, Batch, raw, tenant, "batch")
-
-
-def _row_or_404(session: Session, model: type[T], raw: str, tenant: str, kind: str) -> T:
-    """The tenant's row with this id. A malformed id, a missing one and another tenant's
-    are one answer, so ids of other tenants cannot be probed."""
-    try:
-        row = session.get(model, uuid.UUID(raw))
-    except ValueError:
-        row = None
-    if row is None or row.tenant != tenant:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {kind} with id {raw!r}")
-    return row
-
-
 def _job_out(request: Request, res: Resources, job: Job) -> schemas.JobOut:
     jid = str(job.id)
     return schemas.JobOut(
@@ -387,8 +360,8 @@ def _job_out(request: Request, res: Resources, job: Job) -> schemas.JobOut:
         worker_id=job.worker_id,
         result=TASK_RESULT.validate_python(job.result) if job.result is not None else None,
         error=job.error,
-        status_url=_url(request, res, "get_job", job_id=jid),
-        image_url=_url(request, res, "get_job_image", job_id=jid),
+        status_url=public_url(request, res, "get_job", job_id=jid),
+        image_url=public_url(request, res, "get_job_image", job_id=jid),
     )
 
 
@@ -419,7 +392,7 @@ def list_models(res: ResourcesDep) -> list[schemas.ModelOut]:
 def get_job(
     job_id: str, request: Request, res: ResourcesDep, session: SessionDep, tenant: TenantDep
 ) -> schemas.JobOut:
-    job = _job_or_404(session, job_id, tenant)
+    job = job_or_404(session, job_id, tenant)
     return _job_out(request, res, job)
 
 
@@ -432,7 +405,7 @@ def get_job(
 def get_job_image(
     job_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
 ) -> Response:
-    job = _job_or_404(session, job_id, tenant)
+    job = job_or_404(session, job_id, tenant)
     data = res.store.get(job.object_key)
     return Response(content=data, media_type=f"image/{job.image_format}")
 
@@ -446,7 +419,7 @@ def get_job_image(
 def get_job_image_url(
     job_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
 ) -> schemas.PresignedImage:
-    job = _job_or_404(session, job_id, tenant)
+    job = job_or_404(session, job_id, tenant)
     expiry_s = res.settings.presign_expiry_s
     expires_at = datetime.now(UTC) + timedelta(seconds=expiry_s)
     return schemas.PresignedImage(
@@ -471,7 +444,7 @@ def get_batch(
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> schemas.BatchOut:
-    batch = _batch_or_404(session, batch_id, tenant)
+    batch = batch_or_404(session, batch_id, tenant)
     bid = batch.id
     size = page_size or res.settings.batch_page_size
     counts = {s.value: 0 for s in JobState}
@@ -491,7 +464,7 @@ def get_batch(
     more = page * size < batch.total
     next_url = None
     if more:
-        base = _url(request, res, "get_batch", batch_id=batch_id)
+        base = public_url(request, res, "get_batch", batch_id=batch_id)
         next_url = f"{base}?page={page + 1}&page_size={size}"
     return schemas.BatchOut(
         id=batch.id,
@@ -505,40 +478,4 @@ def get_batch(
         page_size=size,
         jobs=[_job_out(request, res, j) for j in jobs],
         next_page_url=next_url,
-    )
-
-
-@router.delete(
-    "/jobs/{job_id}",
-    response_model=schemas.Canceled,
-    responses={404: {"model": schemas.ErrorOut}, 409: {"model": schemas.ErrorOut}},
-    summary="Cancel a job that has not started",
-)
-def cancel_job(
-    job_id: str, request: Request, res: ResourcesDep, session: SessionDep, tenant: TenantDep
-) -> schemas.Canceled:
-    job = _job_or_404(session, job_id, tenant)
-    jid = job.id
-    if jobs.cancel(res.engine, job_id=jid) == 0:
-        session.refresh(job)
-        if job.state != JobState.canceled:
-            raise HTTPException(
-                status.HTTP_409_CONFLICT, f"job is {job.state}: only pending jobs can be canceled"
-            )
-    return schemas.Canceled(canceled=1, status_url=_url(request, res, "get_job", job_id=job_id))
-
-
-@router.delete(
-    "/batches/{batch_id}",
-    response_model=schemas.Canceled,
-    responses={404: {"model": schemas.ErrorOut}},
-    summary="Cancel the jobs of a batch that have not started",
-)
-def cancel_batch(
-    batch_id: str, request: Request, res: ResourcesDep, session: SessionDep, tenant: TenantDep
-) -> schemas.Canceled:
-    batch = _batch_or_404(session, batch_id, tenant)
-    return schemas.Canceled(
-        canceled=jobs.cancel(res.engine, batch_id=batch.id),
-        status_url=_url(request, res, "get_batch", batch_id=batch_id),
     )

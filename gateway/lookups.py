@@ -1,0 +1,40 @@
+"""Finding a tenant's rows for a request, and the links put in answers."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TypeVar
+
+from fastapi import HTTPException, Request, status
+from sqlalchemy.orm import Session
+
+from common.models import Batch, Job
+from gateway.deps import Resources
+
+T = TypeVar("T", Job, Batch)
+
+
+def public_url(request: Request, res: Resources, name: str, **params: str) -> str:
+    if res.settings.public_url:
+        return res.settings.public_url.rstrip("/") + request.app.url_path_for(name, **params)
+    return str(request.url_for(name, **params))
+
+
+def job_or_404(session: Session, raw: str, tenant: str) -> Job:
+    return _row_or_404(session, Job, raw, tenant, "job")
+
+
+def batch_or_404(session: Session, raw: str, tenant: str) -> Batch:
+    return _row_or_404(session, Batch, raw, tenant, "batch")
+
+
+def _row_or_404(session: Session, model: type[T], raw: str, tenant: str, kind: str) -> T:
+    """The tenant's row with this id. A malformed id, a missing one and another tenant's
+    are one answer, so ids of other tenants cannot be probed."""
+    try:
+        row = session.get(model, uuid.UUID(raw))
+    except ValueError:
+        row = None
+    if row is None or row.tenant != tenant:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {kind} with id {raw!r}")
+    return row
