@@ -253,3 +253,25 @@ def record(
     if path:
         with open(path, "a", encoding="utf-8") as out:
             out.write(json.dumps(line) + "\n")
+
+
+def ids(*responses: dict[str, Any]) -> list[str]:
+    """The job ids the submissions' answers accepted."""
+    return [job["job_id"] for r in responses for job in r["jobs"]]
+
+
+def judge(
+    settings: Settings,
+    fault: str,
+    accepted: list[str],
+    read: Callable[[], dict[uuid.UUID, list[Completion]]],
+    in_flight: int | None = None,
+    **extra: object,
+) -> None:
+    """Every accepted job done or failed, none completed twice; the figures recorded.
+    ``in_flight`` defaults to every accepted job."""
+    v = verdict(settings, accepted, read())
+    flying = len(accepted) if in_flight is None else in_flight
+    record(fault, len(accepted), flying, len(v.lost), len(v.duplicated), v.redelivered, **extra)
+    assert not v.lost, f"lost: {v.lost}"
+    assert not v.duplicated, f"completed twice: {v.duplicated}"

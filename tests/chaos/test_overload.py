@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from common.settings import Settings
 from common.storage import ObjectStore
-from tests.chaos.conftest import record, verdict
+from tests.chaos.conftest import ids, judge
 from tests.e2e.test_pipeline import db_jobs, submit, thirty_two, upload
 
 pytestmark = pytest.mark.slow
@@ -19,18 +19,6 @@ pytestmark = pytest.mark.slow
 def objects(settings: Settings) -> int:
     store = ObjectStore(settings)
     return sum(1 for _ in store.client.list_objects(settings.s3_bucket, recursive=True))
-
-
-def judge(settings: Settings, fault: str, accepted: list[str], completions, **extra) -> None:  # type: ignore[no-untyped-def]
-    v = verdict(settings, accepted, completions())
-    record(
-        fault, len(accepted), len(accepted), len(v.lost), len(v.duplicated), v.redelivered, **extra
-    )
-    assert not v.lost and not v.duplicated
-
-
-def ids(*responses: dict) -> list[str]:  # type: ignore[type-arg]
-    return [job["job_id"] for r in responses for job in r["jobs"]]
 
 
 def test_a_full_queue_refuses_the_whole_request_with_429(

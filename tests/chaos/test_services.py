@@ -26,7 +26,7 @@ from common.models import Job
 from common.settings import Settings
 from common.storage import ObjectStore
 from tests.chaos import poison
-from tests.chaos.conftest import ledger, record, verdict
+from tests.chaos.conftest import ids, judge, ledger
 from tests.e2e.conftest import reset
 from tests.e2e.test_pipeline import db_jobs, slow_models_dir, submit, thirty_two, upload
 from worker.backends.base import Model
@@ -100,18 +100,6 @@ def wait_for(cs: Settings, predicate, timeout_s: float, what: str) -> list[Job]:
             return jobs
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}: {Counter(j.state for j in db_jobs(cs))}")
-
-
-def judge(cs: Settings, fault: str, accepted: list[str], read, in_flight: int) -> None:  # type: ignore[no-untyped-def]
-    """Every accepted job done or failed, none completed twice; the figures recorded."""
-    v = verdict(cs, accepted, read())
-    record(fault, len(accepted), in_flight, len(v.lost), len(v.duplicated), v.redelivered)
-    assert not v.lost, f"lost: {v.lost}"
-    assert not v.duplicated, f"completed twice: {v.duplicated}"
-
-
-def ids(*responses: dict) -> list[str]:  # type: ignore[type-arg]
-    return [job["job_id"] for r in responses for job in r["jobs"]]
 
 
 def in_flight(jobs: list[Job]) -> int:
