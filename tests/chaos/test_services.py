@@ -171,7 +171,7 @@ def test_postgres_restarted_during_worker_writes(
             stack.stop_postgres()
             try:
                 refused_while_down(gateway, cs, "database")
-                time.sleep(2)
+                time.sleep(2)  # the outage itself: the worker meets it mid-write and retries
             finally:
                 stack.start_postgres_again()
             finish(cs, len(accepted), proc)
