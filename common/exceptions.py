@@ -54,3 +54,12 @@ class ObjectMissing(ObjectFetchError):
 
 class LeaseLost(HepatoError):
     """A fenced write found that another worker now owns the job."""
+
+
+class BenchFailed(HepatoError):
+    """A ``hepato bench e2e`` scenario could not finish (a process died, a timeout, a
+    refused request); the message names the scenario."""
+
+    def __init__(self, scenario: str, message: str) -> None:
+        super().__init__(f"scenario {scenario}: {message}")
+        self.scenario = scenario

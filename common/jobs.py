@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, and_, bindparam, extract, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB
@@ -24,6 +24,9 @@ class ClaimedJob:
     attempts: int
     max_attempts: int
     question: str | None
+    # When the job was accepted (the database's clock): the start of its end-to-end time.
+    created_at: datetime | None = None
+    queue_wait_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class JobResult:
     result: TaskResult
     batch_size: int
     inference_ms: float
+    # Wall-clock times (timezone-aware) of the image's download and the model call's end.
+    fetched_at: datetime | None = None
+    inferred_at: datetime | None = None
 
 
 def _uuids(ids: Iterable[str | uuid.UUID]) -> list[uuid.UUID]:
@@ -89,7 +95,15 @@ def claim(
                 started_at=now,
                 queue_wait_ms=extract("epoch", now - Job.created_at) * 1000.0,
             )
-            .returning(Job.id, Job.object_key, Job.attempts, Job.max_attempts, Job.question)
+            .returning(
+                Job.id,
+                Job.object_key,
+                Job.attempts,
+                Job.max_attempts,
+                Job.question,
+                Job.created_at,
+                Job.queue_wait_ms,
+            )
         ).all()
         events.record(conn, [*expired, *(row[0] for row in rows)])
     return token, [ClaimedJob(*row) for row in rows]
@@ -152,6 +166,8 @@ def complete(
                 error=None,
                 model_version=bindparam("version"),
                 result=bindparam("result", type_=JSONB),
+                fetched_at=bindparam("fetched"),
+                inferred_at=bindparam("inferred"),
             ),
             [
                 {
@@ -159,6 +175,8 @@ def complete(
                     "size": r.batch_size,
                     "ms": r.inference_ms,
                     "version": model_version,
+                    "fetched": r.fetched_at,
+                    "inferred": r.inferred_at,
                     "result": r.result.model_dump(mode="json"),
                 }
                 for r in mine
@@ -211,11 +229,18 @@ def _pending_values() -> dict[str, object]:
     }
 
 
-def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> tuple[list[Requeue], int]:
+@dataclass(frozen=True)
+class Swept:
+    requeue: list[Requeue]  # to push again, after the commit
+    reclaimed: int  # leases that ran out (their worker was lost), back to pending
+    failed: int  # leases that ran out on a job's last attempt
+
+
+def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> Swept:
     """Recover from lost workers and a lost Redis. Safe to run in many processes at
     once: rows are taken with SKIP LOCKED, so each is handled by one sweeper.
 
-    Returns the jobs to push again and the number failed for exhausting their attempts."""
+    Returns the jobs to push again and what was reclaimed and failed."""
     now = func.now()
     with events.transaction(engine) as conn:
         expired = (
@@ -264,7 +289,7 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> tuple[li
             .returning(Job.id, Job.model, Job.priority)
         ).all()
         events.record(conn, [*(row[0] for row in requeued), *failed])
-    return [Requeue(*row) for row in (*requeued, *lost)], len(failed)
+    return Swept([Requeue(*row) for row in (*requeued, *lost)], len(requeued), len(failed))
 
 
 def cancel(

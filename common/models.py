@@ -74,6 +74,10 @@ class Job(Base):
         DateTime(timezone=True), server_default=func.now()
     )
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worker's clock when the image was downloaded and when the model call returned,
+    # written with the result (the timeline of GET /v1/jobs/{id}).
+    fetched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    inferred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     batch_size: Mapped[int | None] = mapped_column(Integer)
     queue_wait_ms: Mapped[float | None] = mapped_column(Float)

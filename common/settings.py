@@ -64,9 +64,9 @@ class Settings(BaseSettings):
     )
     auth: Literal["required", "open"] = Field(
         "required",
-        description="'required': every call but health, docs and /v1/models needs a tenant's "
-        "API key (Authorization: Bearer or X-API-Key). 'open': no key, every request acts as "
-        "the tenant 'public', so anyone who reaches the gateway reads every job.",
+        description="'required': every call but health, /metrics, docs and /v1/models needs a "
+        "tenant's API key (Authorization: Bearer or X-API-Key). 'open': no key, every request "
+        "acts as the tenant 'public', so anyone who reaches the gateway reads every job.",
     )
     idempotency_ttl_s: float = Field(
         86_400.0, gt=0, description="How long an Idempotency-Key's answer is kept, s."
@@ -139,7 +139,25 @@ class Settings(BaseSettings):
     model_timeout_s: float = Field(
         600.0, gt=0, description="Longest one model call may take before its jobs retry, s."
     )
+    prefetch_batches: int = Field(
+        1,
+        ge=0,
+        description="Microbatches a worker claims, downloads and decodes ahead of the one on "
+        "the model; 0 runs the stages one after another.",
+    )
     worker_id: str = Field("", description="Worker name in the job rows; empty = host:pid.")
+    worker_metrics_port: int = Field(
+        9464,
+        ge=0,
+        le=65535,
+        description="TCP port of a worker's Prometheus /metrics; 0 = not served. A port "
+        "already taken (several workers on one host) is logged and the worker runs without.",
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address a worker's /metrics listens on; loopback by default, "
+        "docker-compose.yml sets 0.0.0.0 so Prometheus can reach the container.",
+    )
 
     @property
     def ultralytics_dir(self) -> Path:

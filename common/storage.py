@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import BinaryIO
 
 import urllib3
 from minio import Minio
@@ -48,8 +49,21 @@ class ObjectStore:
                     raise
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.put_file(key, io.BytesIO(data), len(data), content_type)
+
+    def put_file(self, key: str, file: BinaryIO, length: int, content_type: str) -> None:
+        """Store ``length`` bytes of ``file`` from its current position, never holding
+        the whole file: the client reads a part (5 MiB; a larger object goes up as a
+        multipart upload) and sends it before reading the next. One part in flight, not
+        minio's default three, so that is all one upload holds; concurrency comes from
+        uploading a request's files side by side."""
         self.client.put_object(
-            self.bucket, key, io.BytesIO(data), length=len(data), content_type=content_type
+            self.bucket,
+            key,
+            file,
+            length=length,
+            content_type=content_type,
+            num_parallel_uploads=1,
         )
 
     def get(self, key: str) -> bytes:

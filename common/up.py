@@ -50,11 +50,21 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
         run_migrations(stack.database_url)
         base = f"http://127.0.0.1:{port}"
         stack.spawn("gateway", [sys.executable, "-m", "common.cli", "gateway"], env)
+        # One /metrics port per worker: they share this host.
+        metrics_port = settings.worker_metrics_port
         for i in range(workers):
-            stack.spawn(f"worker-{i}", [sys.executable, "-m", "common.cli", "worker"], env)
+            port_env = {"HEPATO_WORKER_METRICS_PORT": str(metrics_port + i if metrics_port else 0)}
+            stack.spawn(
+                f"worker-{i}", [sys.executable, "-m", "common.cli", "worker"], {**env, **port_env}
+            )
         with console.status(f"waiting for the gateway at {base} and {workers} worker(s)..."):
             _wait_ready(base, stack, workers)
         console.print(f"gateway ready at {base} (API docs: {base}/docs); logs in {stack.root}/logs")
+        if metrics_port:
+            console.print(
+                f"metrics: {base}/metrics, workers on 127.0.0.1 ports "
+                f"{metrics_port}-{metrics_port + workers - 1} (/metrics)"
+            )
         console.print(
             f"[bold red]auth is OFF (HEPATO_AUTH=open): anyone who can reach {base} can read, "
             "submit and cancel every job[/]; run `hepato gateway` with API keys "

@@ -1,4 +1,7 @@
-"""The FastAPI application factory."""
+"""The FastAPI application factory.
+
+The gateway is one uvicorn process: its /metrics serves prometheus_client's default
+registry as is, with no multiprocess mode (see common.metrics)."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ import redis
 import urllib3
 from fastapi import FastAPI, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from minio.error import S3Error
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from common import events
+from common import events, metrics
 from common.db import get_engine, session_factory
 from common.exceptions import QueueFull, UnknownModel
 from common.manifest import load_registry
@@ -57,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "auth is OFF (HEPATO_AUTH=open): anyone who can reach the gateway reads every job"
         )
 
+    collector = metrics.register_gateway_collector()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = ObjectStore(settings)
@@ -73,7 +79,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             models=models,
         )
         events.attach(app.state.resources.engine, app.state.resources.redis)
+        scrape_redis = metrics.scrape_redis(settings.redis_url)
+        collector.attach(app.state.resources.engine, scrape_redis, models)
         yield
+        collector.detach(scrape_redis)
+        scrape_redis.close()
         app.state.resources.redis.close()
 
     app = FastAPI(
@@ -121,6 +131,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", tags=["health"], summary="The process is alive")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    # A plain (sync) route: the collector's Redis and Postgres reads run in the thread
+    # pool, not on the event loop. Open in every auth mode, like the health checks.
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics of this gateway")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz", tags=["health"], summary="Postgres, Redis and the object store reachable")
     def readyz(res: ResourcesDep) -> JSONResponse:

@@ -93,9 +93,9 @@ async def _store(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             "callback_url: webhooks are not configured on this server (HEPATO_WEBHOOK_SECRET)",
         )
-    # One byte past the per-file limit is enough to refuse a file (413) without reading it.
-    limit = res.settings.max_file_bytes + 1
-    uploads = [Upload(f.filename or "unnamed", await f.read(limit)) for f in files]
+    # The files as the multipart parser spooled them (to disk past 1 MiB): submit() reads
+    # and stores them in a worker thread, a chunk at a time, never the whole on the loop.
+    uploads = [Upload(f.filename or "unnamed", f.file) for f in files]
     return await run_in_threadpool(
         submit,
         res,
@@ -296,13 +296,13 @@ async def predict(
             headers={"Location": accepted.status_url},
             content=accepted.model_dump(mode="json"),
         )
-    with res.sessions() as session:
-        job = session.get_one(Job, job_id)
-        if job.state != JobState.done:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                f"job {job.state}: {job.error or 'no result'}",
-            )
+    # A route that awaits runs on the event loop: the read goes to a worker thread.
+    job = await run_in_threadpool(_finished_job, res, job_id)
+    if job.state != JobState.done:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"job {job.state}: {job.error or 'no result'}",
+        )
     return schemas.PredictOut(
         job_id=job_id,
         filename=accepted.filename,
@@ -316,6 +316,11 @@ async def predict(
         inference_ms=job.inference_ms,
         batch_size=job.batch_size,
     )
+
+
+def _finished_job(res: Resources, job_id: uuid.UUID) -> Job:
+    with res.sessions() as session:
+        return session.get_one(Job, job_id)
 
 
 def _wait_finished(res: Resources, job_id: uuid.UUID, timeout_s: float) -> str:
@@ -357,6 +362,13 @@ def _job_out(request: Request, res: Resources, job: Job) -> schemas.JobOut:
         queue_wait_ms=job.queue_wait_ms,
         inference_ms=job.inference_ms,
         batch_size=job.batch_size,
+        timeline=schemas.JobTimeline(
+            queued=job.created_at,
+            claimed=job.started_at,
+            fetched=job.fetched_at,
+            inferred=job.inferred_at,
+            written=job.finished_at,
+        ),
         worker_id=job.worker_id,
         result=TASK_RESULT.validate_python(job.result) if job.result is not None else None,
         error=job.error,

@@ -29,6 +29,21 @@ class ModelOut(BaseModel):
     default: bool
 
 
+class JobTimeline(BaseModel):
+    """When the job reached each step of its last run; null until it has. queued,
+    claimed and written are the database's clock, fetched and inferred the worker's."""
+
+    queued: datetime | None = Field(description="Accepted by the gateway (created_at)")
+    claimed: datetime | None = Field(
+        description="Claimed by the worker that ran it last (started_at); a retry moves it"
+    )
+    fetched: datetime | None = Field(description="Its image downloaded from the object store")
+    inferred: datetime | None = Field(description="The model call of its batch returned")
+    written: datetime | None = Field(
+        description="Its result committed, or it failed, expired or was canceled (finished_at)"
+    )
+
+
 class JobOut(BaseModel):
     id: uuid.UUID
     batch_id: uuid.UUID | None
@@ -48,6 +63,9 @@ class JobOut(BaseModel):
     queue_wait_ms: float | None = Field(description="Submission to the claim that ran it, ms")
     inference_ms: float | None = Field(description="Model call of its batch, ms")
     batch_size: int | None = Field(description="Images in the model call this job ran in")
+    timeline: JobTimeline = Field(
+        description="When it was queued, claimed, fetched, inferred and written"
+    )
     worker_id: str | None
     result: TaskResult | None = Field(description="Present when state is done")
     error: str | None

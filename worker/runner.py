@@ -1,5 +1,13 @@
-"""The worker loop: collect a microbatch of one model, claim it, fetch, infer, write,
-repeat. One worker serves one or more models, taking turns between them."""
+"""The worker: stages joined by bounded hand-offs, so the model is never kept waiting.
+
+    intake (thread)          model (calling thread)       write (thread)
+    collect → claim →   ──▶  infer batch k          ──▶   results of batch k-1 to
+    download → decode        (time-bounded)                Postgres, notices, metrics
+    batch k+1
+
+Intake works ahead by at most ``prefetch_batches`` microbatches: claimed jobs sitting in
+a worker are jobs no other worker can take. A stopping worker claims nothing more and
+finishes what it has claimed (at most ``prefetch_batches`` + 1 microbatches)."""
 
 from __future__ import annotations
 
@@ -13,30 +21,28 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from functools import partial
-from typing import Any, TypeVar, cast
+from dataclasses import replace
+from datetime import UTC, datetime
 
-import numpy as np
 import redis
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from common import events, jobs, queue, webhooks
+from common import events, jobs, metrics, queue, webhooks
 from common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, worker_key
 from common.db import get_engine
 from common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing, UnknownModel
-from common.jobs import ClaimedJob, JobResult
+from common.jobs import ClaimedJob
 from common.manifest import load_registry
 from common.queue import ModelQueue
 from common.settings import Settings
 from common.storage import ObjectStore
-from worker.backends.base import AsksQuestions, Model, Runtime, load_model
+from worker.backends.base import Model, Runtime, load_model
 from worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
+from worker.inference import infer
+from worker.pipeline import Closed, Handoff, LeaseKeeper, MicroBatch
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def _db_retry(seconds: float) -> Callable:
@@ -70,7 +76,16 @@ class Worker:
         self.store = ObjectStore(settings, pool_size=settings.fetch_concurrency)
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="fetch")
         self.decoder = IsolatedDecoder(settings.decode_processes, settings.decode_timeout_s, decode)
+        # stopping: finish what is in hand, take nothing new. abort: a stage died; every
+        # wait gives up at once.
         self.stopping = threading.Event()
+        self.abort = threading.Event()
+        ahead = settings.prefetch_batches
+        # One slot per batch between claim and the end of its model call.
+        self.slots = threading.Semaphore(ahead + 1)
+        self.to_model: Handoff[MicroBatch] = Handoff(ahead + 1, self.abort)
+        self.to_write: Handoff[MicroBatch] = Handoff(1, self.abort)
+        self.leases = LeaseKeeper(settings.lease_extend_every_s, self._extend)
         self.batches = 0
         self.jobs_done = 0
 
@@ -84,39 +99,38 @@ class Worker:
         self._heartbeat()
         sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
         sweeper.start()
+        self.leases.start()
         for q in self.queues:
             log.info(
-                "worker %s serving %s (batch<=%d, wait<=%.0fms)",
+                "worker %s serving %s (batch<=%d, wait<=%.0fms, %d ahead)",
                 self.id,
                 q.model,
                 q.max_batch,
                 q.max_wait_s * 1000,
+                self.settings.prefetch_batches,
             )
-        backoff = 0.1
-        while not self.stopping.is_set():
-            try:
-                got = queue.collect_any(self.redis, self._rotation(), self.settings.poll_timeout_s)
-                if got and self.stopping.is_set():
-                    # Popped after SIGTERM: not ours to start. Back on their own queues;
-                    # the jobs are still pending in Postgres.
-                    self._push(jobs.pending_among(self.engine, got[1]))
-                elif got:
-                    self.process(got[0].model, got[1])
-                elif self.burst and self._drained():
-                    break
-                backoff = 0.1
-            except (redis.RedisError, OperationalError) as exc:
-                # Ids popped but not claimed are safe: their jobs are still pending in
-                # Postgres, and the sweeper pushes them again.
-                log.warning("service unavailable (%s); retrying in %.1fs", exc, backoff)
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-        self.stopping.set()
-        sweeper.join(timeout=5)
-        with contextlib.suppress(redis.RedisError):
-            self.redis.delete(worker_key(self.id))
-        self.fetch_pool.shutdown(wait=False)
-        self.decoder.close()
+        stages = [
+            threading.Thread(target=self._intake_stage, name="intake"),
+            threading.Thread(target=self._write_stage, name="write"),
+        ]
+        for stage in stages:
+            stage.start()
+        try:
+            self._model_stage()
+        except BaseException:
+            log.exception("the model stage died; stopping")
+            self.abort.set()
+            raise
+        finally:
+            self.stopping.set()
+            for stage in stages:
+                stage.join()
+            self.leases.stop()
+            sweeper.join(timeout=5)
+            with contextlib.suppress(redis.RedisError):
+                self.redis.delete(worker_key(self.id))
+            self.fetch_pool.shutdown(wait=False)
+            self.decoder.close()
         log.info(
             "worker %s stopped after %d batches, %d jobs", self.id, self.batches, self.jobs_done
         )
@@ -144,102 +158,92 @@ class Worker:
         self.sweep_once()
         return jobs.count_unfinished(self.engine, list(self.models)) == 0
 
-    # --- one microbatch --------------------------------------------------------
-    def process(self, model: str, ids: Sequence[str]) -> None:
+    # --- stage 1: intake -------------------------------------------------------
+    def _intake_stage(self) -> None:
+        backoff = 0.1
+        try:
+            while not self.stopping.is_set() and not self.abort.is_set():
+                # Wait for room before popping: ids popped but unclaimed would sit here.
+                if not self.slots.acquire(timeout=self.settings.poll_timeout_s):
+                    continue
+                handed_on = False
+                try:
+                    handed_on = self._intake_one()
+                    backoff = 0.1
+                except (redis.RedisError, OperationalError) as exc:
+                    # Ids popped but not claimed are safe: their jobs are still pending in
+                    # Postgres, and the sweeper pushes them again.
+                    log.warning("service unavailable (%s); retrying in %.1fs", exc, backoff)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                finally:
+                    if not handed_on:
+                        self.slots.release()
+        except Closed:
+            return
+        except BaseException:
+            log.exception("the intake stage died; stopping")
+            self.abort.set()
+            raise
+        with contextlib.suppress(Closed):
+            self.to_model.close()
+
+    def _intake_one(self) -> bool:
+        """Collect, claim and prepare one microbatch; True once it is handed to the model."""
+        got = queue.collect_any(self.redis, self._rotation(), self.settings.poll_timeout_s)
+        if got is None:
+            if self.burst and self._drained():
+                self.stopping.set()
+            return False
+        if self.stopping.is_set():
+            # Popped after SIGTERM: not ours to start. Back on their own queues; the jobs
+            # are still pending in Postgres.
+            self._push(jobs.pending_among(self.engine, got[1]))
+            return False
+        model = got[0].model
         token, claimed = _db_retry(self.settings.lease_s)(jobs.claim)(
-            self.engine, ids, self.id, self.settings.lease_s
+            self.engine, got[1], self.id, self.settings.lease_s
         )
         if not claimed:
-            return
+            return False
         self.batches += 1
+        batch = MicroBatch(model, token, claimed)
+        self.leases.hold(token, batch.ids)
+        metrics.BATCH_SIZE.labels(model).observe(len(claimed))
+        for job in claimed:
+            if job.queue_wait_ms is not None:
+                metrics.QUEUE_WAIT_SECONDS.labels(model).observe(job.queue_wait_ms / 1000.0)
         try:
-            with self._lease_keeper(token, [c.id for c in claimed]):
-                self._run_batch(self.models[model], token, claimed)
+            self._prepare(batch)
         except Exception as exc:
-            # Back to the queue now rather than after the lease; the attempt counts, so an
-            # input that breaks the model ends failed after max_attempts, not in a loop.
-            log.exception("batch of %d failed", len(claimed))
-            errors = {c.id: f"batch failed: {exc!r}" for c in claimed}
-            try:
-                self._push(jobs.fail(self.engine, token, errors, retry=True))
-            except Exception:
-                log.exception("could not return the batch; the sweeper will recover it")
+            self._give_up(batch, exc)
+            return False
+        self.to_model.put(batch)
+        return True
 
-    def _run_batch(self, model: Model, token: uuid.UUID, claimed: list[ClaimedJob]) -> None:
-        datas = list(self.fetch_pool.map(self._fetch, claimed))
-        transient: dict[uuid.UUID, str] = {}
-        permanent: dict[uuid.UUID, str] = {}
+    def _prepare(self, batch: MicroBatch) -> None:
+        """Download concurrently, then decode in the isolated decoder processes."""
+        with _timed(batch.model, "download"):
+            datas = list(self.fetch_pool.map(self._fetch, batch.claimed))
+        batch.fetched_at = datetime.now(UTC)
         fetched: list[tuple[ClaimedJob, bytes]] = []
-        for job, data in zip(claimed, datas, strict=True):
+        for job, data in zip(batch.claimed, datas, strict=True):
             if isinstance(data, ObjectMissing):
-                permanent[job.id] = str(data)
+                batch.permanent[job.id] = str(data)
             elif isinstance(data, ObjectFetchError):
-                transient[job.id] = str(data)
+                batch.transient[job.id] = str(data)
             else:
                 fetched.append((job, data))
-        ready: list[ClaimedJob] = []
-        images: list[np.ndarray] = []
-        decoded = self.decoder.decode_all([data for _, data in fetched])
+        with _timed(batch.model, "decode"):
+            decoded = self.decoder.decode_all([data for _, data in fetched])
         for (job, _), image in zip(fetched, decoded, strict=True):
             if isinstance(image, InvalidImage):
-                permanent[job.id] = str(image)
+                batch.permanent[job.id] = str(image)
             elif isinstance(image, DecoderFault):
-                transient[job.id] = str(image)
+                batch.transient[job.id] = str(image)
             else:
-                ready.append(job)
-                images.append(image)
-        results, model_errors = self._infer(model, ready, images)
-        transient.update(model_errors)
-        write = _db_retry(self.settings.lease_s)
-        written = write(jobs.complete)(self.engine, token, results, model.manifest.version)
-        lost = len(results) - len(written)
-        if lost:
-            log.warning("%d results refused: their lease passed to another worker", lost)
-        write(jobs.fail)(self.engine, token, permanent, retry=False)
-        self._push(write(jobs.fail)(self.engine, token, transient, retry=True))
-        self.jobs_done += len(written)
-        self._notify([*written, *permanent, *transient])
-
-    def _infer(
-        self, model: Model, ready: list[ClaimedJob], images: list[np.ndarray]
-    ) -> tuple[list[JobResult], dict[uuid.UUID, str]]:
-        """Results, and the jobs to retry. A model call that raises on a microbatch is
-        run again one image at a time, so that one poison input costs only its own job an
-        attempt; a call that overruns ``model_timeout_s`` retries the whole batch."""
-        if not ready:
-            return [], {}
-        try:
-            return self._predict(model, ready, images), {}
-        except ModelTimeout as exc:
-            log.error("%s; %d jobs go back to the queue", exc, len(ready))
-            return [], {job.id: str(exc) for job in ready}
-        except Exception as exc:
-            if len(ready) == 1:
-                return [], {ready[0].id: f"the model failed on this image: {exc!r}"}
-            log.warning("model call on %d images raised %r; one by one now", len(ready), exc)
-        results: list[JobResult] = []
-        errors: dict[uuid.UUID, str] = {}
-        for job, image in zip(ready, images, strict=True):
-            try:
-                results.extend(self._predict(model, [job], [image]))
-            except Exception as exc:
-                errors[job.id] = f"the model failed on this image: {exc!r}"
-        return results, errors
-
-    def _predict(
-        self, model: Model, ready: list[ClaimedJob], images: list[np.ndarray]
-    ) -> list[JobResult]:
-        questions = [job.question for job in ready]
-        if any(questions):
-            # Only vqa models take questions (the gateway refuses them for others).
-            call = partial(cast(AsksQuestions, model).predict, images, questions)
-        else:
-            call = partial(model.predict, images)
-        found, sizes, infer_ms = _with_timeout(call, self.settings.model_timeout_s)
-        return [
-            JobResult(job.id, result, size, infer_ms)
-            for job, result, size in zip(ready, found, sizes, strict=True)
-        ]
+                batch.ready.append(job)
+                batch.images.append(image)
 
     def _fetch(self, job: ClaimedJob) -> bytes | ObjectFetchError:
         try:
@@ -247,25 +251,99 @@ class Worker:
         except ObjectFetchError as exc:
             return exc
 
-    # --- leases, recovery, notices --------------------------------------------
-    @contextmanager
-    def _lease_keeper(self, token: uuid.UUID, ids: list[uuid.UUID]) -> Iterator[None]:
-        done = threading.Event()
-
-        def keep() -> None:
-            while not done.wait(self.settings.lease_extend_every_s):
-                try:
-                    jobs.extend_leases(self.engine, token, ids, self.settings.lease_s)
-                except Exception:
-                    log.warning("could not extend leases", exc_info=True)
-
-        thread = threading.Thread(target=keep, name="lease-keeper", daemon=True)
-        thread.start()
+    # --- stage 2: the model ----------------------------------------------------
+    def _model_stage(self) -> None:
         try:
-            yield
+            while True:
+                try:
+                    batch = self.to_model.get()
+                except Closed:
+                    return
+                try:
+                    self._infer(batch)
+                except Exception as exc:
+                    self._give_up(batch, exc)
+                    continue
+                finally:
+                    self.slots.release()
+                self.to_write.put(batch)
         finally:
-            done.set()
-            thread.join()
+            with contextlib.suppress(Closed):
+                self.to_write.close()
+
+    def _infer(self, batch: MicroBatch) -> None:
+        model = self.models[batch.model]
+        with _timed(batch.model, "inference"):
+            results, errors = infer(model, batch.ready, batch.images, self.settings.model_timeout_s)
+        batch.inferred_at = datetime.now(UTC)
+        batch.images = []  # free the pixels before the batch waits for its write
+        batch.results = [
+            replace(r, fetched_at=batch.fetched_at, inferred_at=batch.inferred_at) for r in results
+        ]
+        batch.transient.update(errors)
+
+    # --- stage 3: write --------------------------------------------------------
+    def _write_stage(self) -> None:
+        while True:
+            try:
+                batch = self.to_write.get()
+            except Closed:
+                return
+            try:
+                self._write(batch)
+            except Exception as exc:
+                self._give_up(batch, exc)
+            finally:
+                self.leases.drop(batch.token)
+
+    def _write(self, batch: MicroBatch) -> None:
+        model = self.models[batch.model]
+        write = _db_retry(self.settings.lease_s)
+        with _timed(batch.model, "write"):
+            written = write(jobs.complete)(
+                self.engine, batch.token, batch.results, model.manifest.version
+            )
+            write(jobs.fail)(self.engine, batch.token, batch.permanent, retry=False)
+            retried = write(jobs.fail)(self.engine, batch.token, batch.transient, retry=True)
+        self._push(retried)
+        lost = len(batch.results) - len(written)
+        if lost:
+            log.warning("%d results refused: their lease passed to another worker", lost)
+        self.jobs_done += len(written)
+        self._count(batch, written, retried)
+        self._notify([*written, *batch.permanent, *batch.transient])
+
+    def _count(
+        self, batch: MicroBatch, written: set[uuid.UUID], retried: Sequence[jobs.Requeue]
+    ) -> None:
+        name = batch.model
+        now = datetime.now(UTC)
+        for job in batch.claimed:
+            if job.id in written and job.created_at is not None:
+                metrics.LATENCY_SECONDS.labels(name).observe((now - job.created_at).total_seconds())
+        dead = len(batch.permanent) + len(batch.transient) - len(retried)
+        metrics.JOBS.labels(name, "done").inc(len(written))
+        metrics.JOBS.labels(name, "retried").inc(len(retried))
+        metrics.JOBS.labels(name, "failed").inc(dead)
+        metrics.RETRIES.labels(name).inc(len(retried))
+        metrics.DEAD_LETTERED.labels(name).inc(dead)
+
+    def _give_up(self, batch: MicroBatch, exc: Exception) -> None:
+        """A stage failed on the whole batch: back to the queue now rather than after the
+        lease. The attempt counts, so an input that breaks the model ends failed after
+        max_attempts, not in a loop."""
+        log.exception("batch of %d failed", len(batch.claimed), exc_info=exc)
+        errors = {job.id: f"batch failed: {exc!r}" for job in batch.claimed}
+        try:
+            self._push(jobs.fail(self.engine, batch.token, errors, retry=True))
+        except Exception:
+            log.exception("could not return the batch; the sweeper will recover it")
+        finally:
+            self.leases.drop(batch.token)
+
+    # --- leases, recovery, notices --------------------------------------------
+    def _extend(self, token: uuid.UUID, ids: list[uuid.UUID]) -> None:
+        jobs.extend_leases(self.engine, token, ids, self.settings.lease_s)
 
     def _sweep_loop(self) -> None:
         every = min(self.settings.sweep_interval_s, WORKER_HEARTBEAT_TTL_S / 3)
@@ -286,10 +364,16 @@ class Worker:
             self.redis.set(worker_key(self.id), ",".join(self.models), ex=WORKER_HEARTBEAT_TTL_S)
 
     def sweep_once(self) -> None:
-        requeue, failed = jobs.sweep(self.engine, self.settings.requeue_pending_after_s)
-        if requeue or failed:
-            log.info("sweeper: re-pushed %d jobs, failed %d out of attempts", len(requeue), failed)
-        self._push(requeue)
+        swept = jobs.sweep(self.engine, self.settings.requeue_pending_after_s)
+        if swept.requeue or swept.failed:
+            log.info(
+                "sweeper: re-pushed %d jobs (%d from lost workers), failed %d out of attempts",
+                len(swept.requeue),
+                swept.reclaimed,
+                swept.failed,
+            )
+        metrics.LEASES_RECLAIMED.inc(swept.reclaimed + swept.failed)
+        self._push(swept.requeue)
         webhooks.deliver_due(self.engine, self.settings)
 
     def _push(self, requeue: Sequence[jobs.Requeue]) -> None:
@@ -312,30 +396,13 @@ class Worker:
             pass  # waiters re-read Postgres; the notice only saves them latency
 
 
-class ModelTimeout(Exception):
-    pass
-
-
-def _with_timeout(call: Callable[[], T], timeout_s: float) -> T:
-    """Run ``call`` in a daemon thread and give up waiting after ``timeout_s``. A hung
-    model call cannot be killed from Python; its thread is abandoned (and its late result
-    dropped) so that the worker goes on serving."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = call()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="model-call", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise ModelTimeout(f"the model call took longer than {timeout_s:g}s")
-    if "error" in box:
-        raise box["error"]
-    return cast(T, box["value"])
+@contextlib.contextmanager
+def _timed(model: str, stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.STAGE_SECONDS.labels(model, stage).observe(time.perf_counter() - started)
 
 
 def load_models(settings: Settings, names: Sequence[str] = ()) -> dict[str, Model]:
@@ -360,5 +427,6 @@ def load_models(settings: Settings, names: Sequence[str] = ()) -> dict[str, Mode
 
 def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:
     worker = Worker(settings, load_models(settings, models), burst=burst)
+    metrics.serve_worker_metrics(settings.worker_metrics_port, settings.worker_metrics_host)
     worker.run()
     return worker

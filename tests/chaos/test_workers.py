@@ -195,7 +195,8 @@ def test_killed_right_after_commit_then_redelivered_is_a_no_op(
         after = result.jobs[job_id]
         assert (after.state, after.attempts, after.worker_id) == ("done", 1, "dies-after-commit")
         assert (after.finished_at, after.result) == (before.finished_at, before.result)
-    assert all(j.state == "done" and j.attempts == 1 for j in result.jobs.values())
+    # The 4 it had prefetched (claimed, not yet run) ran again after their lease ran out.
+    assert all(j.state == "done" and j.attempts <= 2 for j in result.jobs.values())
     assert_fresh_results(settings, models, list(result.jobs.values()))
 
 
@@ -227,12 +228,15 @@ def test_sigterm_mid_batch_finishes_it_takes_nothing_new_and_exits_fast(
     assert code == 0, log
     assert "finishing the batch in hand" in log
     assert exit_s < settings.lease_s, f"took {exit_s:.1f}s to exit, lease is {settings.lease_s}s"
-    assert took == {j.id for j in held}, "it claimed nothing after the signal"
-    assert all(jobs[j.id].state == "done" for j in held), "the batch in hand was finished"
+    # What it had claimed (the batch in hand, and at most one prefetched) it finished;
+    # after the signal it claimed nothing.
+    assert took >= {j.id for j in held}
+    assert len(took) <= len(held) * (settings.prefetch_batches + 1)
+    assert all(jobs[i].state == "done" for i in took), "what it claimed was finished"
     assert all(j.started_at <= signalled_at for j in jobs.values() if j.id in took)
     assert Counter(j.state for j in jobs.values()) == {
-        "done": len(held),
-        "pending": len(ids) - len(held),
+        "done": len(took),
+        "pending": len(ids) - len(took),
     }, "nothing left processing; the rest still pending"
 
     run_worker(worker_id="successor")

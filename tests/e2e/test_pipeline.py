@@ -290,6 +290,8 @@ def test_seed_calls_verbatim_and_health(client: TestClient, settings: Settings, 
 def test_sigterm_finishes_the_batch_in_hand_and_exits(
     client: TestClient, settings: Settings, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
+    # Four batches of 16: the worker holds at most two (one on the model, one prefetched).
+    submit(client, thirty_two())
     submit(client, thirty_two())
     proc, held = start_worker_until_it_claims(settings, worker_env, "polite", tmp_path)
     try:

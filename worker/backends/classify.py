@@ -103,7 +103,9 @@ class ResNetTorch:
         self.manifest = manifest
         require_weights(manifest)
         self._torch = torch
-        from worker.backends.torch_runtime import place
+        from worker.backends.torch_runtime import place, to_device
+
+        self._to_device = to_device
 
         self.device, self.dtype = place(manifest, runtime)
         self.model = build_resnet(manifest).to(self.device, self.dtype)
@@ -123,7 +125,7 @@ class ResNetTorch:
         batch = preprocess(images, m.input_size, m.options.mean, m.options.std)
         torch = self._torch
         with torch.inference_mode():
-            tensor = torch.from_numpy(batch).to(self.device, self.dtype)
+            tensor = self._to_device(torch.from_numpy(batch), self.device, self.dtype)
             logits = self.model(tensor).float().cpu().numpy()
         return to_results(logits, m.labels)
 

@@ -19,7 +19,7 @@ from common.manifest import DetectManifest
 from common.results import DetectResult, make_box
 from worker.backends.base import Runtime, require_weights
 from worker.backends.batching import Prediction, predict_by_shape
-from worker.backends.torch_runtime import place
+from worker.backends.torch_runtime import place, to_device
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class Detr:
         )
         with torch.inference_mode():
             out = self.model(
-                pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
-                pixel_mask=inputs["pixel_mask"].to(self.device),
+                pixel_values=to_device(inputs["pixel_values"], self.device, self.dtype),
+                pixel_mask=to_device(inputs["pixel_mask"], self.device),
             )
             # Softmax and box scaling in float32 even when the model ran in half.
             found = self.processor.post_process_object_detection(

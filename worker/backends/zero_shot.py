@@ -17,7 +17,7 @@ from common.manifest import ZeroShotManifest
 from common.results import PromptScore, ZeroShotResult
 from worker.backends.base import Runtime, require_weights
 from worker.backends.batching import Prediction, predict_whole
-from worker.backends.torch_runtime import place
+from worker.backends.torch_runtime import place, to_device
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ClipZeroShot:
             images=images, return_tensors="pt", input_data_format="channels_last"
         )["pixel_values"]
         with torch.inference_mode():
-            pixels = pixels.to(self.device, self.dtype)
+            pixels = to_device(pixels, self.device, self.dtype)
             image = _embeddings(self.model.get_image_features(pixel_values=pixels)).float()
             image = torch.nn.functional.normalize(image, dim=-1)
             similarity = image @ self.text

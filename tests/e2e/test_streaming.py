@@ -1,0 +1,121 @@
+"""The gateway's cost per submission: an upload streams from the spooled request to the
+object store without being held in memory whole, and Postgres sees the same statements
+for a request of one file as for one of twenty."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import Engine
+
+from common.db import get_engine
+from common.settings import Settings
+from common.storage import ObjectStore
+from gateway.app import create_app
+from tests.e2e.test_pipeline import db_jobs, thirty_two, upload
+from tests.listen import listening
+from tests.security.files import MiB, measured
+from tests.server import serve
+
+pytestmark = pytest.mark.slow
+
+# Under the default HEPATO_MAX_FILE_BYTES (50 MiB) and pixel limit.
+BIG_SIDE = 3700  # 3700 x 3700 RGB, uncompressed: 41 MB
+# What streaming may hold at once: a part of the object store client (5 MiB), Pillow's
+# and the parser's buffers. Reading the file into memory would take BIG_SIDE² x 3.
+HELD = 16 * MiB
+
+
+@pytest.fixture
+def big_tiff(tmp_path: Path) -> Path:
+    pixels = np.random.default_rng(1).integers(0, 255, (BIG_SIDE, BIG_SIDE, 3), dtype=np.uint8)
+    path = tmp_path / "big.tif"
+    Image.fromarray(pixels).save(path, format="TIFF")  # uncompressed: the size is the pixels
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_40_mb_upload_is_not_held_in_memory(settings: Settings, big_tiff: Path) -> None:
+    size = big_tiff.stat().st_size
+    assert 40_000_000 < size < settings.max_file_bytes
+    # A real server, and a client sending from disk: the TestClient would build the
+    # whole body in this process, where it would count as the gateway's memory.
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=120) as http:
+        warm = thirty_two()[0]  # first-request costs are not the upload's
+        assert http.post("/v1/jobs", files={"file": (warm.name, warm.read_bytes())}).is_success
+        with big_tiff.open("rb") as file, measured() as cost:
+            response = http.post("/v1/jobs", files={"file": ("big.tif", file, "image/tiff")})
+    assert response.status_code == 202, response.text
+    print(f"{size / MiB:.0f} MiB upload: {cost}")
+    assert cost.traced_peak < HELD, f"Python allocations peaked at {cost.traced_peak / MiB} MiB"
+    assert cost.rss_growth < size / 2, f"resident memory grew {cost.rss_growth / MiB} MiB"
+    (job,) = [j for j in db_jobs(settings) if j.filename == "big.tif"]
+    assert (job.image_format, job.size_bytes) == ("tiff", size)
+    assert (job.width, job.height) == (BIG_SIDE, BIG_SIDE)
+    stored = ObjectStore(settings).get(job.object_key)
+    assert sha256(stored) == sha256(big_tiff.read_bytes()), "the object is the upload, whole"
+
+
+@contextmanager
+def statements(engine: Engine) -> Iterator[Counter[str]]:
+    """Every statement the engine's connections send, by its first words, with each
+    transaction's COMMIT or ROLLBACK and each pool checkout (its pre-ping). An executemany
+    counts once per parameter set: psycopg pipelines them into one round trip, but
+    Postgres still runs a statement for each."""
+    seen: Counter[str] = Counter()
+
+    def on_execute(
+        conn: Any, cursor: Any, sql: str, params: Any, context: Any, executemany: bool
+    ) -> None:
+        seen[" ".join(sql.split()[:3])] += len(params) if executemany else 1
+
+    def on_commit(conn: Any) -> None:
+        seen["COMMIT"] += 1
+
+    def on_rollback(conn: Any) -> None:
+        seen["ROLLBACK"] += 1
+
+    def on_checkout(*_: Any) -> None:
+        seen["checkout"] += 1
+
+    hooks: list[tuple[Any, str, Callable[..., None]]] = [
+        (engine, "before_cursor_execute", on_execute),
+        (engine, "commit", on_commit),
+        (engine, "rollback", on_rollback),
+        (engine.pool, "checkout", on_checkout),
+    ]
+    with listening(hooks):
+        yield seen
+
+
+@pytest.mark.parametrize("route", ["/v1/batches", "/v1/assets"])
+def test_postgres_sees_as_many_statements_for_20_files_as_for_1(
+    client: TestClient, settings: Settings, route: str
+) -> None:
+    engine = get_engine(settings.database_url)
+    files = thirty_two()
+    assert client.post(route, files=upload(files[:1])).status_code == 202  # warm the pool
+    counted = {}
+    for n in (1, 20):
+        with statements(engine) as seen:
+            response = client.post(route, files=upload(files[:n]))
+        assert response.status_code == 202, response.text
+        assert response.json()["accepted"] == n
+        counted[n] = seen
+    print({n: dict(seen) for n, seen in counted.items()})
+    assert counted[1] == counted[20]
+    assert sum(counted[1].values()) <= 10, counted[1]
+    assert len(db_jobs(settings)) == 1 + 1 + 20

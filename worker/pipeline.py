@@ -1,0 +1,130 @@
+"""The plumbing between the worker's stages: what travels from one stage to the next, the
+bounded hand-offs between them, and one thread that keeps every claimed job's lease."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from common.jobs import ClaimedJob, JobResult
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class MicroBatch:
+    """One claimed microbatch on its way through intake → inference → write."""
+
+    model: str
+    token: uuid.UUID
+    claimed: list[ClaimedJob]
+    # Filled by intake: the decoded images of the jobs that are ready for the model.
+    ready: list[ClaimedJob] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    fetched_at: datetime | None = None
+    # Errors by job: permanent ones end the job, transient ones send it back to the queue.
+    permanent: dict[uuid.UUID, str] = field(default_factory=dict)
+    transient: dict[uuid.UUID, str] = field(default_factory=dict)
+    # Filled by inference.
+    results: list[JobResult] = field(default_factory=list)
+    inferred_at: datetime | None = None
+
+    @property
+    def ids(self) -> list[uuid.UUID]:
+        return [job.id for job in self.claimed]
+
+
+class Closed(Exception):
+    """The hand-off was shut: the stage reading it has nothing more to do."""
+
+
+class Handoff(Generic[T]):
+    """A bounded queue from one stage to the next. The producer closes it when done;
+    every wait also gives up when ``abort`` is set, so no stage can hang on a dead peer."""
+
+    def __init__(self, size: int, abort: threading.Event, tick_s: float = 0.2) -> None:
+        self._queue: queue.Queue[T | _End] = queue.Queue(maxsize=size)
+        self._abort = abort
+        self._tick_s = tick_s
+
+    def put(self, item: T) -> None:
+        self._put(item)
+
+    def close(self) -> None:
+        self._put(_END)
+
+    def get(self) -> T:
+        """The next item; raises Closed after the last one, or once aborted."""
+        while not self._abort.is_set():
+            try:
+                item = self._queue.get(timeout=self._tick_s)
+            except queue.Empty:
+                continue
+            if isinstance(item, _End):
+                raise Closed
+            return item
+        raise Closed
+
+    def _put(self, item: T | _End) -> None:
+        while not self._abort.is_set():
+            try:
+                self._queue.put(item, timeout=self._tick_s)
+                return
+            except queue.Full:
+                continue
+        raise Closed
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+class LeaseKeeper:
+    """Extends the leases of every microbatch the worker holds, from claim to write, in
+    one thread: with stages overlapping, several batches are held at once."""
+
+    def __init__(self, every_s: float, extend: Callable[[uuid.UUID, list[uuid.UUID]], object]):
+        self._every_s = every_s
+        self._extend = extend
+        self._held: dict[uuid.UUID, list[uuid.UUID]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def hold(self, token: uuid.UUID, ids: list[uuid.UUID]) -> None:
+        with self._lock:
+            self._held[token] = ids
+
+    def drop(self, token: uuid.UUID) -> None:
+        with self._lock:
+            self._held.pop(token, None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            with self._lock:
+                held = list(self._held.items())
+            for token, ids in held:
+                try:
+                    self._extend(token, ids)
+                except Exception:
+                    log.warning("could not extend leases", exc_info=True)
