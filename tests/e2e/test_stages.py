@@ -1,0 +1,86 @@
+"""The worker's stages overlap: while one microbatch is on the model, the next is claimed,
+downloaded and decoded. Observed through Postgres, not through timings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from common.constants import JobState
+from common.settings import Settings
+from tests.e2e.test_pipeline import db_jobs, submit, thirty_two
+from worker.backends.base import Model
+
+pytestmark = pytest.mark.slow
+
+
+class Watching:
+    """The real model, which before its first call waits (up to ``patience_s``) to see
+    the worker holding more jobs than that call carries."""
+
+    def __init__(self, model: Model, settings: Settings, patience_s: float) -> None:
+        self.model = model
+        self.manifest = model.manifest
+        self.settings = settings
+        self.patience_s = patience_s
+        self.held_during_first_call = 0
+        self.calls = 0
+
+    def predict(self, images: list[np.ndarray]) -> object:
+        self.calls += 1
+        deadline = time.monotonic() + self.patience_s
+        while self.calls == 1:
+            self.held_during_first_call = sum(
+                j.state == JobState.processing for j in db_jobs(self.settings)
+            )
+            if self.held_during_first_call > len(images) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        return self.model.predict(images)
+
+
+def run_watched(
+    settings: Settings, models: dict[str, Model], prefetch: int, patience_s: float
+) -> tuple[Watching, object]:
+    from worker.runner import Worker
+
+    name = settings.default_model
+    watched = Watching(models[name], settings, patience_s)
+    tuned = settings.model_copy(update={"max_batch_size": 4, "prefetch_batches": prefetch})
+    worker = Worker(tuned, {name: watched}, burst=True)  # type: ignore[dict-item]
+    worker.run(install_signals=False)
+    return watched, worker
+
+
+def test_the_next_batch_is_claimed_and_prepared_while_one_is_on_the_model(
+    client: TestClient, settings: Settings, models: dict[str, Model]
+) -> None:
+    submit(client, thirty_two()[:16])
+    watched, _ = run_watched(settings, models, prefetch=1, patience_s=30)
+    assert watched.held_during_first_call == 8, "batch 1 on the model, batch 2 claimed"
+    assert {j.state for j in db_jobs(settings)} == {"done"}
+
+
+def test_prefetch_zero_runs_the_stages_one_after_another(
+    client: TestClient, settings: Settings, models: dict[str, Model]
+) -> None:
+    submit(client, thirty_two()[:16])
+    watched, _ = run_watched(settings, models, prefetch=0, patience_s=1)
+    assert watched.held_during_first_call == 4, "nothing claimed beyond the batch in hand"
+    assert {j.state for j in db_jobs(settings)} == {"done"}
+
+
+def test_prefetched_batches_are_done_in_order_with_the_lease_kept(
+    client: TestClient, settings: Settings, run_worker: Callable[..., object]
+) -> None:
+    # Leases of 4 s renewed every second, with batches waiting their turn in the worker:
+    # no job may be reclaimed by the sweeper while it sits prefetched.
+    submit(client, thirty_two())
+    run_worker(max_batch_size=4, prefetch_batches=2)
+    jobs = db_jobs(settings)
+    assert {j.state for j in jobs} == {"done"}
+    assert all(j.attempts == 1 for j in jobs), "no lease ran out"
