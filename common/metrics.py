@@ -84,8 +84,8 @@ BATCH_SIZE = Histogram(
 )
 STAGE_SECONDS = Histogram(
     "hepato_stage_seconds",
-    "Time of one microbatch in a worker stage (collect, download, decode, inference, "
-    "write), seconds.",
+    "Time of one microbatch in a worker stage (download, decode, preprocess, inference, "
+    "postprocess, write), seconds.",
     ["model", "stage"],
     buckets=STAGE_BUCKETS_S,
 )

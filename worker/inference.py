@@ -1,10 +1,12 @@
-"""The model stage's one call: a microbatch through the model, time-bounded, with a poison
-input isolated to its own job."""
+"""The model stage's call: a microbatch through the model, time-bounded, with a poison
+input isolated to its own job; and, for models with phases, the pre- and post-processing
+the intake and write stages do around it."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from functools import partial
@@ -13,7 +15,9 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from common.jobs import ClaimedJob, JobResult
+from common.results import TaskResult
 from worker.backends.base import AsksQuestions, Model
+from worker.backends.batching import Phased, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +91,64 @@ def with_timeout(call: Callable[[], T], timeout_s: float) -> T:
     if "error" in box:
         raise box["error"]
     return cast(T, box["value"])
+
+
+# --- models with phases (worker.backends.batching.Phased) -------------------------------
+def phases(model: Model) -> Phased[Any, Any, TaskResult] | None:
+    if all(callable(getattr(model, name, None)) for name in ("prepare", "run", "finish")):
+        return cast(Phased[Any, Any, TaskResult], model)
+    return None
+
+
+def prepare(model: Model, ready: list[ClaimedJob], images: list[np.ndarray]) -> Prepared | None:
+    """The model's own pre-processing, done in the intake stage, where the model has one.
+    None: the model stage runs ``predict`` as a whole (and isolates a poison input)."""
+    phased = phases(model)
+    if phased is None or not images or any(job.question for job in ready):
+        return None
+    try:
+        return phased.prepare(images)
+    except Exception:
+        log.warning("pre-processing %d images failed; the model stage takes them", len(images))
+        return None
+
+
+def run_prepared(
+    model: Model, ready: list[ClaimedJob], prepared: Prepared, timeout_s: float
+) -> tuple[list[Any] | None, float, dict[uuid.UUID, str]]:
+    """The model call alone: its raw outputs and time in ms; or None and the jobs to
+    retry when it overran; or None and no errors when it raised (then ``infer`` runs the
+    batch again, image by image, to find the culprit)."""
+    phased = cast(Phased[Any, Any, TaskResult], model)
+    started = time.perf_counter()
+    try:
+        raws = with_timeout(partial(phased.run, prepared), timeout_s)
+    except ModelTimeout as exc:
+        log.error("%s; %d jobs go back to the queue", exc, len(ready))
+        return None, 0.0, {job.id: str(exc) for job in ready}
+    except Exception as exc:
+        log.warning("model call on %d images raised %r; one by one now", len(ready), exc)
+        return None, 0.0, {}
+    return raws, (time.perf_counter() - started) * 1000.0, {}
+
+
+def finish(
+    model: Model,
+    ready: list[ClaimedJob],
+    images: list[np.ndarray],
+    prepared: Prepared,
+    raws: list[Any],
+    infer_ms: float,
+    timeout_s: float,
+) -> tuple[list[JobResult], dict[uuid.UUID, str]]:
+    """Post-processing, done in the write stage. Should it raise, the images go through
+    the model again one by one, so only a culprit's job pays for it."""
+    try:
+        found, sizes = cast(Phased[Any, Any, TaskResult], model).finish(prepared, raws)
+    except Exception:
+        log.warning("post-processing %d results failed; one by one now", len(ready))
+        return infer(model, ready, images, timeout_s)
+    return [
+        JobResult(job.id, result, size, infer_ms)
+        for job, result, size in zip(ready, found, sizes, strict=True)
+    ], {}

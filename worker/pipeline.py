@@ -10,11 +10,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from common.jobs import ClaimedJob, JobResult
+from worker.backends.batching import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ class MicroBatch:
     # Errors by job: permanent ones end the job, transient ones send it back to the queue.
     permanent: dict[uuid.UUID, str] = field(default_factory=dict)
     transient: dict[uuid.UUID, str] = field(default_factory=dict)
-    # Filled by inference.
+    # A phased model's input, prepared by intake (None: the model stage runs predict).
+    prepared: Prepared | None = None
+    # Filled by the model stage: a phased model's raw outputs (finished by the write
+    # stage), or the results.
+    raws: list[Any] | None = None
+    infer_ms: float = 0.0
     results: list[JobResult] = field(default_factory=list)
     inferred_at: datetime | None = None
 

@@ -1,10 +1,12 @@
 """The worker: stages joined by bounded hand-offs, so the model is never kept waiting.
 
-    intake (thread)          model (calling thread)       write (thread)
-    collect → claim →   ──▶  infer batch k          ──▶   results of batch k-1 to
-    download → decode        (time-bounded)                Postgres, notices, metrics
-    batch k+1
+    intake (thread)            model (calling thread)      write (thread)
+    collect → claim →     ──▶  batch k on the model   ──▶  batch k-1: post-process,
+    download → decode →        (time-bounded)              results to Postgres,
+    pre-process batch k+1                                  notices, metrics
 
+Pre- and post-processing move out of the model stage for models with phases
+(worker.backends.batching.Phased); other models do them inside their model call.
 Intake works ahead by at most ``prefetch_batches`` microbatches: claimed jobs sitting in
 a worker are jobs no other worker can take. A stopping worker claims nothing more and
 finishes what it has claimed (at most ``prefetch_batches`` + 1 microbatches)."""
@@ -37,9 +39,9 @@ from common.manifest import load_registry
 from common.queue import ModelQueue
 from common.settings import Settings
 from common.storage import ObjectStore
+from worker import inference
 from worker.backends.base import Model, Runtime, load_model
 from worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
-from worker.inference import infer
 from worker.pipeline import Closed, Handoff, LeaseKeeper, MicroBatch
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,10 @@ class Worker:
             else:
                 batch.ready.append(job)
                 batch.images.append(image)
+        model = self.models[batch.model]
+        if inference.phases(model):
+            with _timed(batch.model, "preprocess"):
+                batch.prepared = inference.prepare(model, batch.ready, batch.images)
 
     def _fetch(self, job: ClaimedJob) -> bytes | ObjectFetchError:
         try:
@@ -272,15 +278,21 @@ class Worker:
                 self.to_write.close()
 
     def _infer(self, batch: MicroBatch) -> None:
-        model = self.models[batch.model]
+        model, timeout_s = self.models[batch.model], self.settings.model_timeout_s
+        errors: dict[uuid.UUID, str] = {}
         with _timed(batch.model, "inference"):
-            results, errors = infer(model, batch.ready, batch.images, self.settings.model_timeout_s)
+            if batch.prepared is not None:
+                batch.raws, batch.infer_ms, errors = inference.run_prepared(
+                    model, batch.ready, batch.prepared, timeout_s
+                )
+            if batch.raws is None and not errors:
+                batch.results, errors = inference.infer(model, batch.ready, batch.images, timeout_s)
         batch.inferred_at = datetime.now(UTC)
-        batch.images = []  # free the pixels before the batch waits for its write
-        batch.results = [
-            replace(r, fetched_at=batch.fetched_at, inferred_at=batch.inferred_at) for r in results
-        ]
         batch.transient.update(errors)
+        if batch.raws is None:
+            # Free the pixels before the batch waits for its write; post-processing may
+            # still need them to find a culprit.
+            batch.images = []
 
     # --- stage 3: write --------------------------------------------------------
     def _write_stage(self) -> None:
@@ -298,6 +310,22 @@ class Worker:
 
     def _write(self, batch: MicroBatch) -> None:
         model = self.models[batch.model]
+        if batch.raws is not None and batch.prepared is not None:
+            with _timed(batch.model, "postprocess"):
+                batch.results, errors = inference.finish(
+                    model,
+                    batch.ready,
+                    batch.images,
+                    batch.prepared,
+                    batch.raws,
+                    batch.infer_ms,
+                    self.settings.model_timeout_s,
+                )
+            batch.transient.update(errors)
+        batch.results = [
+            replace(r, fetched_at=batch.fetched_at, inferred_at=batch.inferred_at)
+            for r in batch.results
+        ]
         write = _db_retry(self.settings.lease_s)
         with _timed(batch.model, "write"):
             written = write(jobs.complete)(

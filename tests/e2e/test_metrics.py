@@ -73,7 +73,7 @@ def test_metrics_count_jobs_and_a_job_has_its_timeline(
     assert grew("hepato_job_latency_seconds_count", 2)
     assert grew("hepato_queue_wait_seconds_count", 2)
     assert grew("hepato_batch_size_count", 1)
-    for stage in ("download", "decode", "inference", "write"):
+    for stage in ("download", "decode", "preprocess", "inference", "postprocess", "write"):
         assert grew("hepato_stage_seconds_count", 1, stage=stage), stage
     assert jobs_in(got, model, "pending") == 0
     submitted = got[("hepato_submitted_total", frozenset({"model": model}.items()))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -84,3 +85,48 @@ def test_prefetched_batches_are_done_in_order_with_the_lease_kept(
     jobs = db_jobs(settings)
     assert {j.state for j in jobs} == {"done"}
     assert all(j.attempts == 1 for j in jobs), "no lease ran out"
+
+
+class Faulty:
+    """The real (phased) detector with one phase that always raises. ``predict`` works,
+    as it would for a poison input that only some batch shapes trip."""
+
+    def __init__(self, model: Model, phase: str) -> None:
+        self.model: Any = model
+        self.manifest = model.manifest
+        self.phase = phase
+
+    def predict(self, images: list[np.ndarray]) -> object:
+        return self.model.predict(images)
+
+    def prepare(self, images: list[np.ndarray]) -> object:
+        self._maybe_fail("prepare")
+        return self.model.prepare(images)
+
+    def run(self, prepared: object) -> object:
+        self._maybe_fail("run")
+        return self.model.run(prepared)
+
+    def finish(self, prepared: object, raws: object) -> object:
+        self._maybe_fail("finish")
+        return self.model.finish(prepared, raws)
+
+    def _maybe_fail(self, phase: str) -> None:
+        if phase == self.phase:
+            raise RuntimeError(f"{phase} exploded")
+
+
+@pytest.mark.parametrize("phase", ["prepare", "run", "finish"])
+def test_a_phase_that_raises_falls_back_to_predict_and_loses_no_attempt(
+    client: TestClient, settings: Settings, models: dict[str, Model], phase: str
+) -> None:
+    from worker.inference import phases
+    from worker.runner import Worker
+
+    name = settings.default_model
+    assert phases(models[name]), "the default detector runs in phases"
+    submit(client, thirty_two()[:6])
+    worker = Worker(settings, {name: Faulty(models[name], phase)}, burst=True)  # type: ignore[dict-item]
+    worker.run(install_signals=False)
+    jobs = db_jobs(settings)
+    assert {(j.state, j.attempts) for j in jobs} == {("done", 1)}

@@ -58,6 +58,7 @@ BACKENDS: dict[tuple[str, str], str] = {
     ("detect", "ultralytics"): "worker.backends.yolo_torch:YoloTorch",
     ("detect", "onnx"): "worker.backends.yolo_onnx:YoloOnnx",
     ("detect", "transformers"): "worker.backends.detr:Detr",
+    ("detect", "null"): "worker.backends.null:NullModel",
     ("classify", "torch"): "worker.backends.classify:ResNetTorch",
     ("classify", "onnx"): "worker.backends.classify:ResNetOnnx",
     ("zero-shot", "transformers"): "worker.backends.zero_shot:ClipZeroShot",
@@ -66,7 +67,8 @@ BACKENDS: dict[tuple[str, str], str] = {
 
 
 def require_weights(manifest: ModelManifest) -> Path:
-    """Refuse before a library tries to download what is missing."""
+    """Refuse before a library tries to download what is missing. (The null backend has
+    no weights and never calls this.)"""
     path = manifest.weights_path
     if not path.exists():
         raise ModelWeightsNotFound(

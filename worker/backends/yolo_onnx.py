@@ -4,13 +4,21 @@ Images are RGB; the letterbox grey is the same in every channel order."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from common.manifest import DetectManifest
 from common.results import DetectResult, TaskResult, make_box
 from worker.backends.base import Runtime
-from worker.backends.batching import Prediction, predict_by_shape
+from worker.backends.batching import (
+    Prediction,
+    Prepared,
+    finish_groups,
+    predict_phased,
+    prepare_by_shape,
+)
 from worker.backends.onnx_runtime import session
 
 PAD_VALUE = 114  # ultralytics' letterbox grey
@@ -108,25 +116,55 @@ class YoloOnnx:
         self.options = manifest.options
 
     def predict(self, images: list[np.ndarray]) -> Prediction[TaskResult]:
-        return predict_by_shape(images, self._predict_group)
+        return predict_phased(self, images)
 
-    def _predict_group(self, images: list[np.ndarray]) -> list[TaskResult]:
+    # The three phases the worker runs in separate stages (see worker/runner.py).
+    def prepare(self, images: list[np.ndarray]) -> Prepared[_Letterboxed]:
+        return prepare_by_shape(images, self._letterbox)
+
+    def run(self, prepared: Prepared[_Letterboxed]) -> list[np.ndarray]:
+        return [
+            self.session.run(None, {self.input_name: group.tensor})[0]
+            for _, group in prepared.groups
+        ]
+
+    def finish(
+        self, prepared: Prepared[_Letterboxed], raws: list[np.ndarray]
+    ) -> tuple[list[TaskResult], list[int]]:
+        return finish_groups(prepared, raws, self._boxes)
+
+    def _letterbox(self, images: list[np.ndarray]) -> _Letterboxed:
         boxed = [letterbox(image, self.manifest.input_size, auto=True) for image in images]
         batch = np.stack([b[0] for b in boxed]).transpose(0, 3, 1, 2)
         tensor = np.ascontiguousarray(batch, dtype=np.float32) / 255.0
-        (raw,) = self.session.run(None, {self.input_name: tensor})
-        labels = self.manifest.labels
+        return _Letterboxed(
+            tensor,
+            [
+                (scale, pad, image.shape[:2])
+                for (_, scale, pad), image in zip(boxed, images, strict=True)
+            ],
+        )
+
+    def _boxes(self, group: _Letterboxed, raw: np.ndarray) -> list[TaskResult]:
+        labels, o = self.manifest.labels, self.options
         out: list[TaskResult] = []
-        for k, image in enumerate(images):
-            _, scale, pad = boxed[k]
+        for k, (scale, pad, original) in enumerate(group.placement):
             found = postprocess(
                 raw[k],
-                self.options.score_threshold,
-                self.options.iou,
+                o.score_threshold,
+                o.iou,
                 scale,
                 pad,
-                image.shape[:2],
-                max_det=self.options.max_detections,
+                original,
+                max_det=o.max_detections,
             )
             out.append(DetectResult(boxes=[make_box(labels, c, s, b) for c, s, b in found]))
         return out
+
+
+@dataclass(frozen=True)
+class _Letterboxed:
+    """One equal-shape group as the model takes it, and how to map boxes back."""
+
+    tensor: np.ndarray
+    placement: list[tuple[float, tuple[int, int], tuple[int, int]]]  # scale, pad, (h, w)
