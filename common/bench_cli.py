@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -95,3 +96,128 @@ def _device(setting: str) -> str:
     except ImportError:
         pass
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+@app.command()
+def e2e(
+    out: Annotated[Path, typer.Option(help="Where the JSON report and the plots go")] = REPO_ROOT
+    / ".data"
+    / "bench",
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Scenarios to run, repeatable or comma-separated: load, overhead, efficiency, "
+            "batching (or a, b, c, d)",
+            show_default="all",
+        ),
+    ] = None,
+    model: Annotated[str, typer.Option(help="Detector of the load, efficiency, study runs")] = (
+        "hepato-yolov8n"
+    ),
+    samples: Annotated[Path, typer.Option(help="Folder of synthetic_*.png")] = REPO_ROOT
+    / "samples",
+    wait: Annotated[
+        str, typer.Option(help="How single-image clients see a job finish: sse or poll")
+    ] = "sse",
+    timeout_s: Annotated[float, typer.Option(help="Longest one measurement may take, s")] = 300.0,
+    warmup_images: Annotated[int, typer.Option(help="Unmeasured images per new workers")] = 16,
+    clients: Annotated[
+        int, typer.Option(help="Concurrent submitters of the throughput runs and store-alone")
+    ] = 8,
+    chunk: Annotated[int, typer.Option(help="Images per batch request in throughput runs")] = 25,
+    concurrency: Annotated[
+        list[int] | None,
+        typer.Option(help="load: single-image clients; repeatable", show_default="1 4 16 64"),
+    ] = None,
+    sweep_seconds: Annotated[float, typer.Option(help="load: seconds per concurrency")] = 15.0,
+    load_workers: Annotated[int, typer.Option(help="load: workers")] = 1,
+    batch_images: Annotated[int, typer.Option(help="load: images per batch")] = 100,
+    batch_clients: Annotated[
+        list[int] | None,
+        typer.Option(help="load: concurrent batch clients; repeatable", show_default="1 4"),
+    ] = None,
+    batches_per_client: Annotated[int, typer.Option(help="load: batches per client")] = 2,
+    workers: Annotated[
+        list[int] | None,
+        typer.Option(help="overhead: worker counts; repeatable", show_default="1 2 4"),
+    ] = None,
+    overhead_images: Annotated[int, typer.Option(help="overhead: images per run")] = 600,
+    input_size: Annotated[
+        list[int] | None,
+        typer.Option(help="efficiency: input sizes, px; repeatable", show_default="320 640"),
+    ] = None,
+    efficiency_images: Annotated[int, typer.Option(help="efficiency: images per run")] = 400,
+    efficiency_batch: Annotated[int, typer.Option(help="efficiency: max_batch_size")] = 16,
+    efficiency_workers: Annotated[int, typer.Option(help="efficiency: workers")] = 1,
+    bare_seconds: Annotated[float, typer.Option(help="Least time per bare measurement, s")] = 5.0,
+    study_batch: Annotated[
+        list[int] | None,
+        typer.Option(help="batching: max_batch_size; repeatable", show_default="1 8 32"),
+    ] = None,
+    study_wait_ms: Annotated[
+        list[float] | None,
+        typer.Option(help="batching: max_wait_ms; repeatable", show_default="0 5 20"),
+    ] = None,
+    study_images: Annotated[int, typer.Option(help="batching: images per null run")] = 600,
+    model_batch: Annotated[
+        list[int] | None,
+        typer.Option(help="batching: the model's batch sizes; repeatable", show_default="1 16"),
+    ] = None,
+    model_wait_ms: Annotated[float, typer.Option(help="batching: the model's max_wait_ms")] = 5.0,
+    model_study_images: Annotated[int, typer.Option(help="batching: images per model run")] = 320,
+) -> None:
+    """End to end through a local stack of its own: load sweep, pipeline overhead (null
+    model against the object store alone), efficiency against the bare model, batch-size
+    study. Writes bench-e2e.json and PNG plots to --out."""
+    import sys
+
+    from common.bench_e2e import run_bench
+    from common.bench_report import print_targets
+    from common.bench_setup import BenchOptions, scenario_names
+    from common.exceptions import BenchFailed
+
+    if wait not in ("sse", "poll"):
+        raise typer.BadParameter("--wait takes sse or poll")
+    try:
+        chosen = scenario_names(only)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    opts = BenchOptions(
+        out=out,
+        only=chosen,
+        model=model,
+        samples=samples,
+        wait="sse" if wait == "sse" else "poll",
+        timeout_s=timeout_s,
+        warmup_images=warmup_images,
+        clients=clients,
+        chunk=chunk,
+        concurrency=tuple(concurrency or (1, 4, 16, 64)),
+        sweep_seconds=sweep_seconds,
+        load_workers=load_workers,
+        batch_images=batch_images,
+        batch_clients=tuple(batch_clients or (1, 4)),
+        batches_per_client=batches_per_client,
+        workers=tuple(workers or (1, 2, 4)),
+        overhead_images=overhead_images,
+        input_sizes=tuple(input_size or (320, 640)),
+        efficiency_images=efficiency_images,
+        efficiency_batch=efficiency_batch,
+        efficiency_workers=efficiency_workers,
+        bare_seconds=bare_seconds,
+        study_batches=tuple(study_batch or (1, 8, 32)),
+        study_waits_ms=tuple(study_wait_ms or (0.0, 5.0, 20.0)),
+        study_images=study_images,
+        model_batches=tuple(model_batch or (1, 16)),
+        model_wait_ms=model_wait_ms,
+        model_study_images=model_study_images,
+    )
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_bench(opts, get_settings(), ["hepato", "bench", "e2e", *sys.argv[3:]])
+    except BenchFailed as exc:
+        typer.echo(f"hepato bench e2e failed: {exc}", err=True)
+        typer.echo(f"partial report in {out}", err=True)
+        raise typer.Exit(1) from None
+    print_targets(result["targets"])
+    Console(width=160).print(f"report and plots: {', '.join(result['files'])}")

@@ -20,6 +20,8 @@ MANIFEST_SUFFIXES = (".yaml", ".yml")
 
 Task = Literal["detect", "classify", "zero-shot", "vqa"]
 TASKS: tuple[str, ...] = ("detect", "classify", "zero-shot", "vqa")
+# The benchmark's model: a fixed result, no weights, no compute (worker/backends/null.py).
+NULL_BACKEND = "null"
 
 
 class _Strict(BaseModel):
@@ -62,7 +64,10 @@ class _Manifest(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Unique; jobs name it.")
     version: str = Field("1", min_length=1, description="Recorded with every result.")
     description: str = ""
-    weights: Path = Field(description="File or directory, relative to the manifest's own.")
+    # Only the null backend (a benchmark model that computes nothing) has no weights.
+    weights: Path | None = Field(
+        None, description="File or directory, relative to the manifest's own."
+    )
     labels: list[str] = Field(default_factory=list)
     input_size: int = Field(640, ge=16, le=8192, description="Model input side, pixels.")
     max_batch_size: int = Field(16, ge=1, le=4096, description="Most images per model call.")
@@ -77,15 +82,30 @@ class _Manifest(_Strict):
             raise ValueError("labels must be unique")
         return self
 
+    @model_validator(mode="after")
+    def _weights_given(self) -> _Manifest:
+        if self.weights is None and not self.needs_no_weights:
+            raise ValueError(
+                "weights: Field required (a file or directory; only backend 'null' has none)"
+            )
+        return self
+
+    @property
+    def needs_no_weights(self) -> bool:
+        return getattr(self, "backend", None) == NULL_BACKEND
+
     @property
     def weights_path(self) -> Path:
+        """The weights' absolute path; a model without weights has none to give."""
+        if self.weights is None:
+            raise InvalidManifest(f"model {self.name!r} (backend {NULL_BACKEND}) has no weights")
         if self.weights.is_absolute() or self.source is None:
             return self.weights
         return (self.source.parent / self.weights).resolve()
 
     @property
     def weights_present(self) -> bool:
-        return self.weights_path.exists()
+        return self.weights is None or self.weights_path.exists()
 
 
 def _need_labels(m: _Manifest) -> None:
@@ -96,8 +116,8 @@ def _need_labels(m: _Manifest) -> None:
 class DetectManifest(_Manifest):
     task: Literal["detect"]
     # ultralytics: YOLOv8 .pt on PyTorch; onnx: YOLOv8 on ONNX Runtime;
-    # transformers: DETR checkpoint directory.
-    backend: Literal["ultralytics", "onnx", "transformers"]
+    # transformers: DETR checkpoint directory; null: no model at all, for `hepato bench`.
+    backend: Literal["ultralytics", "onnx", "transformers", "null"]
     options: DetectOptions = DetectOptions()
 
     @model_validator(mode="after")

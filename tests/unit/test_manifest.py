@@ -51,7 +51,10 @@ def test_weights_are_relative_to_the_manifest(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ("task: segment", "task: 'segment' is not a task; use one of detect, classify"),
-        ("backend: tensorrt", "backend: Input should be 'ultralytics', 'onnx' or 'transformers'"),
+        (
+            "backend: tensorrt",
+            "backend: Input should be 'ultralytics', 'onnx', 'transformers' or 'null'",
+        ),
         ("input_size: -3", "input_size: Input should be greater than or equal to 16"),
         ("max_batch_size: 0", "max_batch_size: Input should be greater than or equal to 1"),
         ("name: Liver YOLO", "name: String should match pattern"),
