@@ -134,6 +134,27 @@ class Bench:
         )
         return rec
 
+    def drain(
+        self, scenario: str, what: str, model: str, workers: int, env: dict[str, str]
+    ) -> load.Recorder:
+        """The same images queued with no worker running, then drained by fresh workers
+        (no warm-up: it would queue behind them); timed by the jobs' own timelines."""
+        self.stack.stop_workers()
+        images, base, chunk = (
+            self._next(self.opts.efficiency_images),
+            self.stack.base_url,
+            self.opts.chunk,
+        )
+        rec = self.measure(
+            scenario,
+            f"{what}: queueing",
+            lambda r: load.submit_only(base, images, model, chunk=chunk, rec=r),
+        )
+        self.stack.start_workers(scenario, workers, [model], env)
+        self.measure(scenario, what, lambda _: load.drained(base, rec))
+        self.stack.stop_workers()
+        return rec
+
     def bare(self, scenario: str, model: str, size: int, batch: int, processes: int) -> BareRun:
         return bare_throughput(
             scenario,
@@ -228,11 +249,14 @@ class Bench:
             name = variant_name(o.model, size)
             self.start_workers(scenario, w, name, env)
             rec = self.flood(scenario, f"{name}, whole stack", name, o.efficiency_images)
-            self.stack.stop_workers()
+            drain = self.drain(scenario, f"{name}, queue filled first", name, w, env)
             bare = self.bare(scenario, name, size, batch, w)
             e2e = rec.summary()
-            runs.append({"input_size": size, "e2e": e2e, "bare": bare.summary()})
+            runs.append(
+                {"input_size": size, "e2e": e2e, "drain": drain.summary(), "bare": bare.summary()}
+            )
             report.progress(scenario, f"{size} px", e2e, bare.images_per_s)
+            report.progress(scenario, f"{size} px, workers alone", drain.summary())
         settings = {
             "model": o.model,
             "batch": batch,

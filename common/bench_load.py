@@ -307,6 +307,63 @@ async def read_model_batch_sizes(base_url: str, rec: Recorder) -> None:
                 url = page["next_page_url"]
 
 
+# --- the queue filled first ---------------------------------------------------------------
+async def submit_only(
+    base_url: str, images: Sequence[Image], model: str, *, chunk: int, rec: Recorder
+) -> None:
+    """Queue ``images`` as batches (no worker should be running); ids into ``rec``."""
+    async with _client(base_url, 4) as client:
+        for part in chunks(images, chunk):
+            response = await client.post(
+                "/v1/batches",
+                files=[("files", (i.name, i.data, "image/png")) for i in part],
+                data={"model": model},
+            )
+            if response.status_code != 202:
+                raise httpx.HTTPStatusError(
+                    _refused(response), request=response.request, response=response
+                )
+            rec.batch_ids.append(response.json()["batch_id"])
+            rec.expected += len(part)
+
+
+async def drained(base_url: str, rec: Recorder, poll_s: float = 0.25) -> None:
+    """Wait until every job of ``rec.batch_ids`` finished, then time the workers by the
+    jobs' own timelines (Postgres's clock): first claim to last result written. No
+    client, gateway or upload is in that span: it is what the workers alone deliver."""
+    async with _client(base_url, 4) as client:
+        for batch_id in rec.batch_ids:
+            while True:
+                body = (await client.get(f"/v1/batches/{batch_id}")).raise_for_status().json()
+                if body["state"] in ("done", "done_with_failures"):
+                    break
+                await asyncio.sleep(poll_s)
+        claimed: list[float] = []
+        written: list[float] = []
+        for batch_id in rec.batch_ids:
+            url: str | None = f"/v1/batches/{batch_id}?page_size=1000"
+            while url:
+                page = (await client.get(url)).raise_for_status().json()
+                for job in page["jobs"]:
+                    if job["state"] != "done":
+                        rec.fail(f"job {job['state']}: {job.get('error')}")
+                        continue
+                    rec.done += 1
+                    claimed.append(_epoch(job["timeline"]["claimed"]))
+                    written.append(_epoch(job["timeline"]["written"]))
+                    if job["batch_size"]:
+                        rec.model_batch_sizes.append(job["batch_size"])
+                url = page["next_page_url"]
+    if claimed:
+        rec.started, rec.finished = min(claimed), max(written)
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp).timestamp()
+
+
 # --- the object store alone -------------------------------------------------------------
 async def object_store_alone(
     settings: Settings, images: Sequence[Image], *, concurrency: int, rec: Recorder

@@ -82,8 +82,10 @@ def _efficiency(found: dict[str, Any], plt: Any) -> Any:
     runs = found["runs"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     x = range(len(runs))
-    ax.bar([i - 0.2 for i in x], [r["e2e"]["images_per_s"] for r in runs], 0.4, label="e2e")
-    ax.bar([i + 0.2 for i in x], [r["bare"]["images_per_s"] for r in runs], 0.4, label="bare")
+    ax.bar([i - 0.27 for i in x], [r["e2e"]["images_per_s"] for r in runs], 0.27, label="e2e")
+    drained = [(r.get("drain") or {}).get("images_per_s", 0.0) for r in runs]
+    ax.bar(list(x), drained, 0.27, label="workers alone (queue filled first)")
+    ax.bar([i + 0.27 for i in x], [r["bare"]["images_per_s"] for r in runs], 0.27, label="bare")
     for i, r in enumerate(runs):
         ratio = found["ratios"].get(str(r["input_size"]))
         if ratio is not None:
