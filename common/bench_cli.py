@@ -171,6 +171,12 @@ def e2e(
     study. Writes bench-e2e.json and PNG plots to --out."""
     import sys
 
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter(
+            "the end-to-end bench needs psutil and matplotlib: pip install 'hepato[bench]'"
+        ) from None
     from common.bench_e2e import run_bench
     from common.bench_report import print_targets
     from common.bench_setup import BenchOptions, scenario_names

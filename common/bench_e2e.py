@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from common import bench_cpu as cpu
 from common import bench_load as load
 from common import bench_report as report
 from common.bench_bare import BareRun, bare_throughput
@@ -57,6 +58,7 @@ class Bench:
         death or a timeout ends the run with a message naming the scenario."""
         rec = load.Recorder()
         timeout_s = self.opts.timeout_s
+        cpu_before = cpu.snapshot(self.stack.local)
 
         async def guarded() -> None:
             task = asyncio.create_task(work(rec))
@@ -87,6 +89,7 @@ class Bench:
         except httpx.HTTPError as exc:
             self.stack.check_alive(scenario)  # a dead process is the better explanation
             raise BenchFailed(scenario, f"{what}: {type(exc).__name__}: {exc}") from exc
+        rec.cpu_ms_per_image = cpu.spent(cpu_before, cpu.snapshot(self.stack.local), rec.done)
         return rec
 
     def batches(
@@ -135,13 +138,19 @@ class Bench:
         return rec
 
     def drain(
-        self, scenario: str, what: str, model: str, workers: int, env: dict[str, str]
+        self,
+        scenario: str,
+        what: str,
+        model: str,
+        workers: int,
+        env: dict[str, str],
+        count: int,
     ) -> load.Recorder:
-        """The same images queued with no worker running, then drained by fresh workers
+        """``count`` images queued with no worker running, then drained by fresh workers
         (no warm-up: it would queue behind them); timed by the jobs' own timelines."""
         self.stack.stop_workers()
         images, base, chunk = (
-            self._next(self.opts.efficiency_images),
+            self._next(count),
             self.stack.base_url,
             self.opts.chunk,
         )
@@ -249,7 +258,9 @@ class Bench:
             name = variant_name(o.model, size)
             self.start_workers(scenario, w, name, env)
             rec = self.flood(scenario, f"{name}, whole stack", name, o.efficiency_images)
-            drain = self.drain(scenario, f"{name}, queue filled first", name, w, env)
+            drain = self.drain(
+                scenario, f"{name}, queue filled first", name, w, env, o.efficiency_images
+            )
             bare = self.bare(scenario, name, size, batch, w)
             e2e = rec.summary()
             runs.append(
@@ -291,6 +302,20 @@ class Bench:
             for b in o.study_batches
             for wait_ms in o.study_waits_ms
         ]
+        # The workers' own per-job cost, with no uploads sharing the machine.
+        null_alone = []
+        for b in o.study_batches:
+            env = {
+                "HEPATO_CPU_THREADS": str(threads_for(1)),
+                "HEPATO_MAX_BATCH_SIZE": str(b),
+                "HEPATO_MAX_WAIT_MS": str(o.model_wait_ms),
+            }
+            what = f"null, batch {b}, wait {o.model_wait_ms:g} ms, workers alone"
+            rec = self.drain(scenario, what, NULL_MODEL, 1, env, o.study_images)
+            row: dict[str, Any] = {"max_batch_size": b, "max_wait_ms": o.model_wait_ms}
+            row.update(rec.summary())
+            report.progress(scenario, what, row)
+            null_alone.append(row)
         name = variant_name(o.model, o.model_input_size)
         model = [
             self._study(scenario, name, b, o.model_wait_ms, o.model_study_images)
@@ -309,7 +334,13 @@ class Bench:
             "clients": o.clients,
             "images_per_request": o.chunk,
         }
-        return {"settings": settings, "null": null, "model": model, "bare": bare}
+        return {
+            "settings": settings,
+            "null": null,
+            "null_workers_alone": null_alone,
+            "model": model,
+            "bare": bare,
+        }
 
 
 def run_bench(opts: BenchOptions, settings: Settings, argv: list[str]) -> dict[str, Any]:

@@ -70,6 +70,8 @@ class Recorder:
     batch_ids: list[str] = field(default_factory=list)
     # Images per model call, as the jobs recorded it (read after the measurement).
     model_batch_sizes: list[int] = field(default_factory=list)
+    # CPU ms per finished image, by part of the stack (common.bench_cpu).
+    cpu_ms_per_image: dict[str, float] = field(default_factory=dict)
 
     def start(self) -> float:
         now = time.perf_counter()
@@ -122,6 +124,8 @@ class Recorder:
                 "mean": round(sum(sizes) / len(sizes), 2),
                 "max": max(sizes),
             }
+        if self.cpu_ms_per_image:
+            out["cpu_ms_per_image"] = self.cpu_ms_per_image
         if self.errors:
             out["errors"] = self.errors
         return out

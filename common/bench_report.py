@@ -147,6 +147,10 @@ def ratios(scenario: str, found: dict[str, Any]) -> dict[str, Any]:
             )
             key = f"batch {rows[-1]['max_batch_size']} / batch {rows[0]['max_batch_size']}"
             null_ratios[f"wait {wait:g} ms: {key}"] = _div(_speed(rows[-1]), _speed(rows[0]))
+        drained = sorted(found.get("null_workers_alone", []), key=lambda r: r["max_batch_size"])
+        if len(drained) > 1:
+            key = f"batch {drained[-1]['max_batch_size']} / batch {drained[0]['max_batch_size']}"
+            null_ratios[f"workers alone: {key}"] = _div(_speed(drained[-1]), _speed(drained[0]))
         out: dict[str, Any] = {"null": null_ratios}
         model, bare = found["model"], found["bare"]
         if len(model) > 1 and len(bare) > 1:
@@ -220,6 +224,9 @@ def progress(scenario: str, what: str, row: dict[str, Any], bare: float | None =
         f"[bold]{row['images_per_s']:.1f} images/s[/], p50 {lat.get('p50', '-')} ms, "
         f"p95 {lat.get('p95', '-')} ms{fail}{extra}"
     )
+    if row.get("cpu_ms_per_image"):
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in row["cpu_ms_per_image"].items() if v)
+        console.print(f"    CPU ms per image: {parts}")
 
 
 def _lat(row: dict[str, Any], key: str, field: str = "latency_ms") -> str:

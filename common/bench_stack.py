@@ -96,8 +96,10 @@ class BenchStack:
             worker_id = f"bench-{scenario}-{run}-{i}"
             env = {
                 **self._env,
-                # Several workers on one host: no fixed metrics port to collide on.
+                # Several workers on one host: no fixed metrics port to collide on, and
+                # decoder processes that share the cores rather than each taking all.
                 "HEPATO_WORKER_METRICS_PORT": "0",
+                "HEPATO_DECODE_PROCESSES": str(max(1, (os.cpu_count() or 1) // count)),
                 **overrides,
                 "HEPATO_WORKER_MODELS": json.dumps(list(models)),
                 "HEPATO_WORKER_ID": worker_id,

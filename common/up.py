@@ -46,7 +46,9 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
         # A local demo stack: no API keys, every request is the tenant "public".
         env = {**os.environ, **stack.env(), "HEPATO_PORT": str(port), "HEPATO_AUTH": "open"}
         # Workers on one CPU share its cores rather than each taking all of them.
-        env.setdefault("HEPATO_CPU_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        env.setdefault("HEPATO_CPU_THREADS", share)
+        env.setdefault("HEPATO_DECODE_PROCESSES", share)
         run_migrations(stack.database_url)
         base = f"http://127.0.0.1:{port}"
         stack.spawn("gateway", [sys.executable, "-m", "common.cli", "gateway"], env)

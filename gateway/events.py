@@ -114,22 +114,37 @@ class Wakeups:
     """A Redis subscription to one channel, used only as a hint to read again. Redis
     being down or dropping the subscription degrades to the interval re-read."""
 
-    def __init__(self, url: str, channel: str) -> None:
+    def __init__(self, url: str, channel: str, coalesce_s: float) -> None:
         self.client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2)
         self.channel = channel
+        self.coalesce_s = coalesce_s
         self.pubsub: redis.asyncio.client.PubSub | None = None
+
+    async def subscribe(self) -> bool:
+        """Subscribe (once). Done before the stream's first read, so that a change
+        committed between that read and the first wait still wakes it."""
+        try:
+            if self.pubsub is None:
+                self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                await self.pubsub.subscribe(self.channel)
+            return True
+        except (redis.RedisError, OSError):
+            log.debug("event wake-ups unavailable; re-reading on the interval", exc_info=True)
+            await self._drop()
+            return False
 
     async def wait(self, timeout_s: float) -> None:
         """Return on a wake-up, or after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         try:
-            if self.pubsub is None:
-                self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                await self.pubsub.subscribe(self.channel)
+            if self.pubsub is None and not await self.subscribe():
+                await anyio.sleep(timeout_s)
+                return
+            assert self.pubsub is not None
             # get_message returns None early for the (ignored) subscribe confirmation.
             while (remaining := deadline - time.monotonic()) > 0:
                 if await self.pubsub.get_message(timeout=remaining) is not None:
-                    await anyio.sleep(COALESCE_S)
+                    await anyio.sleep(self.coalesce_s)
                     while await self.pubsub.get_message(timeout=0) is not None:
                         pass
                     return
@@ -153,9 +168,12 @@ class Wakeups:
 
 
 async def _stream(res: Resources, scope: Scope, after: int) -> AsyncIterator[ServerSentEvent]:
-    wakeups = Wakeups(res.settings.redis_url, scope.channel)
+    # A batch's jobs change in bursts: one re-read per burst, not one per job.
+    coalesce_s = COALESCE_S if scope.batch_id is not None else 0.0
+    wakeups = Wakeups(res.settings.redis_url, scope.channel, coalesce_s)
     first = True
     try:
+        await wakeups.subscribe()
         while True:
             page = await anyio.to_thread.run_sync(_read, res.engine, scope, after, first)
             first = False
