@@ -141,7 +141,7 @@ def e2e(
         list[int] | None,
         typer.Option(help="overhead: worker counts; repeatable", show_default="1 2 4"),
     ] = None,
-    overhead_images: Annotated[int, typer.Option(help="overhead: images per run")] = 600,
+    overhead_images: Annotated[int, typer.Option(help="overhead: images per run")] = 1500,
     input_size: Annotated[
         list[int] | None,
         typer.Option(help="efficiency: input sizes, px; repeatable", show_default="320 640"),
@@ -158,7 +158,7 @@ def e2e(
         list[float] | None,
         typer.Option(help="batching: max_wait_ms; repeatable", show_default="0 5 20"),
     ] = None,
-    study_images: Annotated[int, typer.Option(help="batching: images per null run")] = 600,
+    study_images: Annotated[int, typer.Option(help="batching: images per null run")] = 1000,
     model_batch: Annotated[
         list[int] | None,
         typer.Option(help="batching: the model's batch sizes; repeatable", show_default="1 16"),

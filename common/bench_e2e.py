@@ -160,7 +160,10 @@ class Bench:
             lambda r: load.submit_only(base, images, model, chunk=chunk, rec=r),
         )
         self.stack.start_workers(scenario, workers, [model], env)
+        # From the workers' readiness on (their model loading is not the drain's cost).
+        before = cpu.snapshot(self.stack.local)
         self.measure(scenario, what, lambda _: load.drained(base, rec))
+        rec.cpu_ms_per_image = cpu.spent(before, cpu.snapshot(self.stack.local), rec.done)
         self.stack.stop_workers()
         return rec
 

@@ -38,7 +38,7 @@ class BenchOptions:
     batches_per_client: int = 2
     # overhead
     workers: tuple[int, ...] = (1, 2, 4)
-    overhead_images: int = 600
+    overhead_images: int = 1500
     # efficiency
     input_sizes: tuple[int, ...] = (320, 640)
     efficiency_images: int = 400
@@ -48,7 +48,7 @@ class BenchOptions:
     # batching
     study_batches: tuple[int, ...] = (1, 8, 32)
     study_waits_ms: tuple[float, ...] = (0.0, 5.0, 20.0)
-    study_images: int = 600
+    study_images: int = 1000
     model_batches: tuple[int, ...] = (1, 16)
     model_wait_ms: float = 5.0
     model_input_size: int = 320
