@@ -165,10 +165,30 @@ class LocalStack:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
         config.write_text(json.dumps({"identities": [identity]}))
-        if not self._s3_ports:
-            self._s3_ports = {n: free_port(10000) for n in ("master", "volume", "filer", "s3")}
+        # A first start picks its ports, and tries again with new ones should SeaweedFS
+        # exit at once (another process took one of its eight ports in between: they
+        # are probed free, then bound by SeaweedFS a moment later). A restart reuses the
+        # first start's ports, so that clients keep their endpoint.
+        attempts = 1 if self._s3_ports else 3
+        for attempt in range(1, attempts + 1):
+            if attempt > 1 or not self._s3_ports:
+                self._s3_ports = {n: free_port(10000) for n in ("master", "volume", "filer", "s3")}
+            proc = self._spawn("seaweedfs", self._weed_command(data, config), data / "weed.log")
+            self.s3_endpoint = f"127.0.0.1:{self._s3_ports['s3']}"
+            try:
+                _wait_for(lambda: self._s3_ready(), "seaweedfs s3", 60, proc)
+                break
+            except RuntimeError as exc:
+                self.procs.remove(("seaweedfs", proc))
+                tail = (data / "weed.log").read_text(errors="replace")[-2000:]
+                if attempt == attempts:
+                    raise RuntimeError(f"{exc}; its log ends:\n{tail}") from exc
+                log.warning("seaweedfs exited at start-up; again on new ports:\n%s", tail)
+        log.info("s3: %s", self.s3_endpoint)
+
+    def _weed_command(self, data: Path, config: Path) -> list[str]:
         ports = self._s3_ports
-        cmd = [
+        return [
             weed_binary(),
             "server",
             f"-dir={data}",
@@ -187,10 +207,6 @@ class LocalStack:
             "-master.volumeSizeLimitMB=256",
             "-volume.max=0",
         ]
-        proc = self._spawn("seaweedfs", cmd, data / "weed.log")
-        self.s3_endpoint = f"127.0.0.1:{ports['s3']}"
-        _wait_for(lambda: self._s3_ready(), "seaweedfs s3", 60, proc)
-        log.info("s3: %s", self.s3_endpoint)
 
     def _s3_ready(self) -> bool:
         import urllib3
