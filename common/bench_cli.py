@@ -13,8 +13,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.bench_options import BenchOptions, scenario_names
 from common.manifest import ModelManifest, load_registry
 from common.settings import REPO_ROOT, get_settings
+
+# The defaults of `hepato bench e2e`'s flags.
+_D = BenchOptions()
+
+
+def _shown(values: tuple[float, ...]) -> str:
+    return " ".join(f"{v:g}" for v in values)
+
 
 app = typer.Typer(help="Benchmarks; figures come as ratios from one run.", no_args_is_help=True)
 
@@ -100,9 +109,7 @@ def _device(setting: str) -> str:
 
 @app.command()
 def e2e(
-    out: Annotated[Path, typer.Option(help="Where the JSON report and the plots go")] = REPO_ROOT
-    / ".data"
-    / "bench",
+    out: Annotated[Path, typer.Option(help="Where the JSON report and the plots go")] = _D.out,
     only: Annotated[
         list[str] | None,
         typer.Option(
@@ -112,59 +119,97 @@ def e2e(
         ),
     ] = None,
     model: Annotated[str, typer.Option(help="Detector of the load, efficiency, study runs")] = (
-        "hepato-yolov8n"
+        _D.model
     ),
-    samples: Annotated[Path, typer.Option(help="Folder of synthetic_*.png")] = REPO_ROOT
-    / "samples",
+    samples: Annotated[Path, typer.Option(help="Folder of synthetic_*.png")] = _D.samples,
     wait: Annotated[
         str, typer.Option(help="How single-image clients see a job finish: sse or poll")
-    ] = "sse",
-    timeout_s: Annotated[float, typer.Option(help="Longest one measurement may take, s")] = 300.0,
-    warmup_images: Annotated[int, typer.Option(help="Unmeasured images per new workers")] = 16,
+    ] = _D.wait,
+    timeout_s: Annotated[
+        float, typer.Option(help="Longest one measurement may take, s")
+    ] = _D.timeout_s,
+    warmup_images: Annotated[
+        int, typer.Option(help="Unmeasured images per new workers")
+    ] = _D.warmup_images,
     clients: Annotated[
         int, typer.Option(help="Concurrent submitters of the throughput runs and store-alone")
-    ] = 8,
-    chunk: Annotated[int, typer.Option(help="Images per batch request in throughput runs")] = 25,
+    ] = _D.clients,
+    chunk: Annotated[
+        int, typer.Option(help="Images per batch request in throughput runs")
+    ] = _D.chunk,
     concurrency: Annotated[
         list[int] | None,
-        typer.Option(help="load: single-image clients; repeatable", show_default="1 4 16 64"),
+        typer.Option(
+            help="load: single-image clients; repeatable", show_default=_shown(_D.concurrency)
+        ),
     ] = None,
-    sweep_seconds: Annotated[float, typer.Option(help="load: seconds per concurrency")] = 15.0,
-    load_workers: Annotated[int, typer.Option(help="load: workers")] = 1,
-    batch_images: Annotated[int, typer.Option(help="load: images per batch")] = 100,
+    sweep_seconds: Annotated[
+        float, typer.Option(help="load: seconds per concurrency")
+    ] = _D.sweep_seconds,
+    load_workers: Annotated[int, typer.Option(help="load: workers")] = _D.load_workers,
+    batch_images: Annotated[int, typer.Option(help="load: images per batch")] = _D.batch_images,
     batch_clients: Annotated[
         list[int] | None,
-        typer.Option(help="load: concurrent batch clients; repeatable", show_default="1 4"),
+        typer.Option(
+            help="load: concurrent batch clients; repeatable", show_default=_shown(_D.batch_clients)
+        ),
     ] = None,
-    batches_per_client: Annotated[int, typer.Option(help="load: batches per client")] = 2,
+    batches_per_client: Annotated[
+        int, typer.Option(help="load: batches per client")
+    ] = _D.batches_per_client,
     workers: Annotated[
         list[int] | None,
-        typer.Option(help="overhead: worker counts; repeatable", show_default="1 2 4"),
+        typer.Option(help="overhead: worker counts; repeatable", show_default=_shown(_D.workers)),
     ] = None,
-    overhead_images: Annotated[int, typer.Option(help="overhead: images per run")] = 1500,
+    overhead_images: Annotated[
+        int, typer.Option(help="overhead: images per run")
+    ] = _D.overhead_images,
     input_size: Annotated[
         list[int] | None,
-        typer.Option(help="efficiency: input sizes, px; repeatable", show_default="320 640"),
+        typer.Option(
+            help="efficiency: input sizes, px; repeatable", show_default=_shown(_D.input_sizes)
+        ),
     ] = None,
-    efficiency_images: Annotated[int, typer.Option(help="efficiency: images per run")] = 400,
-    efficiency_batch: Annotated[int, typer.Option(help="efficiency: max_batch_size")] = 16,
-    efficiency_workers: Annotated[int, typer.Option(help="efficiency: workers")] = 1,
-    bare_seconds: Annotated[float, typer.Option(help="Least time per bare measurement, s")] = 5.0,
+    efficiency_images: Annotated[
+        int, typer.Option(help="efficiency: images per run")
+    ] = _D.efficiency_images,
+    efficiency_batch: Annotated[
+        int, typer.Option(help="efficiency: max_batch_size")
+    ] = _D.efficiency_batch,
+    efficiency_workers: Annotated[
+        int, typer.Option(help="efficiency: workers")
+    ] = _D.efficiency_workers,
+    bare_seconds: Annotated[
+        float, typer.Option(help="Least time per bare measurement, s")
+    ] = _D.bare_seconds,
     study_batch: Annotated[
         list[int] | None,
-        typer.Option(help="batching: max_batch_size; repeatable", show_default="1 8 32"),
+        typer.Option(
+            help="batching: max_batch_size; repeatable", show_default=_shown(_D.study_batches)
+        ),
     ] = None,
     study_wait_ms: Annotated[
         list[float] | None,
-        typer.Option(help="batching: max_wait_ms; repeatable", show_default="0 5 20"),
+        typer.Option(
+            help="batching: max_wait_ms; repeatable", show_default=_shown(_D.study_waits_ms)
+        ),
     ] = None,
-    study_images: Annotated[int, typer.Option(help="batching: images per null run")] = 1000,
+    study_images: Annotated[
+        int, typer.Option(help="batching: images per null run")
+    ] = _D.study_images,
     model_batch: Annotated[
         list[int] | None,
-        typer.Option(help="batching: the model's batch sizes; repeatable", show_default="1 16"),
+        typer.Option(
+            help="batching: the model's batch sizes; repeatable",
+            show_default=_shown(_D.model_batches),
+        ),
     ] = None,
-    model_wait_ms: Annotated[float, typer.Option(help="batching: the model's max_wait_ms")] = 5.0,
-    model_study_images: Annotated[int, typer.Option(help="batching: images per model run")] = 320,
+    model_wait_ms: Annotated[
+        float, typer.Option(help="batching: the model's max_wait_ms")
+    ] = _D.model_wait_ms,
+    model_study_images: Annotated[
+        int, typer.Option(help="batching: images per model run")
+    ] = _D.model_study_images,
 ) -> None:
     """End to end through a local stack of its own: load sweep, pipeline overhead (null
     model against the object store alone), efficiency against the bare model, batch-size
@@ -179,7 +224,6 @@ def e2e(
         ) from None
     from common.bench_e2e import run_bench
     from common.bench_report import print_targets
-    from common.bench_setup import BenchOptions, scenario_names
     from common.exceptions import BenchFailed
 
     if wait not in ("sse", "poll"):
@@ -198,23 +242,23 @@ def e2e(
         warmup_images=warmup_images,
         clients=clients,
         chunk=chunk,
-        concurrency=tuple(concurrency or (1, 4, 16, 64)),
+        concurrency=tuple(concurrency or _D.concurrency),
         sweep_seconds=sweep_seconds,
         load_workers=load_workers,
         batch_images=batch_images,
-        batch_clients=tuple(batch_clients or (1, 4)),
+        batch_clients=tuple(batch_clients or _D.batch_clients),
         batches_per_client=batches_per_client,
-        workers=tuple(workers or (1, 2, 4)),
+        workers=tuple(workers or _D.workers),
         overhead_images=overhead_images,
-        input_sizes=tuple(input_size or (320, 640)),
+        input_sizes=tuple(input_size or _D.input_sizes),
         efficiency_images=efficiency_images,
         efficiency_batch=efficiency_batch,
         efficiency_workers=efficiency_workers,
         bare_seconds=bare_seconds,
-        study_batches=tuple(study_batch or (1, 8, 32)),
-        study_waits_ms=tuple(study_wait_ms or (0.0, 5.0, 20.0)),
+        study_batches=tuple(study_batch or _D.study_batches),
+        study_waits_ms=tuple(study_wait_ms or _D.study_waits_ms),
         study_images=study_images,
-        model_batches=tuple(model_batch or (1, 16)),
+        model_batches=tuple(model_batch or _D.model_batches),
         model_wait_ms=model_wait_ms,
         model_study_images=model_study_images,
     )

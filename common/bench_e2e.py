@@ -23,13 +23,8 @@ from common import bench_cpu as cpu
 from common import bench_load as load
 from common import bench_report as report
 from common.bench_bare import BareRun, bare_throughput
-from common.bench_setup import (
-    NULL_MODEL,
-    BenchOptions,
-    threads_for,
-    variant_name,
-    write_models_dir,
-)
+from common.bench_options import NULL_MODEL, BenchOptions
+from common.bench_setup import threads_for, variant_name, write_models_dir
 from common.bench_stack import BenchStack
 from common.exceptions import BenchFailed
 from common.settings import Settings

@@ -15,16 +15,16 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import numpy as np
 from httpx_sse import aconnect_sse
 
+from common.bench_options import Wait
 from common.constants import TERMINAL_STATES
 from common.settings import Settings
 
-Wait = Literal["sse", "poll"]
 MAX_ERRORS_KEPT = 5
 # Long enough for a batch of hundreds of images on a slow CPU; a stuck run is cut by the
 # scenario's own timeout, not by this.

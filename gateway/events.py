@@ -120,32 +120,33 @@ class Wakeups:
         self.coalesce_s = coalesce_s
         self.pubsub: redis.asyncio.client.PubSub | None = None
 
-    async def subscribe(self) -> bool:
+    async def subscribe(self) -> redis.asyncio.client.PubSub | None:
         """Subscribe (once). Done before the stream's first read, so that a change
-        committed between that read and the first wait still wakes it."""
+        committed between that read and the first wait still wakes it. None: Redis is
+        unavailable."""
         try:
             if self.pubsub is None:
                 self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 await self.pubsub.subscribe(self.channel)
-            return True
+            return self.pubsub
         except (redis.RedisError, OSError):
             log.debug("event wake-ups unavailable; re-reading on the interval", exc_info=True)
             await self._drop()
-            return False
+            return None
 
     async def wait(self, timeout_s: float) -> None:
         """Return on a wake-up, or after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         try:
-            if self.pubsub is None and not await self.subscribe():
+            pubsub = await self.subscribe()
+            if pubsub is None:
                 await anyio.sleep(timeout_s)
                 return
-            assert self.pubsub is not None
             # get_message returns None early for the (ignored) subscribe confirmation.
             while (remaining := deadline - time.monotonic()) > 0:
-                if await self.pubsub.get_message(timeout=remaining) is not None:
+                if await pubsub.get_message(timeout=remaining) is not None:
                     await anyio.sleep(self.coalesce_s)
-                    while await self.pubsub.get_message(timeout=0) is not None:
+                    while await pubsub.get_message(timeout=0) is not None:
                         pass
                     return
         except (redis.RedisError, OSError):
