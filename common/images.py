@@ -16,7 +16,7 @@ from typing import IO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from common.exceptions import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from hepato.common.exceptions import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 
 # (magic bytes at offset 0, format name, MIME type)
 _SIGNATURES: tuple[tuple[bytes, str, str], ...] = (

@@ -11,10 +11,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, and_, bindparam, extract, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
-from common import events
-from common.constants import JobState
-from common.models import Job
-from common.results import TaskResult
+from hepato.common import event_log
+from hepato.common.constants import JobState
+from hepato.common.results import TaskResult
+from hepato.common.tables import Job
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def claim(
     if not job_ids:
         return token, []
     now = func.now()
-    with events.transaction(engine) as conn:
+    with event_log.transaction(engine) as conn:
         expired = (
             conn.execute(
                 update(Job)
@@ -105,7 +105,7 @@ def claim(
                 Job.queue_wait_ms,
             )
         ).all()
-        events.record(conn, [*expired, *(row[0] for row in rows)])
+        event_log.record(conn, [*expired, *(row[0] for row in rows)])
     return token, [ClaimedJob(*row) for row in rows]
 
 
@@ -143,7 +143,7 @@ def complete(
     owns. Returns the ids written; the others were taken over by another worker."""
     if not results:
         return set()
-    with events.transaction(engine) as conn:
+    with event_log.transaction(engine) as conn:
         # Row locks keep the owned set stable until commit: no one can reclaim in between.
         owned = set(
             conn.execute(
@@ -182,7 +182,7 @@ def complete(
                 for r in mine
             ],
         )
-        events.record(conn, [r.id for r in mine])
+        event_log.record(conn, [r.id for r in mine])
     return owned
 
 
@@ -194,7 +194,7 @@ def fail(
     if not errors:
         return []
     requeue: list[Requeue] = []
-    with events.transaction(engine) as conn:
+    with event_log.transaction(engine) as conn:
         owned = conn.execute(
             select(Job.id, Job.attempts, Job.max_attempts, Job.model, Job.priority)
             .where(_owned(token, list(errors)))
@@ -215,7 +215,7 @@ def fail(
                     else f"{errors[job_id]} (gave up after {attempts} attempts)",
                 }
             conn.execute(update(Job).where(Job.id == job_id).values(**values))
-        events.record(conn, [row[0] for row in owned])
+        event_log.record(conn, [row[0] for row in owned])
     return requeue
 
 
@@ -242,7 +242,7 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> Swept:
 
     Returns the jobs to push again and what was reclaimed and failed."""
     now = func.now()
-    with events.transaction(engine) as conn:
+    with event_log.transaction(engine) as conn:
         expired = (
             select(Job.id)
             .where(Job.state == JobState.processing, Job.lease_until < now)
@@ -288,7 +288,7 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> Swept:
             .values(enqueued_at=now)
             .returning(Job.id, Job.model, Job.priority)
         ).all()
-        events.record(conn, [*(row[0] for row in requeued), *failed])
+        event_log.record(conn, [*(row[0] for row in requeued), *failed])
     return Swept([Requeue(*row) for row in (*requeued, *lost)], len(requeued), len(failed))
 
 
@@ -298,7 +298,7 @@ def cancel(
     """Cancel what has not started: pending jobs become ``canceled``; a worker that pops
     their ids later drops them at claim. Returns how many were canceled."""
     where = Job.id == job_id if job_id is not None else Job.batch_id == batch_id
-    with events.transaction(engine) as conn:
+    with event_log.transaction(engine) as conn:
         canceled = (
             conn.execute(
                 update(Job)
@@ -309,7 +309,7 @@ def cancel(
             .scalars()
             .all()
         )
-        events.record(conn, canceled)
+        event_log.record(conn, canceled)
     return len(canceled)
 
 

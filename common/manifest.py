@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from common.exceptions import InvalidManifest
+from hepato.common.exceptions import InvalidManifest
 
 # Model names end up in Redis keys and URLs.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"

@@ -30,7 +30,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
-from common.constants import JobState, Priority, queue_key
+from hepato.common.constants import JobState, Priority, queue_key
 
 log = logging.getLogger(__name__)
 

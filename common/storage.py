@@ -11,8 +11,8 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from common.exceptions import ObjectFetchError, ObjectMissing
-from common.settings import Settings
+from hepato.common.exceptions import ObjectFetchError, ObjectMissing
+from hepato.common.settings import Settings
 
 
 def new_object_key(image_format: str) -> str:

@@ -15,8 +15,8 @@ from datetime import datetime
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from common.exceptions import HepatoError
-from common.models import ApiKey
+from hepato.common.exceptions import HepatoError
+from hepato.common.tables import ApiKey
 
 # The tenant every request acts as when HEPATO_AUTH=open, and that owns the rows
 # written before tenants existed.

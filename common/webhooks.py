@@ -24,9 +24,9 @@ from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from standardwebhooks import Webhook
 
-from common.constants import TERMINAL_STATES, JobState, batch_state
-from common.models import Batch, Job, WebhookDelivery
-from common.settings import Settings
+from hepato.common.constants import TERMINAL_STATES, JobState, batch_state
+from hepato.common.settings import Settings
+from hepato.common.tables import Batch, Job, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def enqueue_finished(
     conn: Connection, recorded: Sequence[tuple[uuid.UUID, uuid.UUID | None, str]]
 ) -> None:
     """Queue the webhooks that the state changes ``recorded`` (job, batch, state) make
-    due. Called by common.events.record under its lock: transactions that finish jobs
+    due. Called by common.event_log.record under its lock: transactions that finish jobs
     run this one after another, each seeing the ones before committed, so the last job of
     a batch is seen finishing by exactly one of them."""
     finished = [(job, batch) for job, batch, state in recorded if state in TERMINAL_STATES]

@@ -20,20 +20,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from common import events, metrics
-from common.db import get_engine, session_factory
-from common.exceptions import QueueFull, UnknownModel
-from common.manifest import load_registry
-from common.settings import Settings, get_settings
-from common.storage import ObjectStore
-from gateway.auth import KeyBeforeBody
-from gateway.cancel import router as cancel_router
-from gateway.deps import Resources, ResourcesDep
-from gateway.events import router as events_router
-from gateway.exports import router as exports_router
-from gateway.limits import install_limits
-from gateway.routes import router
-from gateway.viewer import router as viewer_router
+from hepato.common import event_log, metrics
+from hepato.common.db import get_engine, session_factory
+from hepato.common.exceptions import QueueFull, UnknownModel
+from hepato.common.manifest import load_registry
+from hepato.common.settings import Settings, get_settings
+from hepato.common.storage import ObjectStore
+from hepato.gateway.auth import KeyBeforeBody
+from hepato.gateway.cancel import router as cancel_router
+from hepato.gateway.deps import Resources, ResourcesDep
+from hepato.gateway.events import router as events_router
+from hepato.gateway.exports import router as exports_router
+from hepato.gateway.limits import install_limits
+from hepato.gateway.routes import router
+from hepato.gateway.viewer import router as viewer_router
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=store,
             models=models,
         )
-        events.attach(app.state.resources.engine, app.state.resources.redis)
+        event_log.attach(app.state.resources.engine, app.state.resources.redis)
         scrape_redis = metrics.scrape_redis(settings.redis_url)
         collector.attach(app.state.resources.engine, scrape_redis, models)
         yield

@@ -16,9 +16,9 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from common.db import get_engine
-from common.tenants import PUBLIC_TENANT, tenant_of
-from gateway.deps import ResourcesDep
+from hepato.common.db import get_engine
+from hepato.common.tenants import PUBLIC_TENANT, tenant_of
+from hepato.gateway.deps import ResourcesDep
 
 # auto_error=False: the dependency below answers 401 itself, with one message for
 # every way a key can be wrong. Declared through Security so /docs offers both schemes.

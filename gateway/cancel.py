@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request, status
 
-from common import jobs
-from common.constants import JobState
-from gateway import schemas
-from gateway.auth import TenantDep
-from gateway.deps import ResourcesDep, SessionDep
-from gateway.lookups import batch_or_404, job_or_404, public_url
+from hepato.common import jobs, schemas
+from hepato.common.constants import JobState
+from hepato.gateway.auth import TenantDep
+from hepato.gateway.deps import ResourcesDep, SessionDep
+from hepato.gateway.lookups import batch_or_404, job_or_404, public_url
 
 router = APIRouter(prefix="/v1")
 

@@ -11,9 +11,9 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.manifest import ModelManifest
-from common.settings import Settings
-from common.storage import ObjectStore
+from hepato.common.manifest import ModelManifest
+from hepato.common.settings import Settings
+from hepato.common.storage import ObjectStore
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Live status as Server-Sent Events: ``GET /v1/batches/{id}/events`` and
 ``GET /v1/jobs/{id}/events``.
 
-Every event comes from the ``job_events`` table (common.events), never from Redis: a
+Every event comes from the ``job_events`` table (common.event_log), never from Redis: a
 Redis wake-up only makes the stream re-read the table sooner. Without one the stream
 re-reads every ``events_poll_interval_s``, so a lost wake-up (Redis restarted, flushed,
 another gateway replica's subscriber) costs latency, never an event, and no client makes
@@ -25,19 +25,18 @@ from fastapi import APIRouter, Header
 from sqlalchemy import Engine, func, select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from common import events
-from common.constants import (
+from hepato.common import event_log, schemas
+from hepato.common.constants import (
     TERMINAL_STATES,
     JobState,
     batch_events_channel,
     batch_state,
     job_events_channel,
 )
-from common.models import Job
-from gateway import schemas
-from gateway.auth import TenantDep
-from gateway.deps import Resources, ResourcesDep
-from gateway.lookups import batch_or_404, job_or_404
+from hepato.common.tables import Job
+from hepato.gateway.auth import TenantDep
+from hepato.gateway.deps import Resources, ResourcesDep
+from hepato.gateway.lookups import batch_or_404, job_or_404
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class Scope:
 
 @dataclass(frozen=True)
 class Page:
-    events: list[events.Event]
+    events: list[event_log.Event]
     # Counts per job state from the same snapshot as ``events``; None when not read.
     counts: dict[str, int] | None
 
@@ -96,7 +95,9 @@ def _read(engine: Engine, scope: Scope, after: int, with_counts: bool) -> Page:
         engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
         conn.begin(),
     ):
-        found = events.read(conn, after, job_id=scope.job_id, batch_id=scope.batch_id, limit=PAGE)
+        found = event_log.read(
+            conn, after, job_id=scope.job_id, batch_id=scope.batch_id, limit=PAGE
+        )
         if len(found) == PAGE or not (found or with_counts):
             return Page(found, None)
         where = (

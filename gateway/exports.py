@@ -25,13 +25,13 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import ColumnElement, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.constants import JobState
-from common.models import Job
-from common.results import TASK_RESULT, Box, DetectResult
-from gateway import schemas
-from gateway.auth import TenantDep
-from gateway.deps import Resources, ResourcesDep, SessionDep
-from gateway.lookups import batch_or_404, job_or_404
+from hepato.common import schemas
+from hepato.common.constants import JobState
+from hepato.common.results import TASK_RESULT, Box, DetectResult
+from hepato.common.tables import Job
+from hepato.gateway.auth import TenantDep
+from hepato.gateway.deps import Resources, ResourcesDep, SessionDep
+from hepato.gateway.lookups import batch_or_404, job_or_404
 
 router = APIRouter(prefix="/v1", tags=["exports"])
 

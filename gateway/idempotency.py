@@ -27,9 +27,9 @@ from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from starlette.datastructures import UploadFile
 
-from common.models import IdempotencyRecord as Record
-from gateway.auth import TenantDep
-from gateway.deps import Resources, ResourcesDep
+from hepato.common.tables import IdempotencyRecord as Record
+from hepato.gateway.auth import TenantDep
+from hepato.gateway.deps import Resources, ResourcesDep
 
 IN_PROGRESS = "in_progress"
 COMPLETED = "completed"

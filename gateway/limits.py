@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.settings import Settings
+from hepato.common.settings import Settings
 
 # Starlette's MultiPartException messages (re-raised by Request.form() as a 400), and
 # what to add to them.

@@ -8,8 +8,8 @@ from typing import TypeVar
 from fastapi import HTTPException, Request, status
 from sqlalchemy.orm import Session
 
-from common.models import Batch, Job
-from gateway.deps import Resources
+from hepato.common.tables import Batch, Job
+from hepato.gateway.deps import Resources
 
 T = TypeVar("T", Job, Batch)
 

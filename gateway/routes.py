@@ -13,22 +13,22 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AnyHttpUrl
 from sqlalchemy import func, select
 
-from common.constants import (
+from hepato.common import schemas
+from hepato.common.constants import (
     TERMINAL_STATES,
     JobState,
     Priority,
     batch_state,
     job_done_channel,
 )
-from common.manifest import ModelManifest
-from common.models import Batch, Job
-from common.results import TASK_RESULT
-from gateway import schemas
-from gateway.auth import TenantDep
-from gateway.deps import Resources, ResourcesDep, SessionDep
-from gateway.idempotency import IdempotencyDep
-from gateway.lookups import batch_or_404, job_or_404, public_url
-from gateway.submit import Submission, Upload, submit
+from hepato.common.manifest import ModelManifest
+from hepato.common.results import TASK_RESULT
+from hepato.common.tables import Batch, Job
+from hepato.gateway.auth import TenantDep
+from hepato.gateway.deps import Resources, ResourcesDep, SessionDep
+from hepato.gateway.idempotency import IdempotencyDep
+from hepato.gateway.lookups import batch_or_404, job_or_404, public_url
+from hepato.gateway.submit import Submission, Upload, submit
 
 router = APIRouter(prefix="/v1")
 

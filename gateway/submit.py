@@ -23,14 +23,14 @@ import redis
 from sqlalchemy import Connection, bindparam, cast, func, insert, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from common import events, metrics, queue
-from common.constants import JobState, Priority
-from common.exceptions import InvalidImage, QueueFull
-from common.images import ImageInfo, display_name, inspect_image
-from common.manifest import ModelManifest
-from common.models import Batch, Job
-from common.storage import new_object_key
-from gateway.deps import Resources
+from hepato.common import dispatch, event_log, metrics
+from hepato.common.constants import JobState, Priority
+from hepato.common.exceptions import InvalidImage, QueueFull
+from hepato.common.images import ImageInfo, display_name, inspect_image
+from hepato.common.manifest import ModelManifest
+from hepato.common.storage import new_object_key
+from hepato.common.tables import Batch, Job
+from hepato.gateway.deps import Resources
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def submit(
         # A batch's jobs are reported together, by the batch's webhook.
         "callback_url": None if batch_id else callback_url,
     }
-    with events.transaction(res.engine) as conn:
+    with event_log.transaction(res.engine) as conn:
         if batch_id is not None:
             conn.execute(
                 insert(Batch).values(
@@ -179,11 +179,11 @@ def submit(
                 )
             )
         _insert_jobs(conn, per_file, same)
-        events.record(conn, job_ids)
+        event_log.record(conn, job_ids)
 
     ids = [str(job_id) for job_id in job_ids]
     try:
-        queue.push(res.redis, model.name, priority, ids)
+        dispatch.push(res.redis, model.name, priority, ids)
     except redis.RedisError:
         # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.
         log.warning("could not push %d job ids to Redis; the sweeper will", len(ids), exc_info=True)

@@ -3,8 +3,8 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from common.models import Base
-from common.settings import get_settings
+from hepato.common.settings import get_settings
+from hepato.common.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -27,7 +27,7 @@ def service_env() -> Iterator[dict[str, str]]:
     if all(given.values()):
         yield given
         return
-    from common.localstack import LocalStack
+    from hepato.devstack.localstack import LocalStack
 
     with tempfile.TemporaryDirectory(prefix="hepato-test-") as root:
         stack = LocalStack(Path(root)).start()

@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 import cv2
 import numpy as np
 
-from common.exceptions import InvalidImage
+from hepato.common.exceptions import InvalidImage
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from common.jobs import ClaimedJob, JobResult
-from common.results import TaskResult
-from worker.backends.base import AsksQuestions, Model
-from worker.backends.batching import Phased, Prepared
+from hepato.common.jobs import ClaimedJob, JobResult
+from hepato.common.results import TaskResult
+from hepato.worker.backends.base import AsksQuestions, Model
+from hepato.worker.backends.calls import Phased, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def with_timeout(call: Callable[[], T], timeout_s: float) -> T:
     return cast(T, box["value"])
 
 
-# --- models with phases (worker.backends.batching.Phased) -------------------------------
+# --- models with phases (worker.backends.calls.Phased) -------------------------------
 def phases(model: Model) -> Phased[Any, Any, TaskResult] | None:
     if all(callable(getattr(model, name, None)) for name in ("prepare", "run", "finish")):
         return cast(Phased[Any, Any, TaskResult], model)

@@ -14,8 +14,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from common.jobs import ClaimedJob, JobResult
-from worker.backends.batching import Prepared
+from hepato.common.jobs import ClaimedJob, JobResult
+from hepato.worker.backends.calls import Prepared
 
 log = logging.getLogger(__name__)
 

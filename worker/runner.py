@@ -6,7 +6,7 @@
     pre-process batch k+1                                  notices, metrics
 
 Pre- and post-processing move out of the model stage for models with phases
-(worker.backends.batching.Phased); other models do them inside their model call.
+(worker.backends.calls.Phased); other models do them inside their model call.
 Intake works ahead by at most ``prefetch_batches`` microbatches: claimed jobs sitting in
 a worker are jobs no other worker can take. A stopping worker claims nothing more and
 finishes what it has claimed (at most ``prefetch_batches`` + 1 microbatches)."""
@@ -30,19 +30,19 @@ import redis
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from common import events, jobs, metrics, queue, webhooks
-from common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, worker_key
-from common.db import get_engine
-from common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing, UnknownModel
-from common.jobs import ClaimedJob
-from common.manifest import load_registry
-from common.queue import ModelQueue
-from common.settings import Settings
-from common.storage import ObjectStore
-from worker import inference
-from worker.backends.base import Model, Runtime, load_model
-from worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
-from worker.pipeline import Closed, Handoff, LeaseKeeper, MicroBatch
+from hepato.common import dispatch, event_log, jobs, metrics, webhooks
+from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, worker_key
+from hepato.common.db import get_engine
+from hepato.common.dispatch import ModelQueue
+from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing, UnknownModel
+from hepato.common.jobs import ClaimedJob
+from hepato.common.manifest import load_registry
+from hepato.common.settings import Settings
+from hepato.common.storage import ObjectStore
+from hepato.worker import inference
+from hepato.worker.backends.base import Model, Runtime, load_model
+from hepato.worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
+from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper, MicroBatch
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Worker:
         self.id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = get_engine(settings.database_url)
         self.redis = redis.Redis.from_url(settings.redis_url)
-        events.attach(self.engine, self.redis)
+        event_log.attach(self.engine, self.redis)
         self.store = ObjectStore(settings, pool_size=settings.fetch_concurrency)
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="fetch")
         self.decoder = IsolatedDecoder(settings.decode_processes, settings.decode_timeout_s, decode)
@@ -192,7 +192,7 @@ class Worker:
 
     def _intake_one(self) -> bool:
         """Collect, claim and prepare one microbatch; True once it is handed to the model."""
-        got = queue.collect_any(self.redis, self._rotation(), self.settings.poll_timeout_s)
+        got = dispatch.collect_any(self.redis, self._rotation(), self.settings.poll_timeout_s)
         if got is None:
             if self.burst and self._drained():
                 self.stopping.set()
@@ -410,7 +410,7 @@ class Worker:
             by_queue.setdefault((r.model, r.priority), []).append(str(r.id))
         for (model, priority), ids in by_queue.items():
             try:
-                queue.push(self.redis, model, priority, ids)
+                dispatch.push(self.redis, model, priority, ids)
             except redis.RedisError:
                 log.warning("could not re-push %d jobs; the sweeper will retry", len(ids))
 

@@ -21,9 +21,9 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from common.constants import worker_key
-from common.db import get_engine
-from common.settings import Settings
+from hepato.common.constants import worker_key
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
 from tests.conftest import REPO
 from tests.e2e import conftest as e2e
 from tests.e2e.test_pipeline import db_jobs
@@ -100,7 +100,7 @@ def spawn_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     started is killed at teardown, whatever the test did."""
     started: list[Spawned] = []
 
-    def spawn(worker_id: str, *, module: str = "common.cli", **env: str) -> Spawned:
+    def spawn(worker_id: str, *, module: str = "hepato", **env: str) -> Spawned:
         log = tmp_path / f"{worker_id}.log"
         full = {**worker_env, **SWEEPING, "HEPATO_WORKER_ID": worker_id, **env}
         with log.open("wb") as out:

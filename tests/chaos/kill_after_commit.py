@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from sqlalchemy import Engine
 
-from common import jobs
-from common.cli import app
-from common.jobs import JobResult
+from hepato.cli.main import app
+from hepato.common import jobs
+from hepato.common.jobs import JobResult
 
 _commit = jobs.complete
 

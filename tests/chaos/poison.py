@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from worker.decode import decode_rgb
+from hepato.worker.decode import decode_rgb
 
 CRASH, HANG = b"POISON-CRASH", b"POISON-HANG"
 # Marker pixels at (0, 0) that the stand-in model reacts to.

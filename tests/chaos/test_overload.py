@@ -8,8 +8,8 @@ import statistics
 import pytest
 from fastapi.testclient import TestClient
 
-from common.settings import Settings
-from common.storage import ObjectStore
+from hepato.common.settings import Settings
+from hepato.common.storage import ObjectStore
 from tests.chaos.conftest import ids, judge
 from tests.e2e.test_pipeline import db_jobs, submit, thirty_two, upload
 
@@ -24,7 +24,7 @@ def objects(settings: Settings) -> int:
 def test_a_full_queue_refuses_the_whole_request_with_429(
     settings: Settings, run_worker, completions
 ) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     bounded = settings.model_copy(update={"max_queued_per_model": 6})
     with TestClient(create_app(bounded)) as client:

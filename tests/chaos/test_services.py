@@ -20,16 +20,16 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from common.cli import run_migrations
-from common.localstack import LocalStack
-from common.models import Job
-from common.settings import Settings
-from common.storage import ObjectStore
+from hepato.cli.main import run_migrations
+from hepato.common.settings import Settings
+from hepato.common.storage import ObjectStore
+from hepato.common.tables import Job
+from hepato.devstack.localstack import LocalStack
+from hepato.worker.backends.base import Model
 from tests.chaos import poison
 from tests.chaos.conftest import ids, judge, ledger
 from tests.e2e.conftest import reset
 from tests.e2e.test_pipeline import db_jobs, slow_models_dir, submit, thirty_two, upload
-from worker.backends.base import Model
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def cs(stack: LocalStack, base_settings: Settings) -> Settings:
 
 @pytest.fixture
 def gateway(cs: Settings) -> Iterator[TestClient]:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     with TestClient(create_app(cs)) as client:
         yield client
@@ -88,7 +88,7 @@ def start_worker(stack: LocalStack, cs: Settings, tmp_path: Path, name: str) -> 
     }
     log = (tmp_path / f"{name}.log").open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "worker"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "hepato", "worker"], env=env, stdout=log, stderr=log
     )
 
 
@@ -183,7 +183,7 @@ def test_postgres_restarted_during_worker_writes(
 def test_a_deleted_object_fails_its_job_and_the_rest_of_the_batch_succeeds(
     cs: Settings, gateway: TestClient, models: dict[str, Model]
 ) -> None:
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     batch = submit(gateway, thirty_two()[:8])
     victim = batch["jobs"][3]["job_id"]
@@ -203,7 +203,7 @@ def test_a_deleted_object_fails_its_job_and_the_rest_of_the_batch_succeeds(
 def test_object_store_down_retries_then_fails_then_recovers(
     stack: LocalStack, cs: Settings, gateway: TestClient, models: dict[str, Model]
 ) -> None:
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     batch = submit(gateway, thirty_two()[:4])
     with ledger(cs) as read:
@@ -237,7 +237,7 @@ def post(gateway: TestClient, files: list) -> list[str]:  # type: ignore[type-ar
 def test_a_decoder_crash_or_hang_fails_only_the_poison_jobs(
     cs: Settings, gateway: TestClient, models: dict[str, Model]
 ) -> None:
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     files = [("files", (f"ok{i}.png", poison.png(), "image/png")) for i in range(4)]
     files += [
@@ -261,7 +261,7 @@ def test_a_decoder_crash_or_hang_fails_only_the_poison_jobs(
 def test_a_model_that_raises_on_one_image_fails_only_that_job(
     cs: Settings, gateway: TestClient, models: dict[str, Model]
 ) -> None:
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     files = [("files", (f"ok{i}.png", poison.png(), "image/png")) for i in range(5)]
     files.append(("files", ("bad.png", poison.png(pixel=poison.RAISE_PIXEL), "image/png")))
@@ -279,7 +279,7 @@ def test_a_model_that_raises_on_one_image_fails_only_that_job(
 def test_a_hung_model_call_is_cut_and_the_worker_goes_on(
     cs: Settings, gateway: TestClient, models: dict[str, Model]
 ) -> None:
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     # One job per microbatch: a cut call retries its whole batch (see Worker._infer).
     settings = cs.model_copy(update={"model_timeout_s": 1.0, "max_batch_size": 1})

@@ -18,14 +18,14 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from common import queue
-from common.settings import Settings
+from hepato.common import dispatch
+from hepato.common.settings import Settings
+from hepato.worker.backends.base import Model
+from hepato.worker.decode import decode_rgb
 from tests.chaos.conftest import Completion, record, verdict, wait_for
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 from tests.e2e.test_pipeline import db_jobs, slow_models_dir, submit
-from worker.backends.base import Model
-from worker.decode import decode_rgb
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +171,7 @@ def test_killed_right_after_commit_then_redelivered_is_a_no_op(
     assert len(committed) == 8, states(settings)
     assert all(j.worker_id == "dies-after-commit" and j.attempts == 1 for j in committed.values())
     # As a lost acknowledgement would: the same ids handed out again.
-    queue.push(
+    dispatch.push(
         redis.Redis.from_url(settings.redis_url),
         settings.default_model,
         "routine",
@@ -275,7 +275,7 @@ def test_sigterm_while_waiting_hands_back_what_it_pops_after(
 
     jobs = db_jobs(settings)
     assert all(j.state == "pending" and j.attempts == 0 for j in jobs), "it took no job"
-    waiting = queue.depth(redis.Redis.from_url(settings.redis_url), settings.default_model)
+    waiting = dispatch.depth(redis.Redis.from_url(settings.redis_url), settings.default_model)
     assert waiting == len(ids), "the ids it popped are back on the queue"
     run_worker(worker_id="successor")
     result = verdict(settings, ids, completions())

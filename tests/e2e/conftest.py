@@ -12,11 +12,11 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from common.cli import run_migrations
-from common.db import get_engine
-from common.settings import Settings
+from hepato.cli.main import run_migrations
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.worker.backends.base import Model
 from tests.conftest import MODELS_DIR, REPO
-from worker.backends.base import Model
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +62,7 @@ def settings(base_settings: Settings) -> Iterator[Settings]:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     with TestClient(create_app(settings)) as test_client:
         yield test_client
@@ -71,7 +71,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def models(base_settings: Settings) -> dict[str, Model]:
     """The default model (the demo detector on ONNX Runtime), loaded once."""
-    from worker.runner import load_models
+    from hepato.worker.runner import load_models
 
     return load_models(base_settings)
 
@@ -79,7 +79,7 @@ def models(base_settings: Settings) -> dict[str, Model]:
 @pytest.fixture
 def run_worker(settings: Settings, models: dict[str, Model]) -> Callable[..., object]:
     """Run a worker in burst mode until every job is finished (arq's burst fixture)."""
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     def run(**overrides: object) -> Worker:
         worker = Worker(settings.model_copy(update=overrides), models, burst=True)

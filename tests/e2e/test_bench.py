@@ -31,7 +31,7 @@ def data_dir() -> Iterator[Path]:
 
 def bench(data_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HEPATO_DATA_DIR": str(data_dir)}
-    cmd = [sys.executable, "-m", "common.cli", "bench", "e2e", "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "hepato", "bench", "e2e", "--out", str(out), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 

@@ -28,8 +28,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from typer.testing import CliRunner
 
-from common.cli import app as cli_app
-from common.client import (
+from hepato.cli.main import app as cli_app
+from hepato.client.client import (
     AsyncHepatoClient,
     BatchEvent,
     HepatoAPIError,
@@ -39,15 +39,15 @@ from common.client import (
     JobEvent,
     JobOut,
 )
-from common.db import get_engine, session_factory
-from common.models import Batch
-from common.results import DetectResult
-from common.settings import Settings
-from common.tenants import create_key
+from hepato.common.db import get_engine, session_factory
+from hepato.common.results import DetectResult
+from hepato.common.settings import Settings
+from hepato.common.tables import Batch
+from hepato.common.tenants import create_key
+from hepato.worker.backends.base import Model
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 from tests.server import serve
-from worker.backends.base import Model
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def gateway(settings: Settings) -> Iterator[tuple[str, str]]:
     """A real gateway that requires keys, and a key of tenant ``lab-a``: (url, key)."""
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     key = create_key(get_engine(settings.database_url), "lab-a").key
     with serve(create_app(settings.model_copy(update={"auth": "required"}))) as url:
@@ -65,7 +65,7 @@ def gateway(settings: Settings) -> Iterator[tuple[str, str]]:
 @pytest.fixture
 def worker(settings: Settings, models: dict[str, Model]) -> Iterator[None]:
     """A worker serving the default model in a thread, for the test's whole length."""
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     running = Worker(settings, models)
     thread = threading.Thread(target=running.run, kwargs={"install_signals": False})

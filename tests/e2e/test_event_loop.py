@@ -16,14 +16,14 @@ import redis
 import urllib3
 from fastapi.testclient import TestClient
 
-from common import tenants
-from common.db import get_engine
-from common.settings import Settings
-from gateway.app import create_app
+from hepato.common import tenants
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.gateway.app import create_app
+from hepato.worker.backends.base import Model
+from hepato.worker.runner import Worker
 from tests.e2e.test_pipeline import thirty_two, upload
 from tests.listen import listening
-from worker.backends.base import Model
-from worker.runner import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 from httpx_sse import connect_sse
 from sqlalchemy import select
 
-from common import events
-from common.db import get_engine
-from common.models import JobEvent
-from common.settings import Settings
-from common.tenants import create_key
+from hepato.common import event_log
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.common.tables import JobEvent
+from hepato.common.tenants import create_key
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 from tests.e2e.test_pipeline import upload
@@ -51,7 +51,7 @@ def _free_port() -> int:
 @pytest.fixture
 def serve(settings: Settings) -> Iterator[Callable[[], str]]:
     """Start a gateway (uvicorn, own thread, own port) per call: each one a replica."""
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     with ExitStack() as stack:
         yield lambda: stack.enter_context(serve_app(create_app(settings)))
@@ -225,7 +225,7 @@ def test_events_survive_a_lost_wake_up_and_a_redis_flushall(
     reader.wait_for(JOBS)
     # Every wake-up of the worker's commits is lost, then Redis is emptied and the
     # stream's subscription cut: only the interval re-read can deliver the rest.
-    monkeypatch.setattr(events, "publish", lambda *args: None)
+    monkeypatch.setattr(event_log, "publish", lambda *args: None)
     run_worker()
     client = redis.Redis.from_url(settings.redis_url)
     client.flushall()
@@ -238,7 +238,7 @@ def test_events_survive_a_lost_wake_up_and_a_redis_flushall(
 
 
 def test_streams_are_scoped_to_the_tenant(settings: Settings) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     engine = get_engine(settings.database_url)
     key_a = create_key(engine, "lab-a").key

@@ -22,10 +22,10 @@ from pycocotools.coco import COCO
 from sqlalchemy import event, insert, text, update
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.db import get_engine
-from common.models import Batch, Job
-from common.settings import Settings
-from gateway.exports import CLASS_COLORS, CSV_HEADER
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.common.tables import Batch, Job
+from hepato.gateway.exports import CLASS_COLORS, CSV_HEADER
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 from tests.e2e.test_pipeline import submit, upload
@@ -284,7 +284,7 @@ class BodyMessages:
 def paged(settings: Settings) -> Iterator[tuple[TestClient, BodyMessages, list[str]]]:
     """A gateway reading PAGE jobs per export query, its chunk counter, and the SQL of
     the jobs queries it runs."""
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     app = BodyMessages(create_app(settings.model_copy(update={"export_page_size": PAGE})))
     statements: list[str] = []

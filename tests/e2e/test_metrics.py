@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.settings import Settings
+from hepato.common.settings import Settings
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 
@@ -94,7 +94,7 @@ def test_metrics_count_jobs_and_a_job_has_its_timeline(
 
 
 def test_metrics_need_no_api_key(settings: Settings) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     app = create_app(settings.model_copy(update={"auth": "required"}))
     with TestClient(app) as client:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from common.manifest import dump_manifest, load_manifest, load_registry
-from common.settings import Settings
+from hepato.common.manifest import dump_manifest, load_manifest, load_registry
+from hepato.common.settings import Settings
+from hepato.worker.backends.base import Model
 from tests.conftest import MODELS_DIR, SAMPLES
 from tests.e2e.conftest import images
 from tests.e2e.test_pipeline import db_jobs, submit
-from worker.backends.base import Model
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped default detector beside tiny random models of every other task."""
-    from worker.build.all import build_all
+    from hepato.worker.builders.all import build_all
 
     folder = tmp_path_factory.mktemp("models")
     build_all(folder, size="tiny")
@@ -35,7 +35,7 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def all_models(registry_dir: Path, base_settings: Settings) -> dict[str, Model]:
-    from worker.runner import load_models
+    from hepato.worker.runner import load_models
 
     settings = base_settings.model_copy(update={"models_dir": registry_dir})
     return load_models(settings, sorted(load_registry(registry_dir)))
@@ -44,8 +44,8 @@ def all_models(registry_dir: Path, base_settings: Settings) -> dict[str, Model]:
 def test_one_worker_serves_every_task_with_typed_results(
     settings: Settings, registry_dir: Path, all_models: dict[str, Model]
 ) -> None:
-    from gateway.app import create_app
-    from worker.runner import Worker
+    from hepato.gateway.app import create_app
+    from hepato.worker.runner import Worker
 
     settings = settings.model_copy(update={"models_dir": registry_dir, "max_batch_size": 4})
     paths = images(SAMPLES, "synthetic_*.png")[:5]
@@ -92,7 +92,7 @@ def test_one_worker_serves_every_task_with_typed_results(
 def test_a_job_for_a_model_without_manifest_is_refused_at_submission(
     settings: Settings, registry_dir: Path
 ) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     with TestClient(create_app(settings)) as client:
         path = images(SAMPLES, "synthetic_*.png")[0]
@@ -105,8 +105,8 @@ def test_a_job_for_a_model_without_manifest_is_refused_at_submission(
 
 
 def test_a_worker_refuses_to_start_for_an_unknown_model(settings: Settings) -> None:
-    from common.exceptions import UnknownModel
-    from worker.runner import load_models
+    from hepato.common.exceptions import UnknownModel
+    from hepato.worker.runner import load_models
 
     with pytest.raises(UnknownModel, match="no manifest for 'nope'"):
         load_models(settings, ["nope"])
@@ -115,8 +115,8 @@ def test_a_worker_refuses_to_start_for_an_unknown_model(settings: Settings) -> N
 def test_a_bad_manifest_stops_the_gateway_naming_the_file(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from common.exceptions import InvalidManifest
-    from gateway.app import create_app
+    from hepato.common.exceptions import InvalidManifest
+    from hepato.gateway.app import create_app
 
     source = load_manifest(MODELS_DIR / "hepato-yolov8n.yaml")
     dump_manifest(source.model_copy(update={"weights": source.weights_path}), tmp_path / "a.yaml")

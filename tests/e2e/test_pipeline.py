@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
-from common.db import session_factory
-from common.models import Job
-from common.settings import Settings
-from common.storage import ObjectStore
+from hepato.common.db import session_factory
+from hepato.common.settings import Settings
+from hepato.common.storage import ObjectStore
+from hepato.common.tables import Job
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 
@@ -50,7 +50,7 @@ def db_jobs(settings: Settings) -> list[Job]:
 
 def slow_models_dir(settings: Settings, folder: Path) -> Path:
     """The default model at 640 px instead of 320, so that a batch takes a while."""
-    from common.manifest import dump_manifest, load_registry
+    from hepato.common.manifest import dump_manifest, load_registry
 
     manifest = load_registry(settings.models_dir)[settings.default_model]
     slow = manifest.model_copy(update={"input_size": 640, "weights": manifest.weights_path})
@@ -70,7 +70,7 @@ def start_worker_until_it_claims(
         "HEPATO_MAX_BATCH_SIZE": "16",
         "HEPATO_MODELS_DIR": str(slow_models_dir(settings, tmp_path / "slow-models")),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "hepato", "worker"], env=env)
     deadline = time.monotonic() + 120
     held: list[Job] = []
     while not held and time.monotonic() < deadline:
@@ -135,7 +135,7 @@ def test_pipeline_equals_direct_model_predict(
     service equal what ultralytics on PyTorch gives for the same weights and file."""
     from ultralytics import YOLO
 
-    from common.manifest import load_registry
+    from hepato.common.manifest import load_registry
     from tests.conftest import DEMO_WEIGHTS
 
     manifest = load_registry(settings.models_dir)[settings.default_model]
@@ -249,7 +249,7 @@ def test_unknown_model_is_refused(client: TestClient) -> None:
 def test_seed_calls_verbatim_and_health(client: TestClient, settings: Settings, models) -> None:
     import threading
 
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     # A long-running worker in a thread serves /v1/detect, which waits for the result.
     worker = Worker(settings, models)
@@ -309,8 +309,8 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits(
 def test_a_model_error_is_retried_then_the_job_fails(
     client: TestClient, settings: Settings
 ) -> None:
-    from common.manifest import load_registry
-    from worker.runner import Worker
+    from hepato.common.manifest import load_registry
+    from hepato.worker.runner import Worker
 
     class Broken:
         manifest = load_registry(settings.models_dir)[settings.default_model]
@@ -340,7 +340,7 @@ def test_a_model_error_is_retried_then_the_job_fails(
 def test_a_service_down_is_503_with_retry_after_and_nothing_kept(
     settings: Settings, service: str, override: dict[str, str]
 ) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     path = images(SAMPLES, "synthetic_*.png")[0]
     with TestClient(create_app(settings.model_copy(update=override))) as down:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from common.constants import JobState
-from common.settings import Settings
+from hepato.common.constants import JobState
+from hepato.common.settings import Settings
+from hepato.worker.backends.base import Model
 from tests.e2e.test_pipeline import db_jobs, submit, thirty_two
-from worker.backends.base import Model
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ class Watching:
 def run_watched(
     settings: Settings, models: dict[str, Model], prefetch: int, patience_s: float
 ) -> tuple[Watching, object]:
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     name = settings.default_model
     watched = Watching(models[name], settings, patience_s)
@@ -120,8 +120,8 @@ class Faulty:
 def test_a_phase_that_raises_falls_back_to_predict_and_loses_no_attempt(
     client: TestClient, settings: Settings, models: dict[str, Model], phase: str
 ) -> None:
-    from worker.inference import phases
-    from worker.runner import Worker
+    from hepato.worker.inference import phases
+    from hepato.worker.runner import Worker
 
     name = settings.default_model
     assert phases(models[name]), "the default detector runs in phases"

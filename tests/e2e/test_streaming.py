@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import Engine
 
-from common.db import get_engine
-from common.settings import Settings
-from common.storage import ObjectStore
-from gateway.app import create_app
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.common.storage import ObjectStore
+from hepato.gateway.app import create_app
 from tests.e2e.test_pipeline import db_jobs, thirty_two, upload
 from tests.listen import listening
 from tests.security.files import MiB, measured

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.localstack import free_port
+from hepato.devstack.localstack import free_port
 from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def test_up_runs_the_samples_and_stops_everything(data_dir: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "common.cli",
+        "hepato",
         "up",
         "--workers",
         "2",

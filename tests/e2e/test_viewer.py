@@ -17,12 +17,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from common.db import get_engine
-from common.settings import Settings
-from common.tenants import create_key
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.common.tenants import create_key
+from hepato.worker.backends.base import Model
 from tests.conftest import REPO, SAMPLES
 from tests.server import serve as serve_app
-from worker.backends.base import Model
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def sample_images() -> list[Path]:
 @contextmanager
 def serve(settings: Settings) -> Iterator[str]:
     """The gateway on a free loopback port, in a thread; yields its base URL."""
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     with serve_app(create_app(settings)) as url:
         yield url
@@ -51,7 +51,7 @@ def serve(settings: Settings) -> Iterator[str]:
 def worker(settings: Settings, models: dict[str, Model]) -> Iterator[Callable[[], None]]:
     """Starts a long-running worker (not burst) when called, so a test can hold the jobs
     pending until the page watches them."""
-    from worker.runner import Worker
+    from hepato.worker.runner import Worker
 
     w = Worker(settings, models)
     thread = threading.Thread(target=w.run, kwargs={"install_signals": False}, daemon=True)
@@ -267,7 +267,7 @@ def test_viewer_asks_for_a_key_when_one_is_required(
 
 
 def test_viewer_files_are_served_open_and_only_those(settings: Settings) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     required = settings.model_copy(update={"auth": "required"})
     with TestClient(create_app(required)) as client:

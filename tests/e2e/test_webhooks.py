@@ -16,14 +16,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from standardwebhooks import Webhook
 
-from common.db import get_engine
-from common.models import WebhookDelivery
-from common.settings import Settings
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.common.tables import WebhookDelivery
+from hepato.worker.backends.base import Model
+from hepato.worker.runner import Worker
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 from tests.e2e.test_pipeline import upload
-from worker.backends.base import Model
-from worker.runner import Worker
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def sweep_until_delivered(worker: Worker, receiver: Receiver, timeout_s: float =
 def test_a_failing_receiver_gets_one_delivery_in_three_attempts_with_one_id(
     hook_settings: Settings, models: dict[str, Model], receiver: Receiver
 ) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     receiver.fail_first = 2
     with TestClient(create_app(hook_settings)) as client:
@@ -123,7 +123,7 @@ def test_a_failing_receiver_gets_one_delivery_in_three_attempts_with_one_id(
 def test_a_batch_is_reported_once_when_its_last_job_finishes(
     hook_settings: Settings, models: dict[str, Model], receiver: Receiver
 ) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     with TestClient(create_app(hook_settings)) as client:
         paths = images(SAMPLES, "synthetic_*.png")[:3]
@@ -146,7 +146,7 @@ def test_a_batch_is_reported_once_when_its_last_job_finishes(
 
 
 def test_a_callback_url_is_checked(settings: Settings, hook_settings: Settings) -> None:
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     path = images(SAMPLES, "synthetic_*.png")[0]
     files = {"file": (path.name, path.read_bytes())}

@@ -12,13 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.exceptions import ModelWeightsNotFound
-from common.manifest import ClassifyManifest, dump_manifest, load_manifest
-from common.results import ClassifyResult, TaskResult
+from hepato.common.exceptions import ModelWeightsNotFound
+from hepato.common.manifest import ClassifyManifest, dump_manifest, load_manifest
+from hepato.common.results import ClassifyResult, TaskResult
+from hepato.worker.backends.base import Runtime, load_model
+from hepato.worker.backends.classify import (
+    ResNetOnnx,
+    ResNetTorch,
+    export_onnx,
+    preprocess,
+    to_results,
+)
+from hepato.worker.builders.classify import LABELS, build_classifier
 from tests.conftest import REPO
-from worker.backends.base import Runtime, load_model
-from worker.backends.classify import ResNetOnnx, ResNetTorch, export_onnx, preprocess, to_results
-from worker.build.classify import LABELS, build_classifier
 
 # Batched and single runs take the same preprocessing path; what differs is the runtime's
 # choice of convolution kernels per batch size, a float32 summation-order effect (~1e-7).
@@ -196,9 +202,9 @@ def test_onnx_backend_never_imports_torch(onnx_manifest: ClassifyManifest) -> No
     script = f"""
 import json, sys
 import numpy as np
-from common.manifest import load_manifest
-from worker.backends.base import Runtime
-from worker.backends.classify import ResNetOnnx
+from hepato.common.manifest import load_manifest
+from hepato.worker.backends.base import Runtime
+from hepato.worker.backends.classify import ResNetOnnx
 model = ResNetOnnx(load_manifest(__import__("pathlib").Path({str(onnx_manifest.source)!r})),
                    Runtime(device="cpu", threads=1))
 model.predict([np.zeros((40, 50, 3), dtype=np.uint8)])

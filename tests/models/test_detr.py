@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.exceptions import BackendError, ModelWeightsNotFound
-from common.manifest import DetectManifest, load_manifest, parse_manifest
-from common.results import DetectResult
-from worker.backends.base import Runtime
-from worker.backends.detr import Detr
-from worker.build.detr import DEFAULT_LABELS, build_detr
+from hepato.common.exceptions import BackendError, ModelWeightsNotFound
+from hepato.common.manifest import DetectManifest, load_manifest, parse_manifest
+from hepato.common.results import DetectResult
+from hepato.worker.backends.base import Runtime
+from hepato.worker.backends.detr import Detr
+from hepato.worker.builders.detr import DEFAULT_LABELS, build_detr
 
 RUNTIME = Runtime(device="cpu", threads=2)
 # Equal-size images batched together differ from each alone only by float32 summation

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.exceptions import ModelWeightsNotFound
-from common.manifest import VqaManifest, load_manifest
-from common.results import VqaResult
-from worker.backends.base import Runtime
-from worker.backends.vqa import VisionLanguageQa, parse_answer
-from worker.build.vqa import build_vqa
+from hepato.common.exceptions import ModelWeightsNotFound
+from hepato.common.manifest import VqaManifest, load_manifest
+from hepato.common.results import VqaResult
+from hepato.worker.backends.base import Runtime
+from hepato.worker.backends.vqa import VisionLanguageQa, parse_answer
+from hepato.worker.builders.vqa import build_vqa
 
 # Batched rows differ from single runs only by float32 summation order (padded columns
 # get zero attention weight): observed <= 2e-7 on logits of order 0.3, whose top-two

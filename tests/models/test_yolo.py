@@ -12,11 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from common.manifest import DetectManifest, load_manifest, load_registry
-from common.results import DetectResult
+from hepato.common.manifest import DetectManifest, load_manifest, load_registry
+from hepato.common.results import DetectResult
+from hepato.worker.backends.base import Runtime, load_model
+from hepato.worker.backends.yolo_onnx import letterbox, nms, postprocess
 from tests.conftest import DEMO_WEIGHTS, MODELS_DIR, REPO, SAMPLES
-from worker.backends.base import Runtime, load_model
-from worker.backends.yolo_onnx import letterbox, nms, postprocess
 
 LABELS = ["fibrosis", "inflammation", "steatosis", "ballooning"]
 IMGSZ, CONF, IOU = 320, 0.25, 0.5
@@ -30,7 +30,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> DetectManifest:
     """`hepato models export hepato-yolov8n-pt --to onnx` on a copy of the registry."""
     from typer.testing import CliRunner
 
-    from common.cli import app
+    from hepato.cli.main import app
 
     folder = tmp_path_factory.mktemp("registry")
     (folder / "demo").mkdir()
@@ -142,7 +142,7 @@ def test_nms_suppresses_overlaps_of_one_class_only() -> None:
 
 @pytest.mark.parametrize("backend", ["onnx", "ultralytics"])
 def test_missing_weights_are_refused_not_downloaded(tmp_path: Path, backend: str) -> None:
-    from common.exceptions import ModelWeightsNotFound
+    from hepato.common.exceptions import ModelWeightsNotFound
 
     manifest = next(m for m in load_registry(MODELS_DIR).values() if m.backend == backend)
     missing = manifest.model_copy(update={"weights": tmp_path / "nope.bin"})

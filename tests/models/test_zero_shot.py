@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.exceptions import InvalidManifest, ModelWeightsNotFound
-from common.manifest import ZeroShotManifest, load_manifest, parse_manifest
-from common.results import ZeroShotResult
-from worker.backends.base import Runtime, load_model
-from worker.build.zero_shot import DEFAULT_LABELS, PROMPT_TEMPLATE, build_clip
+from hepato.common.exceptions import InvalidManifest, ModelWeightsNotFound
+from hepato.common.manifest import ZeroShotManifest, load_manifest, parse_manifest
+from hepato.common.results import ZeroShotResult
+from hepato.worker.backends.base import Runtime, load_model
+from hepato.worker.builders.zero_shot import DEFAULT_LABELS, PROMPT_TEMPLATE, build_clip
 
 RUNTIME = Runtime(device="cpu", threads=2)
 # float32 through a different batch size changes matmul blocking, hence rounding, by a
@@ -31,7 +31,7 @@ def manifest_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(manifest_path: Path) -> Any:
-    from worker.backends.zero_shot import ClipZeroShot
+    from hepato.worker.backends.zero_shot import ClipZeroShot
 
     loaded = load_model(load_manifest(manifest_path), RUNTIME)
     assert isinstance(loaded, ClipZeroShot)

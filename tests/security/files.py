@@ -20,7 +20,7 @@ import psutil
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from common.storage import ObjectStore
+from hepato.common.storage import ObjectStore
 
 MiB = 1024 * 1024
 

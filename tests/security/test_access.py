@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select, text, update
 from typer.testing import CliRunner
 
-from common import tenants
-from common.db import get_engine
-from common.models import ApiKey, Batch, IdempotencyRecord, Job
-from common.settings import Settings, get_settings
+from hepato.common import tenants
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings, get_settings
+from hepato.common.tables import ApiKey, Batch, IdempotencyRecord, Job
 from tests.conftest import SAMPLES
 from tests.e2e import conftest as e2e
 
@@ -63,7 +63,7 @@ def engine(settings: Settings) -> Engine:
 def make_client(settings: Settings, engine: Engine) -> Iterator[MakeClient]:
     """A gateway with auth required (the e2e settings run it open), other settings
     overridable per test."""
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     opened: list[TestClient] = []
 
@@ -123,7 +123,7 @@ def test_an_upload_without_a_valid_key_is_refused_before_its_body_is_read(
 ) -> None:
     import asyncio
 
-    from gateway.app import create_app
+    from hepato.gateway.app import create_app
 
     app = create_app(settings.model_copy(update={"auth": "required"}))
     reads: list[int] = []
@@ -179,7 +179,7 @@ def test_a_key_works_in_either_header_until_it_is_revoked(
 def test_keys_cli_creates_shows_once_lists_and_revokes(
     client: TestClient, engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common.cli import app
+    from hepato.cli.main import app
 
     monkeypatch.setenv("HEPATO_DATABASE_URL", settings.database_url)
     get_settings.cache_clear()
@@ -331,7 +331,7 @@ def test_the_same_key_for_a_different_request_is_422(
 def test_a_duplicate_while_the_first_is_in_progress_is_409(
     client: TestClient, engine: Engine, key_of: Callable[[str], str]
 ) -> None:
-    from gateway.idempotency import IN_PROGRESS
+    from hepato.gateway.idempotency import IN_PROGRESS
 
     headers = {**bearer(key_of("lab")), "Idempotency-Key": "busy"}
 
@@ -410,8 +410,8 @@ def test_migration_0003_gives_old_rows_to_public_and_matches_the_orm(
     from alembic.config import Config
     from alembic.migration import MigrationContext
 
-    from common.cli import migrations_dir
-    from common.models import Base
+    from hepato.cli.main import migrations_dir
+    from hepato.common.tables import Base
 
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))

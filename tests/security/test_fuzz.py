@@ -24,9 +24,9 @@ from schemathesis.core.result import Err
 from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from common.manifest import dump_manifest, load_registry
-from common.settings import Settings
-from gateway.app import create_app
+from hepato.common.manifest import dump_manifest, load_registry
+from hepato.common.settings import Settings
+from hepato.gateway.app import create_app
 from tests.conftest import SAMPLES
 from tests.e2e import conftest as e2e
 

@@ -15,10 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
-from common.images import display_name
-from common.settings import Settings
-from common.storage import ObjectStore
-from gateway.app import create_app
+from hepato.common.images import display_name
+from hepato.common.settings import Settings
+from hepato.common.storage import ObjectStore
+from hepato.gateway.app import create_app
+from hepato.worker.runner import Worker
 from tests.conftest import SAMPLES
 from tests.e2e import conftest as e2e
 from tests.e2e.test_pipeline import db_jobs
@@ -39,7 +40,6 @@ from tests.security.files import (
     tiff_declaring,
 )
 from tests.server import serve
-from worker.runner import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.routes import batch_state
+from hepato.gateway.routes import batch_state
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import time
 import fakeredis
 import pytest
 
-from common.constants import queue_keys
-from common.queue import ModelQueue, collect_any, collect_batch
+from hepato.common.constants import queue_keys
+from hepato.common.dispatch import ModelQueue, collect_any, collect_batch
 
 URGENT, ROUTINE = queue_keys("m")
 

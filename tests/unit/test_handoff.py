@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from worker.pipeline import Closed, Handoff, LeaseKeeper
+from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper
 
 
 def test_items_come_out_in_order_then_closed() -> None:

@@ -9,8 +9,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from common.exceptions import ImageTooLarge, InvalidImage, UnsupportedImageFormat
-from common.images import inspect_image, sniff_format
+from hepato.common.exceptions import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from hepato.common.images import inspect_image, sniff_format
 
 LIMIT_BYTES = 10_000_000
 LIMIT_PIXELS = 50_000_000

@@ -10,9 +10,9 @@ import tempfile
 import pytest
 from PIL import Image
 
-from common import images
-from common.exceptions import ImageTooLarge, InvalidImage
-from common.images import _FileBytes, inspect_image
+from hepato.common import images
+from hepato.common.exceptions import ImageTooLarge, InvalidImage
+from hepato.common.images import _FileBytes, inspect_image
 
 LIMIT_BYTES = 10_000_000
 LIMIT_PIXELS = 50_000_000

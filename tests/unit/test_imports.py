@@ -8,7 +8,7 @@ import sys
 
 def test_gateway_imports_no_model_stack() -> None:
     code = (
-        "import sys, gateway.app, common.cli; "
+        "import sys, hepato.gateway.app, hepato.cli.main; "
         "bad = [m for m in ('torch', 'ultralytics', 'cv2') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.exceptions import InvalidManifest
-from common.manifest import (
+from hepato.common.exceptions import InvalidManifest
+from hepato.common.manifest import (
     ClassifyManifest,
     DetectManifest,
     VqaManifest,

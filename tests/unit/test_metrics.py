@@ -14,8 +14,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine
 
-from common import metrics
-from common.constants import queue_key
+from hepato.common import metrics
+from hepato.common.constants import queue_key
 
 # Nothing listens on port 1: connections are refused at once.
 NO_POSTGRES = "postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2"

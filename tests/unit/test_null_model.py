@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.exceptions import InvalidManifest
-from common.manifest import DetectManifest, load_manifest, load_registry
-from common.results import DetectResult
+from hepato.common.exceptions import InvalidManifest
+from hepato.common.manifest import DetectManifest, load_manifest, load_registry
+from hepato.common.results import DetectResult
+from hepato.worker.backends.base import Runtime, load_model
+from hepato.worker.backends.null import NullModel
 from tests.conftest import MODELS_DIR
-from worker.backends.base import Runtime, load_model
-from worker.backends.null import NullModel
 
 
 @pytest.fixture(scope="module")

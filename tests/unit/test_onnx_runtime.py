@@ -6,9 +6,9 @@ from importlib import metadata
 
 import pytest
 
-from common.exceptions import BackendError
-from worker.backends import onnx_runtime
-from worker.backends.base import Runtime
+from hepato.common.exceptions import BackendError
+from hepato.worker.backends import onnx_runtime
+from hepato.worker.backends.base import Runtime
 
 BOTH = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 

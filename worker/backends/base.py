@@ -13,10 +13,10 @@ from typing import Protocol
 
 import numpy as np
 
-from common.exceptions import BackendError, ModelWeightsNotFound
-from common.manifest import ModelManifest
-from common.results import TaskResult
-from worker.backends.batching import Prediction
+from hepato.common.exceptions import BackendError, ModelWeightsNotFound
+from hepato.common.manifest import ModelManifest
+from hepato.common.results import TaskResult
+from hepato.worker.backends.calls import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ class AsksQuestions(Protocol):
 # (task, backend) -> "module:Class". Imported only when a worker loads such a model, so
 # the gateway and an ONNX-only worker never import torch.
 BACKENDS: dict[tuple[str, str], str] = {
-    ("detect", "ultralytics"): "worker.backends.yolo_torch:YoloTorch",
-    ("detect", "onnx"): "worker.backends.yolo_onnx:YoloOnnx",
-    ("detect", "transformers"): "worker.backends.detr:Detr",
-    ("detect", "null"): "worker.backends.null:NullModel",
-    ("classify", "torch"): "worker.backends.classify:ResNetTorch",
-    ("classify", "onnx"): "worker.backends.classify:ResNetOnnx",
-    ("zero-shot", "transformers"): "worker.backends.zero_shot:ClipZeroShot",
-    ("vqa", "transformers"): "worker.backends.vqa:VisionLanguageQa",
+    ("detect", "ultralytics"): "hepato.worker.backends.yolo_torch:YoloTorch",
+    ("detect", "onnx"): "hepato.worker.backends.yolo_onnx:YoloOnnx",
+    ("detect", "transformers"): "hepato.worker.backends.detr:Detr",
+    ("detect", "null"): "hepato.worker.backends.null:NullModel",
+    ("classify", "torch"): "hepato.worker.backends.classify:ResNetTorch",
+    ("classify", "onnx"): "hepato.worker.backends.classify:ResNetOnnx",
+    ("zero-shot", "transformers"): "hepato.worker.backends.zero_shot:ClipZeroShot",
+    ("vqa", "transformers"): "hepato.worker.backends.vqa:VisionLanguageQa",
 }
 
 

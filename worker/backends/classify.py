@@ -17,11 +17,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.manifest import ClassifyManifest
-from common.results import ClassifyResult, LabelProbability, TaskResult
-from worker.backends.base import Runtime, require_weights
-from worker.backends.batching import Prediction, predict_whole
-from worker.backends.onnx_runtime import CPU, session
+from hepato.common.manifest import ClassifyManifest
+from hepato.common.results import ClassifyResult, LabelProbability, TaskResult
+from hepato.worker.backends.base import Runtime, require_weights
+from hepato.worker.backends.calls import Prediction, predict_whole
+from hepato.worker.backends.onnx_runtime import CPU, session
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ResNetTorch:
         self.manifest = manifest
         require_weights(manifest)
         self._torch = torch
-        from worker.backends.torch_runtime import place, to_device
+        from hepato.worker.backends.torch_runtime import place, to_device
 
         self._to_device = to_device
 

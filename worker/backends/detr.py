@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, DetrForObjectDetection
 
-from common.exceptions import BackendError
-from common.manifest import DetectManifest
-from common.results import DetectResult, make_box
-from worker.backends.base import Runtime, require_weights
-from worker.backends.batching import Prediction, predict_by_shape
-from worker.backends.torch_runtime import place, to_device
+from hepato.common.exceptions import BackendError
+from hepato.common.manifest import DetectManifest
+from hepato.common.results import DetectResult, make_box
+from hepato.worker.backends.base import Runtime, require_weights
+from hepato.worker.backends.calls import Prediction, predict_by_shape
+from hepato.worker.backends.torch_runtime import place, to_device
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.manifest import DetectManifest
-from common.results import DetectResult, TaskResult
-from worker.backends.base import Runtime
-from worker.backends.batching import Prediction, predict_whole
+from hepato.common.manifest import DetectManifest
+from hepato.common.results import DetectResult, TaskResult
+from hepato.worker.backends.base import Runtime
+from hepato.worker.backends.calls import Prediction, predict_whole
 
 
 class NullModel:

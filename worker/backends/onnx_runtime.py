@@ -8,9 +8,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.exceptions import BackendError
-from common.manifest import ModelManifest
-from worker.backends.base import Runtime, require_weights
+from hepato.common.exceptions import BackendError
+from hepato.common.manifest import ModelManifest
+from hepato.worker.backends.base import Runtime, require_weights
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from common.manifest import ModelManifest
-from worker.backends.base import Runtime
+from hepato.common.manifest import ModelManifest
+from hepato.worker.backends.base import Runtime
 
 
 def place(manifest: ModelManifest, runtime: Runtime) -> tuple[torch.device, torch.dtype]:

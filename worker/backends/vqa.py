@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from common.manifest import VqaManifest
-from common.results import TaskResult, VqaResult
-from worker.backends.base import Runtime, require_weights
-from worker.backends.batching import Prediction, predict_whole
-from worker.backends.torch_runtime import place
+from hepato.common.manifest import VqaManifest
+from hepato.common.results import TaskResult, VqaResult
+from hepato.worker.backends.base import Runtime, require_weights
+from hepato.worker.backends.calls import Prediction, predict_whole
+from hepato.worker.backends.torch_runtime import place
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,17 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from common.manifest import DetectManifest
-from common.results import DetectResult, TaskResult, make_box
-from worker.backends.base import Runtime
-from worker.backends.batching import (
+from hepato.common.manifest import DetectManifest
+from hepato.common.results import DetectResult, TaskResult, make_box
+from hepato.worker.backends.base import Runtime
+from hepato.worker.backends.calls import (
     Prediction,
     Prepared,
     finish_groups,
     predict_phased,
     prepare_by_shape,
 )
-from worker.backends.onnx_runtime import session
+from hepato.worker.backends.onnx_runtime import session
 
 PAD_VALUE = 114  # ultralytics' letterbox grey
 MAX_WH = 7680.0  # class offset for per-class NMS in one pass (as ultralytics)

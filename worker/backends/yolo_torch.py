@@ -9,18 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from common.manifest import DetectManifest
-from common.results import DetectResult, TaskResult, make_box
-from worker.backends.base import Runtime, require_weights
-from worker.backends.batching import Prediction, predict_by_shape
-from worker.backends.ultralytics_env import configure_ultralytics
+from hepato.common.manifest import DetectManifest
+from hepato.common.results import DetectResult, TaskResult, make_box
+from hepato.worker.backends.base import Runtime, require_weights
+from hepato.worker.backends.calls import Prediction, predict_by_shape
+from hepato.worker.backends.ultralytics_env import configure_ultralytics
 
 log = logging.getLogger(__name__)
 
 
 class YoloTorch:
     """Loads once per process; a microbatch runs one ultralytics call per image size
-    (see worker.backends.batching)."""
+    (see worker.backends.calls)."""
 
     def __init__(self, manifest: DetectManifest, runtime: Runtime) -> None:
         self.manifest = manifest

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from common.manifest import ZeroShotManifest
-from common.results import PromptScore, ZeroShotResult
-from worker.backends.base import Runtime, require_weights
-from worker.backends.batching import Prediction, predict_whole
-from worker.backends.torch_runtime import place, to_device
+from hepato.common.manifest import ZeroShotManifest
+from hepato.common.results import PromptScore, ZeroShotResult
+from hepato.worker.backends.base import Runtime, require_weights
+from hepato.worker.backends.calls import Prediction, predict_whole
+from hepato.worker.backends.torch_runtime import place, to_device
 
 log = logging.getLogger(__name__)
 

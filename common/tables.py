@@ -1,0 +1,181 @@
+"""Postgres schema: the source of truth for every job and result."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    Uuid,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # Every read and write is scoped to the tenant of the API key that made it.
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(128))
+    priority: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer)
+    # Webhook target when every job is finished (common.webhooks).
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("batches.id", ondelete="CASCADE")
+    )
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    # The client's filename is kept for display only; objects live under server keys.
+    filename: Mapped[str] = mapped_column(Text)
+    object_key: Mapped[str] = mapped_column(Text)
+    image_format: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(128))
+    # The manifest's task at submission: the shape ``result`` will have.
+    task: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    # Fencing: a result is written only while this token is still the job's.
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker_id: Mapped[str | None] = mapped_column(Text)
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Last time the id was pushed to Redis; the sweeper re-pushes stale pending jobs.
+    enqueued_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worker's clock when the image was downloaded and when the model call returned,
+    # written with the result (the timeline of GET /v1/jobs/{id}).
+    fetched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    inferred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    queue_wait_ms: Mapped[float | None] = mapped_column(Float)
+    inference_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    # The version of the model that produced ``result`` (set with it).
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    # For vqa models: this job's question; null asks the manifest's.
+    question: Mapped[str | None] = mapped_column(Text)
+    # Webhook target when this job (one without a batch) is finished.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    # A common.results.TaskResult as JSON; its "task" field says which shape.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+    __table_args__ = (
+        Index("ix_jobs_batch_state", "batch_id", "state"),
+        Index("ix_jobs_state_enqueued", "state", "enqueued_at"),
+        Index("ix_jobs_state_lease", "state", "lease_until"),
+        # The queue bound counts a model's pending jobs at every submission.
+        Index("ix_jobs_model_state", "model", "state"),
+    )
+
+
+class JobEvent(Base):
+    """One state change of a job, written in the transaction that made it: the log the
+    event streams replay. ``id`` is the SSE event id; writers take an advisory lock
+    before inserting (see common.event_log), so ids become visible in increasing order."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    tenant: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        Index("ix_job_events_batch_id", "batch_id", "id"),
+        Index("ix_job_events_job_id", "job_id", "id"),
+    )
+
+
+class WebhookDelivery(Base):
+    """One webhook to deliver, written in the transaction that finished its job or batch,
+    so a crash after that commit cannot lose it. ``id`` is the webhook-id, the same on
+    every attempt, so the receiver can drop duplicates."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    # The exact body signed and sent on every attempt.
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+
+class ApiKey(Base):
+    """An API key of a tenant. Only the SHA-256 of the key is kept: the key itself is
+    shown once, at creation, and cannot be read back."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    # The key's first characters, for telling keys apart in listings; not enough to use.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyRecord(Base):
+    """One Idempotency-Key of a tenant: inserted before the submission runs (so a
+    concurrent duplicate collides on the primary key), completed with its answer."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of the method, path, form fields and file contents: what "the same request" is.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+    __table_args__ = (PrimaryKeyConstraint("tenant", "key", name="pk_idempotency_keys"),)

@@ -1,0 +1,1 @@
+"""The benchmark: `hepato bench models` (bare models) and `hepato bench e2e` (the stack)."""

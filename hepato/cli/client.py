@@ -1,0 +1,243 @@
+"""``hepato submit | status | results``: the Python client from the command line.
+
+Exit codes: 0 every job done, 1 some job failed (or a file was refused), 2 a usage or
+connection error, or an error answer from the gateway, with its message."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
+
+from hepato.client.client import (
+    BatchEvent,
+    BatchOut,
+    BatchRef,
+    Event,
+    HepatoAPIError,
+    HepatoClient,
+    HepatoClientError,
+    JobEvent,
+    find_images,
+)
+from hepato.common.constants import TERMINAL_STATES, JobState, Priority
+
+OK, SOME_FAILED, ERROR = 0, 1, 2
+NOT_DONE = frozenset({JobState.failed, JobState.expired, JobState.canceled})
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", envvar="HEPATO_URL", help="Gateway URL (default: http://127.0.0.1:8000)"),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="HEPATO_API_KEY", help="API key", show_default=False),
+]
+
+err = Console(stderr=True)
+
+
+class ExportFormat(StrEnum):
+    geojson = "geojson"
+    coco = "coco"
+    csv = "csv"
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(ERROR)
+
+
+@contextmanager
+def _client(url: str | None, api_key: str | None) -> Iterator[HepatoClient]:
+    """The client, with every client error turned into exit code 2 and one line."""
+    try:
+        with HepatoClient(url, api_key) as client:
+            yield client
+    except HepatoAPIError as exc:
+        _fail(f"the gateway answered {exc.status_code}: {exc.detail}")
+    except HepatoClientError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(str(exc))
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0.0:6.1f} images/s", style="progress.data.speed")
+
+
+class Tracker:
+    """Progress of a submission: files uploaded, jobs finished (done or not), from
+    callbacks that run on the client's thread."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress = progress
+        self.lock = threading.Lock()
+        self.uploaded: set[Path] = set()  # a retried request sends its files again
+        self.accepted = 0
+        self.states: dict[uuid.UUID, JobState] = {}
+        self.counts: dict[str, int] = {}
+        self.upload = progress.add_task("uploaded", total=total, failed="")
+        self.finish = progress.add_task("finished", total=None, failed="failed 0")
+
+    def on_uploaded(self, path: Path) -> None:
+        with self.lock:
+            self.uploaded.add(path)
+            self.progress.update(self.upload, completed=len(self.uploaded))
+
+    def on_batch(self, ref: BatchRef) -> None:
+        with self.lock:
+            self.accepted += ref.accepted
+            self.progress.update(self.finish, total=self.accepted)
+            if ref.rejected:
+                refused = len(ref.rejected)
+                self.progress.update(self.upload, failed=f"[red]refused {refused}[/red]")
+
+    def follow(self) -> Callable[[Event], None]:
+        """An on_event for ``wait``, shared by every batch of the submission."""
+
+        def on_event(event: Event) -> None:
+            with self.lock:
+                if isinstance(event, JobEvent):
+                    self.states[event.job_id] = event.state
+                elif isinstance(event, BatchEvent):
+                    self.counts[str(event.batch_id)] = sum(
+                        n for s, n in event.counts.items() if s in TERMINAL_STATES
+                    )
+                self._show()
+
+        return on_event
+
+    def _show(self) -> None:
+        ended = [s for s in self.states.values() if s in TERMINAL_STATES]
+        failed = sum(1 for s in ended if s != JobState.done)
+        # Events cover the jobs that changed while we listened; batch counts cover all.
+        finished = max(len(ended), sum(self.counts.values()))
+        self.progress.update(self.finish, completed=finished, failed=f"failed {failed}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("{task.fields[failed]}"),
+        TimeElapsedColumn(),
+        console=err,
+    )
+
+
+def _summary(batches: list[BatchOut]) -> tuple[int, dict[str, int]]:
+    totals: dict[str, int] = {}
+    for b in batches:
+        for state, n in b.counts.items():
+            totals[state] = totals.get(state, 0) + n
+    return sum(b.total for b in batches), totals
+
+
+def submit(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Image files and directories (walked for images)")
+    ],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model (default: the gateway's)")
+    ] = None,
+    priority: Annotated[Priority, typer.Option(help="Queue priority")] = Priority.routine,
+    question: Annotated[str | None, typer.Option(help="vqa models: the question")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Files per request")] = 500,
+    wait: Annotated[bool, typer.Option(help="Wait until every job is finished")] = False,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Submit images as batches (one per request of --batch-size files); print each batch
+    id. With --wait, follow them until every job is finished."""
+    try:
+        total = len(find_images(paths))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if not total:
+        _fail("no image files in " + " ".join(map(str, paths)))
+    finals: list[BatchOut] = []
+    with _client(url, api_key) as client, _progress() as progress:
+        tracker = Tracker(progress, total)
+        refs = client.submit(
+            paths,
+            model,
+            priority,
+            question,
+            batch_size,
+            on_uploaded=tracker.on_uploaded,
+            on_batch=tracker.on_batch,
+        )
+        refused = sum(len(r.rejected) for r in refs)
+        if wait:
+            on_event = tracker.follow()
+            finals = [client.wait(r.batch_id, on_event) for r in refs]
+    for ref in refs:
+        typer.echo(f"{ref.batch_id}\t{ref.accepted} accepted\t{len(ref.rejected)} refused")
+        for bad in ref.rejected:
+            err.print(f"  refused {bad.filename}: {bad.error}", highlight=False, markup=False)
+    if not wait:
+        raise typer.Exit(SOME_FAILED if refused else OK)
+    jobs, counts = _summary(finals)
+    typer.echo(f"{jobs} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    raise typer.Exit(OK if counts.get(JobState.done, 0) == jobs and not refused else SOME_FAILED)
+
+
+def status(
+    batch_id: Annotated[str, typer.Argument(help="Batch id")],
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """A batch's state and counts per job state, with the error of every failed job.
+    Exit 1 if a job failed, expired or was canceled."""
+    with _client(url, api_key) as client:
+        batch = client.batch(batch_id, page_size=1)
+        bad = []
+        if any(batch.counts.get(s, 0) for s in NOT_DONE):
+            bad = [j for j in client.results(batch_id) if j.state in NOT_DONE]
+    typer.echo(f"batch {batch.id}: {batch.state} ({batch.total} jobs, model {batch.model})")
+    typer.echo("  " + ", ".join(f"{n} {s}" for s, n in batch.counts.items() if n))
+    for job in bad:
+        typer.echo(f"  {job.state} {job.id} {job.filename}: {job.error or ''}")
+    raise typer.Exit(SOME_FAILED if bad else OK)
+
+
+def results(
+    batch_id: Annotated[str, typer.Argument(help="Batch id")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="File to write", dir_okay=False)],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.csv,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Write a batch's results as GeoJSON, COCO or CSV (the gateway's export, streamed)."""
+    with _client(url, api_key) as client:
+        client.export(batch_id, format.value, out)
+        batch = client.batch(batch_id, page_size=1)
+    typer.echo(json.dumps({"batch_id": str(batch.id), "format": format.value, "out": str(out)}))
+    raise typer.Exit(SOME_FAILED if any(batch.counts.get(s, 0) for s in NOT_DONE) else OK)
+
+
+def register(app: typer.Typer) -> None:
+    for command in (submit, status, results):
+        app.command()(command)

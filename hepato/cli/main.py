@@ -1,0 +1,122 @@
+"""The ``hepato`` command."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hepato.bench.cli import app as bench_app
+from hepato.cli.client import register as register_client_commands
+from hepato.cli.keys import app as keys_app
+from hepato.cli.models import app as models_app
+from hepato.common.settings import REPO_ROOT, get_settings
+
+app = typer.Typer(
+    help="HepatoAI: microbatched inference for histopathology images.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")
+register_client_commands(app)  # hepato submit | status | results
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Bind address [default: settings]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: settings]")] = None,
+) -> None:
+    """Run the HTTP gateway."""
+    import uvicorn
+
+    settings = get_settings()
+    _logging()
+    uvicorn.run(
+        "hepato.gateway.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def worker(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model to serve; repeat for more [default: settings]"),
+    ] = None,
+    burst: Annotated[bool, typer.Option(help="Exit when no job is left")] = False,
+) -> None:
+    """Run one worker process: load its models once, then drain their queues in
+    microbatches, one model per batch, taking turns."""
+    from hepato.common.exceptions import HepatoError
+    from hepato.worker.runner import run_worker
+
+    _logging()
+    try:
+        run_worker(get_settings(), burst=burst, models=model or ())
+    except HepatoError as exc:
+        logging.getLogger("hepato").error("%s", exc)
+        raise typer.Exit(2) from None
+
+
+def migrations_dir() -> Path:
+    for candidate in (REPO_ROOT / "migrations", Path.cwd() / "migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise typer.BadParameter("the migrations/ directory was not found")
+
+
+def run_migrations(database_url: str | None = None) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    if database_url:
+        config.attributes["database_url"] = database_url
+    command.upgrade(config, "head")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (Alembic upgrade to head)."""
+    _logging("WARNING")
+    run_migrations()
+    typer.echo("database is at the latest revision")
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    port: Annotated[int, typer.Option(help="Gateway port")] = 8000,
+    samples: Annotated[Path, typer.Option(help="Images to submit")] = REPO_ROOT / "samples",
+    repeat: Annotated[int, typer.Option(min=1, help="Submit the samples this many times")] = 1,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the stack up until Ctrl-C after the run")
+    ] = True,
+) -> None:
+    """Start the whole stack locally (Postgres, Redis, S3, gateway, workers), run the
+    sample images through it and show the detections."""
+    from hepato.devstack.up import run_stack
+
+    _logging("WARNING")
+    raise typer.Exit(
+        run_stack(
+            workers=workers, port=port, samples=samples, repeat=repeat, keep_running=keep_running
+        )
+    )
+
+
+if __name__ == "__main__":
+    app()

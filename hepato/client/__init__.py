@@ -1,0 +1,1 @@
+"""The Python client of the HepatoAI API (``HepatoClient``, ``AsyncHepatoClient``)."""
