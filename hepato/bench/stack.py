@@ -19,6 +19,7 @@ import redis
 
 from hepato.common.constants import worker_key
 from hepato.common.exceptions import BenchFailed
+from hepato.common.migrate import run_migrations
 from hepato.common.settings import Settings
 from hepato.devstack.localstack import LocalStack, free_port
 
@@ -53,8 +54,6 @@ class BenchStack:
         )
 
     def start(self) -> None:
-        from hepato.cli.main import run_migrations
-
         try:
             self.local.start()
         except (RuntimeError, TimeoutError) as exc:

@@ -70,29 +70,17 @@ def worker(
         raise typer.Exit(2) from None
 
 
-def migrations_dir() -> Path:
-    for candidate in (REPO_ROOT / "migrations", Path.cwd() / "migrations"):
-        if (candidate / "env.py").exists():
-            return candidate
-    raise typer.BadParameter("the migrations/ directory was not found")
-
-
-def run_migrations(database_url: str | None = None) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(migrations_dir()))
-    if database_url:
-        config.attributes["database_url"] = database_url
-    command.upgrade(config, "head")
-
-
 @app.command()
 def migrate() -> None:
     """Apply the database migrations (Alembic upgrade to head)."""
+    from hepato.common.exceptions import HepatoError
+    from hepato.common.migrate import run_migrations
+
     _logging("WARNING")
-    run_migrations()
+    try:
+        run_migrations()
+    except HepatoError as exc:
+        raise typer.BadParameter(str(exc)) from None
     typer.echo("database is at the latest revision")
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from hepato.common.constants import WORKER_KEY_PATTERN
 from hepato.common.images import MIME_TYPES, sniff_format
+from hepato.common.migrate import run_migrations
 from hepato.common.settings import get_settings
 from hepato.devstack.localstack import LocalStack
 
@@ -41,8 +42,6 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
     try:
         with console.status("starting Postgres, Redis and SeaweedFS S3..."):
             stack.start()
-        from hepato.cli.main import run_migrations
-
         # A local demo stack: no API keys, every request is the tenant "public".
         env = {**os.environ, **stack.env(), "HEPATO_PORT": str(port), "HEPATO_AUTH": "open"}
         # Workers on one CPU share its cores rather than each taking all of them.

@@ -20,7 +20,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from hepato.cli.main import run_migrations
+from hepato.common.migrate import run_migrations
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
 from hepato.common.tables import Job

@@ -12,8 +12,8 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from hepato.cli.main import run_migrations
 from hepato.common.db import get_engine
+from hepato.common.migrate import run_migrations
 from hepato.common.settings import Settings
 from hepato.worker.backends.base import Model
 from tests.conftest import MODELS_DIR, REPO

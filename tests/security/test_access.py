@@ -410,7 +410,7 @@ def test_migration_0003_gives_old_rows_to_public_and_matches_the_orm(
     from alembic.config import Config
     from alembic.migration import MigrationContext
 
-    from hepato.cli.main import migrations_dir
+    from hepato.common.migrate import migrations_dir
     from hepato.common.tables import Base
 
     config = Config()
