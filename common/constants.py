@@ -52,11 +52,6 @@ def queue_keys(model: str) -> list[str]:
     return [queue_key(model, Priority.urgent), queue_key(model, Priority.routine)]
 
 
-def job_done_channel(job_id: str) -> str:
-    """Pub/sub channel a worker publishes on when a job reaches a terminal state."""
-    return f"{KEY_PREFIX}:job-finished:{job_id}"
-
-
 def batch_events_channel(batch_id: str) -> str:
     """Pub/sub channel woken after a commit that recorded events of the batch's jobs."""
     return f"{KEY_PREFIX}:events:batch:{batch_id}"

@@ -1,20 +1,41 @@
-"""Job state transitions in Postgres. Every write a worker makes after its claim is
-fenced by the lease token, so a worker presumed dead cannot overwrite the winner."""
+"""The job lifecycle in Postgres: every state change of a job but the sweeper's.
+
+    create (pending) → claim (processing, under a lease token) → complete (done) | fail
+    (pending again, or failed) ; cancel (pending → canceled)
+
+Every write after the claim is fenced: it touches only rows still carrying the lease
+token of the claim (``_owned``), so a worker presumed dead cannot overwrite the winner.
+Leases that run out are taken back by common.sweep."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, extract, func, select, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    cast,
+    extract,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from hepato.common import event_log
-from hepato.common.constants import JobState
+from hepato.common.constants import JobState, Priority
+from hepato.common.exceptions import QueueFull
+from hepato.common.images import ImageInfo
+from hepato.common.manifest import ModelManifest
 from hepato.common.results import TaskResult
-from hepato.common.tables import Job
+from hepato.common.tables import Batch, Job
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,121 @@ def _uuids(ids: Iterable[str | uuid.UUID]) -> list[uuid.UUID]:
     return out
 
 
+# --- create ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NewJob:
+    """One accepted image, already in the object store."""
+
+    filename: str
+    object_key: str
+    image: ImageInfo
+
+
+@dataclass(frozen=True)
+class Created:
+    batch_id: uuid.UUID | None
+    job_ids: list[uuid.UUID]  # in the order of the jobs given
+
+
+def check_room(engine: Engine, model: str, adding: int, limit: int, retry_after_s: int) -> None:
+    """Refuse the whole request when the model's queue would pass its bound. Counted in
+    Postgres, the source of truth, so a Redis restart cannot reset it; concurrent
+    submissions may pass the bound by at most one request's files."""
+    # Autocommit: one statement needs no BEGIN and ROLLBACK around it (two round trips).
+    # Not in create's transaction: the check comes before the objects are stored, so a
+    # refused request costs the store nothing, and no connection waits on the uploads.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        pending = conn.execute(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.model == model, Job.state == JobState.pending)
+        ).scalar_one()
+    if pending + adding > limit:
+        raise QueueFull(
+            f"the queue of model {model!r} is full ({pending} of {limit} jobs pending; this "
+            f"request adds {adding}); nothing was accepted, retry later",
+            retry_after_s,
+        )
+
+
+def _insert_jobs(conn: Connection, per_file: dict[str, list[Any]], same: dict[str, Any]) -> None:
+    """One INSERT for any number of jobs: each per-file column goes as one array and
+    unnest() turns the arrays back into rows. (executemany sends an INSERT per job, and a
+    VALUES list takes a parameter per column and job, past Postgres' 65,535 at 3,640
+    jobs.) Every value is cast to its column's type: a bare parameter in a SELECT list,
+    NULL above all, would be taken as text."""
+    columns = Job.__table__.c
+
+    def typed(name: str, value: Any, *, array: bool = False) -> Any:
+        kind = ARRAY(columns[name].type) if array else columns[name].type
+        return cast(bindparam(f"v_{name}", value, type_=kind), kind)
+
+    arrays = (typed(n, v, array=True) for n, v in per_file.items())
+    # render_derived: "AS f(id, filename, ...)", naming unnest's output columns.
+    files = func.unnest(*arrays).table_valued(*per_file).render_derived(name="f")
+    rows = select(*(files.c[n] for n in per_file), *(typed(n, v) for n, v in same.items()))
+    conn.execute(insert(Job).from_select([*per_file, *same], rows))
+
+
+def create(
+    engine: Engine,
+    new: Sequence[NewJob],
+    *,
+    as_batch: bool,
+    tenant: str,
+    model: ModelManifest,
+    priority: Priority,
+    max_attempts: int,
+    deadline_s: float | None,
+    question: str | None,
+    callback_url: str | None,
+) -> Created:
+    """Commit ``new`` as pending jobs (and, ``as_batch``, their batch) in one transaction
+    of one statement per table; the caller pushes their ids only after this returns."""
+    batch_id = uuid.uuid4() if as_batch else None
+    deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
+    job_ids = [uuid.uuid4() for _ in new]
+    per_file: dict[str, list[Any]] = {
+        "id": job_ids,
+        "filename": [j.filename for j in new],
+        "object_key": [j.object_key for j in new],
+        "image_format": [j.image.format for j in new],
+        "size_bytes": [j.image.size for j in new],
+        "width": [j.image.width for j in new],
+        "height": [j.image.height for j in new],
+    }
+    same = {
+        "batch_id": batch_id,
+        "tenant": tenant,
+        "model": model.name,
+        "task": model.task,
+        "priority": priority.value,
+        "state": JobState.pending.value,
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "deadline_at": deadline_at,
+        "question": question,
+        # A batch's jobs are reported together, by the batch's webhook.
+        "callback_url": None if batch_id else callback_url,
+    }
+    with event_log.transaction(engine) as conn:
+        if batch_id is not None:
+            conn.execute(
+                insert(Batch).values(
+                    id=batch_id,
+                    tenant=tenant,
+                    model=model.name,
+                    priority=priority.value,
+                    total=len(job_ids),
+                    callback_url=callback_url,
+                )
+            )
+        _insert_jobs(conn, per_file, same)
+        event_log.record(conn, job_ids)
+    return Created(batch_id, job_ids)
+
+
+# --- claim and fence ------------------------------------------------------------------
 def claim(
     engine: Engine, ids: Iterable[str | uuid.UUID], worker_id: str, lease_s: float
 ) -> tuple[uuid.UUID, list[ClaimedJob]]:
@@ -110,6 +246,7 @@ def claim(
 
 
 def _owned(token: uuid.UUID, ids: Sequence[uuid.UUID]):
+    # The fence: rows this claim still holds. Every write after the claim goes through it.
     return and_(Job.id.in_(ids), Job.lease_token == token, Job.state == JobState.processing)
 
 
@@ -202,7 +339,7 @@ def fail(
         ).all()
         for job_id, attempts, max_attempts, model, priority in owned:
             if retry and attempts < max_attempts:
-                values = _pending_values()
+                values = pending_values()
                 values["error"] = errors[job_id]
                 requeue.append(Requeue(job_id, model, priority))
             else:
@@ -219,7 +356,8 @@ def fail(
     return requeue
 
 
-def _pending_values() -> dict[str, object]:
+def pending_values() -> dict[str, object]:
+    """A job back in the queue: no lease, no worker, re-enqueued now."""
     return {
         "state": JobState.pending,
         "lease_token": None,
@@ -229,69 +367,7 @@ def _pending_values() -> dict[str, object]:
     }
 
 
-@dataclass(frozen=True)
-class Swept:
-    requeue: list[Requeue]  # to push again, after the commit
-    reclaimed: int  # leases that ran out (their worker was lost), back to pending
-    failed: int  # leases that ran out on a job's last attempt
-
-
-def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> Swept:
-    """Recover from lost workers and a lost Redis. Safe to run in many processes at
-    once: rows are taken with SKIP LOCKED, so each is handled by one sweeper.
-
-    Returns the jobs to push again and what was reclaimed and failed."""
-    now = func.now()
-    with event_log.transaction(engine) as conn:
-        expired = (
-            select(Job.id)
-            .where(Job.state == JobState.processing, Job.lease_until < now)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        # A lease that ran out with attempts left: back to the queue.
-        requeued = conn.execute(
-            update(Job)
-            .where(Job.id.in_(expired), Job.attempts < Job.max_attempts)
-            .values(**_pending_values(), error="lease expired: worker lost")
-            .returning(Job.id, Job.model, Job.priority)
-        ).all()
-        failed = (
-            conn.execute(
-                update(Job)
-                .where(Job.id.in_(expired), Job.attempts >= Job.max_attempts)
-                .values(
-                    state=JobState.failed,
-                    finished_at=now,
-                    lease_until=None,
-                    error=func.concat("lease expired after ", Job.attempts, " attempts"),
-                )
-                .returning(Job.id)
-            )
-            .scalars()
-            .all()
-        )
-        stale = (
-            select(Job.id)
-            .where(
-                Job.state == JobState.pending,
-                Job.enqueued_at < now - timedelta(seconds=requeue_after_s),
-            )
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        lost = conn.execute(
-            update(Job)
-            .where(Job.id.in_(stale))
-            .values(enqueued_at=now)
-            .returning(Job.id, Job.model, Job.priority)
-        ).all()
-        event_log.record(conn, [*(row[0] for row in requeued), *failed])
-    return Swept([Requeue(*row) for row in (*requeued, *lost)], len(requeued), len(failed))
-
-
+# --- cancel ---------------------------------------------------------------------------
 def cancel(
     engine: Engine, *, job_id: uuid.UUID | None = None, batch_id: uuid.UUID | None = None
 ) -> int:
@@ -311,16 +387,3 @@ def cancel(
         )
         event_log.record(conn, canceled)
     return len(canceled)
-
-
-def count_unfinished(engine: Engine, models: Sequence[str]) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                select(func.count())
-                .select_from(Job)
-                .where(
-                    Job.model.in_(models), Job.state.in_([JobState.pending, JobState.processing])
-                )
-            ).scalar_one()
-        )

@@ -52,21 +52,10 @@ STAGE_BUCKETS_S = (
     30.0,
     60.0,
 )
-# A job may wait behind a long queue for many minutes; an hour is the top.
+# A job may wait behind a long queue for many minutes: the stage buckets from 5 ms, then
+# on to an hour.
 JOB_BUCKETS_S = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
+    *STAGE_BUCKETS_S[STAGE_BUCKETS_S.index(0.005) :],
     120.0,
     300.0,
     600.0,

@@ -24,7 +24,8 @@ from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from standardwebhooks import Webhook
 
-from hepato.common.constants import TERMINAL_STATES, JobState, batch_state
+from hepato.common.constants import TERMINAL_STATES, batch_state
+from hepato.common.job_counts import all_finished, state_counts
 from hepato.common.settings import Settings
 from hepato.common.tables import Batch, Job, WebhookDelivery
 
@@ -59,12 +60,8 @@ def enqueue_finished(
                 Batch.id.in_(batches), Batch.callback_url.is_not(None)
             )
         ):
-            counts = {s.value: 0 for s in JobState}
-            for state, n in conn.execute(
-                select(Job.state, func.count()).where(Job.batch_id == batch_id).group_by(Job.state)
-            ):
-                counts[state] = n
-            if any(n for state, n in counts.items() if state not in TERMINAL_STATES):
+            counts = state_counts(conn, batch_id=batch_id)
+            if not all_finished(counts):
                 continue
             summary = {"batch_id": str(batch_id), "state": batch_state(counts).value}
             rows.append(_row(batch_id, tenant, url, "batch.finished", now, summary, counts))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
+from hepato.common import schemas
 from hepato.common.tables import Batch, Job
-from hepato.gateway.deps import Resources
+from hepato.gateway.auth import TenantDep
+from hepato.gateway.deps import Resources, SessionDep
 
 T = TypeVar("T", Job, Batch)
+
+# What a route that looks a row up by its id adds to its OpenAPI `responses`: the lookup's 404.
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": schemas.ErrorOut}}
 
 
 def public_url(request: Request, res: Resources, name: str, **params: str) -> str:
@@ -38,3 +43,17 @@ def _row_or_404(session: Session, model: type[T], raw: str, tenant: str, kind: s
     if row is None or row.tenant != tenant:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {kind} with id {raw!r}")
     return row
+
+
+def _path_job(job_id: str, session: SessionDep, tenant: TenantDep) -> Job:
+    return job_or_404(session, job_id, tenant)
+
+
+def _path_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> Batch:
+    return batch_or_404(session, batch_id, tenant)
+
+
+# The row named by the route's path, in the request's session (SessionDep: one per
+# request). Not for streams: that session would stay open as long as they do.
+JobDep = Annotated[Job, Depends(_path_job)]
+BatchDep = Annotated[Batch, Depends(_path_batch)]

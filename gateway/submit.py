@@ -8,7 +8,7 @@ Runs in a worker thread (never on the event loop). Each upload is read from the 
 the multipart parser spooled it to, in bounded chunks, and streamed from there to the
 object store, so a request's images are never in memory whole. Postgres sees a fixed
 number of statements per request whatever its number of files: the room check, then
-one transaction with one multi-row insert per table."""
+one transaction with one multi-row insert per table (common.jobs)."""
 
 from __future__ import annotations
 
@@ -16,20 +16,17 @@ import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import redis
-from sqlalchemy import Connection, bindparam, cast, func, insert, select
-from sqlalchemy.dialects.postgresql import ARRAY
 
-from hepato.common import dispatch, event_log, metrics
-from hepato.common.constants import JobState, Priority
-from hepato.common.exceptions import InvalidImage, QueueFull
+from hepato.common import dispatch, jobs, metrics
+from hepato.common.constants import Priority
+from hepato.common.exceptions import InvalidImage
 from hepato.common.images import ImageInfo, display_name, inspect_image
+from hepato.common.jobs import NewJob
 from hepato.common.manifest import ModelManifest
 from hepato.common.storage import new_object_key
-from hepato.common.tables import Batch, Job
 from hepato.gateway.deps import Resources
 
 log = logging.getLogger(__name__)
@@ -45,47 +42,6 @@ class Upload:
 class Rejection:
     filename: str
     error: InvalidImage
-
-
-def _check_room(res: Resources, model: str, adding: int) -> None:
-    """Refuse the whole request when the model's queue would pass its bound. Counted in
-    Postgres, the source of truth, so a Redis restart cannot reset it; concurrent
-    submissions may pass the bound by at most one request's files."""
-    limit = res.settings.max_queued_per_model
-    # Autocommit: one statement needs no BEGIN and ROLLBACK around it (two round trips).
-    # Not in the insert's transaction: the check comes before the objects are stored, so
-    # a refused request costs the store nothing, and no connection waits on the uploads.
-    with res.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        pending = conn.execute(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.model == model, Job.state == JobState.pending)
-        ).scalar_one()
-    if pending + adding > limit:
-        raise QueueFull(
-            f"the queue of model {model!r} is full ({pending} of {limit} jobs pending; this "
-            f"request adds {adding}); nothing was accepted, retry later",
-            res.settings.queue_full_retry_after_s,
-        )
-
-
-def _insert_jobs(conn: Connection, per_file: dict[str, list[Any]], same: dict[str, Any]) -> None:
-    """One INSERT for any number of jobs: each per-file column goes as one array and
-    unnest() turns the arrays back into rows. (executemany sends an INSERT per job, and a
-    VALUES list takes a parameter per column and job, past Postgres' 65,535 at 3,640
-    jobs.) Every value is cast to its column's type: a bare parameter in a SELECT list,
-    NULL above all, would be taken as text."""
-    columns = Job.__table__.c
-
-    def typed(name: str, value: Any, *, array: bool = False) -> Any:
-        kind = ARRAY(columns[name].type) if array else columns[name].type
-        return cast(bindparam(f"v_{name}", value, type_=kind), kind)
-
-    arrays = (typed(n, v, array=True) for n, v in per_file.items())
-    # render_derived: "AS f(id, filename, ...)", naming unnest's output columns.
-    files = func.unnest(*arrays).table_valued(*per_file).render_derived(name="f")
-    rows = select(*(files.c[n] for n in per_file), *(typed(n, v) for n, v in same.items()))
-    conn.execute(insert(Job).from_select([*per_file, *same], rows))
 
 
 @dataclass(frozen=True)
@@ -126,7 +82,13 @@ def submit(
     # Refuse up front (503) while the queue is down, so nothing is half-accepted. Should
     # Redis fail between here and the push, the committed jobs are still safe (see below).
     res.redis.ping()
-    _check_room(res, model.name, len(valid))
+    jobs.check_room(
+        res.engine,
+        model.name,
+        len(valid),
+        settings.max_queued_per_model,
+        settings.queue_full_retry_after_s,
+    )
 
     keys = [new_object_key(info.format) for _, info in valid]
     with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
@@ -140,53 +102,31 @@ def submit(
             )
         )
 
-    batch_id = uuid.uuid4() if as_batch else None
-    deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
-    job_ids = [uuid.uuid4() for _ in valid]
-    per_file: dict[str, list[Any]] = {
-        "id": job_ids,
-        "filename": [upload.filename for upload, _ in valid],
-        "object_key": keys,
-        "image_format": [info.format for _, info in valid],
-        "size_bytes": [info.size for _, info in valid],
-        "width": [info.width for _, info in valid],
-        "height": [info.height for _, info in valid],
-    }
-    same = {
-        "batch_id": batch_id,
-        "tenant": tenant,
-        "model": model.name,
-        "task": model.task,
-        "priority": priority.value,
-        "state": JobState.pending.value,
-        "attempts": 0,
-        "max_attempts": settings.max_attempts,
-        "deadline_at": deadline_at,
-        "question": question,
-        # A batch's jobs are reported together, by the batch's webhook.
-        "callback_url": None if batch_id else callback_url,
-    }
-    with event_log.transaction(res.engine) as conn:
-        if batch_id is not None:
-            conn.execute(
-                insert(Batch).values(
-                    id=batch_id,
-                    tenant=tenant,
-                    model=model.name,
-                    priority=priority.value,
-                    total=len(job_ids),
-                    callback_url=callback_url,
-                )
-            )
-        _insert_jobs(conn, per_file, same)
-        event_log.record(conn, job_ids)
+    created = jobs.create(
+        res.engine,
+        [
+            NewJob(upload.filename, key, info)
+            for key, (upload, info) in zip(keys, valid, strict=True)
+        ],
+        as_batch=as_batch,
+        tenant=tenant,
+        model=model,
+        priority=priority,
+        max_attempts=settings.max_attempts,
+        deadline_s=deadline_s,
+        question=question,
+        callback_url=callback_url,
+    )
 
-    ids = [str(job_id) for job_id in job_ids]
+    ids = [str(job_id) for job_id in created.job_ids]
     try:
         dispatch.push(res.redis, model.name, priority, ids)
     except redis.RedisError:
         # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.
         log.warning("could not push %d job ids to Redis; the sweeper will", len(ids), exc_info=True)
-    jobs = [(job_id, upload.filename) for job_id, (upload, _) in zip(job_ids, valid, strict=True)]
-    metrics.count_submission(model.name, len(jobs), len(rejected))
-    return Submission(batch_id, jobs, rejected)
+    accepted = [
+        (job_id, upload.filename)
+        for job_id, (upload, _) in zip(created.job_ids, valid, strict=True)
+    ]
+    metrics.count_submission(model.name, len(accepted), len(rejected))
+    return Submission(created.batch_id, accepted, rejected)

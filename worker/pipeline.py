@@ -1,5 +1,6 @@
-"""The plumbing between the worker's stages: what travels from one stage to the next, the
-bounded hand-offs between them, and one thread that keeps every claimed job's lease."""
+"""The plumbing between the worker's stages: the bounded hand-offs between them, and one
+thread that keeps every claimed job's lease. What travels through them, a
+``MicroBatch``, is formed in worker.microbatch."""
 
 from __future__ import annotations
 
@@ -8,46 +9,11 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Generic, TypeVar
-
-import numpy as np
-
-from hepato.common.jobs import ClaimedJob, JobResult
-from hepato.worker.backends.calls import Prepared
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class MicroBatch:
-    """One claimed microbatch on its way through intake → inference → write."""
-
-    model: str
-    token: uuid.UUID
-    claimed: list[ClaimedJob]
-    # Filled by intake: the decoded images of the jobs that are ready for the model.
-    ready: list[ClaimedJob] = field(default_factory=list)
-    images: list[np.ndarray] = field(default_factory=list)
-    fetched_at: datetime | None = None
-    # Errors by job: permanent ones end the job, transient ones send it back to the queue.
-    permanent: dict[uuid.UUID, str] = field(default_factory=dict)
-    transient: dict[uuid.UUID, str] = field(default_factory=dict)
-    # A phased model's input, prepared by intake (None: the model stage runs predict).
-    prepared: Prepared | None = None
-    # Filled by the model stage: a phased model's raw outputs (finished by the write
-    # stage), or the results.
-    raws: list[Any] | None = None
-    infer_ms: float = 0.0
-    results: list[JobResult] = field(default_factory=list)
-    inferred_at: datetime | None = None
-
-    @property
-    def ids(self) -> list[uuid.UUID]:
-        return [job.id for job in self.claimed]
 
 
 class Closed(Exception):

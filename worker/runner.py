@@ -9,7 +9,10 @@ Pre- and post-processing move out of the model stage for models with phases
 (worker.backends.calls.Phased); other models do them inside their model call.
 Intake works ahead by at most ``prefetch_batches`` microbatches: claimed jobs sitting in
 a worker are jobs no other worker can take. A stopping worker claims nothing more and
-finishes what it has claimed (at most ``prefetch_batches`` + 1 microbatches)."""
+finishes what it has claimed (at most ``prefetch_batches`` + 1 microbatches).
+
+How a microbatch is formed (collect, rotation across models, claim) is in
+worker.microbatch; the sweeper, heartbeat and re-pushes in worker.recovery."""
 
 from __future__ import annotations
 
@@ -21,20 +24,18 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import redis
 from sqlalchemy.exc import OperationalError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from hepato.common import dispatch, event_log, jobs, metrics, webhooks
-from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, job_done_channel, worker_key
+from hepato.common import event_log, jobs, metrics
 from hepato.common.db import get_engine
-from hepato.common.dispatch import ModelQueue
 from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing, UnknownModel
+from hepato.common.job_counts import count_unfinished
 from hepato.common.jobs import ClaimedJob
 from hepato.common.manifest import load_registry
 from hepato.common.settings import Settings
@@ -42,19 +43,11 @@ from hepato.common.storage import ObjectStore
 from hepato.worker import inference
 from hepato.worker.backends.base import Model, Runtime, load_model
 from hepato.worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
-from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper, MicroBatch
+from hepato.worker.microbatch import Batcher, MicroBatch, model_queue
+from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper
+from hepato.worker.recovery import Recovery, db_retry
 
 log = logging.getLogger(__name__)
-
-
-def _db_retry(seconds: float) -> Callable:
-    """Ride out a Postgres restart: retry with backoff for up to ``seconds``."""
-    return retry(
-        retry=retry_if_exception_type(OperationalError),
-        wait=wait_exponential(multiplier=0.1, max=5),
-        stop=stop_after_delay(seconds),
-        reraise=True,
-    )
 
 
 class Worker:
@@ -69,8 +62,6 @@ class Worker:
         self.settings = settings
         self.models = dict(models)
         self.burst = burst
-        self.queues = [self._queue(name, model) for name, model in self.models.items()]
-        self.turn = 0
         self.id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = get_engine(settings.database_url)
         self.redis = redis.Redis.from_url(settings.redis_url)
@@ -82,6 +73,17 @@ class Worker:
         # wait gives up at once.
         self.stopping = threading.Event()
         self.abort = threading.Event()
+        self.recovery = Recovery(
+            settings, self.engine, self.redis, self.id, list(self.models), self.stopping
+        )
+        self.batcher = Batcher(
+            self.redis,
+            self.engine,
+            [model_queue(name, m.manifest, settings) for name, m in self.models.items()],
+            worker_id=self.id,
+            settings=settings,
+            requeue=self.recovery.push,
+        )
         ahead = settings.prefetch_batches
         # One slot per batch between claim and the end of its model call.
         self.slots = threading.Semaphore(ahead + 1)
@@ -98,11 +100,9 @@ class Worker:
                 signal.signal(sig, self._on_signal)
         # Decoder processes start before the heartbeat that tells hepato up we are ready.
         self.decoder.warm()
-        self._heartbeat()
-        sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
-        sweeper.start()
+        self.recovery.start()
         self.leases.start()
-        for q in self.queues:
+        for q in self.batcher.queues:
             log.info(
                 "worker %s serving %s (batch<=%d, wait<=%.0fms, %d ahead)",
                 self.id,
@@ -128,37 +128,23 @@ class Worker:
             for stage in stages:
                 stage.join()
             self.leases.stop()
-            sweeper.join(timeout=5)
-            with contextlib.suppress(redis.RedisError):
-                self.redis.delete(worker_key(self.id))
+            self.recovery.stop()
             self.fetch_pool.shutdown(wait=False)
             self.decoder.close()
         log.info(
             "worker %s stopped after %d batches, %d jobs", self.id, self.batches, self.jobs_done
         )
 
-    def _queue(self, name: str, model: Model) -> ModelQueue:
-        cap, wait_ms = self.settings.max_batch_size, self.settings.max_wait_ms
-        size = model.manifest.max_batch_size
-        return ModelQueue(
-            name,
-            min(size, cap) if cap else size,
-            (model.manifest.max_wait_ms if wait_ms is None else wait_ms) / 1000.0,
-        )
-
-    def _rotation(self) -> list[ModelQueue]:
-        """Each turn starts with the next model, so a busy model cannot starve the rest."""
-        k = self.turn % len(self.queues)
-        self.turn += 1
-        return self.queues[k:] + self.queues[:k]
-
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("signal %d: finishing the batch in hand, then exiting", signum)
         self.stopping.set()
 
+    def sweep_once(self) -> None:
+        self.recovery.sweep_once()
+
     def _drained(self) -> bool:
         self.sweep_once()
-        return jobs.count_unfinished(self.engine, list(self.models)) == 0
+        return count_unfinished(self.engine, list(self.models)) == 0
 
     # --- stage 1: intake -------------------------------------------------------
     def _intake_stage(self) -> None:
@@ -192,29 +178,16 @@ class Worker:
 
     def _intake_one(self) -> bool:
         """Collect, claim and prepare one microbatch; True once it is handed to the model."""
-        got = dispatch.collect_any(self.redis, self._rotation(), self.settings.poll_timeout_s)
+        got = self.batcher.collect()
         if got is None:
             if self.burst and self._drained():
                 self.stopping.set()
             return False
-        if self.stopping.is_set():
-            # Popped after SIGTERM: not ours to start. Back on their own queues; the jobs
-            # are still pending in Postgres.
-            self._push(jobs.pending_among(self.engine, got[1]))
-            return False
-        model = got[0].model
-        token, claimed = _db_retry(self.settings.lease_s)(jobs.claim)(
-            self.engine, got[1], self.id, self.settings.lease_s
-        )
-        if not claimed:
+        batch = self.batcher.claim(got, stopping=self.stopping.is_set())
+        if batch is None:
             return False
         self.batches += 1
-        batch = MicroBatch(model, token, claimed)
-        self.leases.hold(token, batch.ids)
-        metrics.BATCH_SIZE.labels(model).observe(len(claimed))
-        for job in claimed:
-            if job.queue_wait_ms is not None:
-                metrics.QUEUE_WAIT_SECONDS.labels(model).observe(job.queue_wait_ms / 1000.0)
+        self.leases.hold(batch.token, batch.ids)
         try:
             self._prepare(batch)
         except Exception as exc:
@@ -326,20 +299,19 @@ class Worker:
             replace(r, fetched_at=batch.fetched_at, inferred_at=batch.inferred_at)
             for r in batch.results
         ]
-        write = _db_retry(self.settings.lease_s)
+        write = db_retry(self.settings.lease_s)
         with _timed(batch.model, "write"):
             written = write(jobs.complete)(
                 self.engine, batch.token, batch.results, model.manifest.version
             )
             write(jobs.fail)(self.engine, batch.token, batch.permanent, retry=False)
             retried = write(jobs.fail)(self.engine, batch.token, batch.transient, retry=True)
-        self._push(retried)
+        self.recovery.push(retried)
         lost = len(batch.results) - len(written)
         if lost:
             log.warning("%d results refused: their lease passed to another worker", lost)
         self.jobs_done += len(written)
         self._count(batch, written, retried)
-        self._notify([*written, *batch.permanent, *batch.transient])
 
     def _count(
         self, batch: MicroBatch, written: set[uuid.UUID], retried: Sequence[jobs.Requeue]
@@ -363,65 +335,15 @@ class Worker:
         log.exception("batch of %d failed", len(batch.claimed), exc_info=exc)
         errors = {job.id: f"batch failed: {exc!r}" for job in batch.claimed}
         try:
-            self._push(jobs.fail(self.engine, batch.token, errors, retry=True))
+            self.recovery.push(jobs.fail(self.engine, batch.token, errors, retry=True))
         except Exception:
             log.exception("could not return the batch; the sweeper will recover it")
         finally:
             self.leases.drop(batch.token)
 
-    # --- leases, recovery, notices --------------------------------------------
+    # --- leases ---------------------------------------------------------------------
     def _extend(self, token: uuid.UUID, ids: list[uuid.UUID]) -> None:
         jobs.extend_leases(self.engine, token, ids, self.settings.lease_s)
-
-    def _sweep_loop(self) -> None:
-        every = min(self.settings.sweep_interval_s, WORKER_HEARTBEAT_TTL_S / 3)
-        last_sweep = time.monotonic()
-        while not self.stopping.wait(every):
-            self._heartbeat()
-            if time.monotonic() - last_sweep < self.settings.sweep_interval_s:
-                continue
-            last_sweep = time.monotonic()
-            try:
-                self.sweep_once()
-            except Exception:
-                log.warning("sweep failed", exc_info=True)
-
-    def _heartbeat(self) -> None:
-        """Tell operators (and ``hepato up``) this worker is loaded and alive."""
-        with contextlib.suppress(redis.RedisError):
-            self.redis.set(worker_key(self.id), ",".join(self.models), ex=WORKER_HEARTBEAT_TTL_S)
-
-    def sweep_once(self) -> None:
-        swept = jobs.sweep(self.engine, self.settings.requeue_pending_after_s)
-        if swept.requeue or swept.failed:
-            log.info(
-                "sweeper: re-pushed %d jobs (%d from lost workers), failed %d out of attempts",
-                len(swept.requeue),
-                swept.reclaimed,
-                swept.failed,
-            )
-        metrics.LEASES_RECLAIMED.inc(swept.reclaimed + swept.failed)
-        self._push(swept.requeue)
-        webhooks.deliver_due(self.engine, self.settings)
-
-    def _push(self, requeue: Sequence[jobs.Requeue]) -> None:
-        by_queue: dict[tuple[str, str], list[str]] = {}
-        for r in requeue:
-            by_queue.setdefault((r.model, r.priority), []).append(str(r.id))
-        for (model, priority), ids in by_queue.items():
-            try:
-                dispatch.push(self.redis, model, priority, ids)
-            except redis.RedisError:
-                log.warning("could not re-push %d jobs; the sweeper will retry", len(ids))
-
-    def _notify(self, ids: Sequence[uuid.UUID]) -> None:
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.publish(job_done_channel(str(job_id)), "1")
-            pipe.execute()
-        except redis.RedisError:
-            pass  # waiters re-read Postgres; the notice only saves them latency
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from hepato.client.client import (
+from hepato.client import (
     BatchEvent,
     BatchOut,
     BatchRef,

@@ -1,1 +1,40 @@
-"""The Python client of the HepatoAI API (``HepatoClient``, ``AsyncHepatoClient``)."""
+"""The Python client of the HepatoAI API: ``HepatoClient`` and ``AsyncHepatoClient``, the
+errors they raise and the events they yield.
+
+Layout: ``transport`` (one API call with bounded retries, uploads streamed from disk),
+``async_client`` (``AsyncHepatoClient``: the methods), ``sync_client`` (``HepatoClient``:
+the same methods, run on an event loop of its own), ``types`` (errors, events),
+``uploads`` (the files found and streamed)."""
+
+from hepato.client.async_client import AsyncHepatoClient
+from hepato.client.sync_client import HepatoClient
+from hepato.client.types import (
+    BatchEvent,
+    BatchRef,
+    Event,
+    HepatoAPIError,
+    HepatoClientError,
+    HepatoConnectionError,
+    JobEvent,
+    OnEvent,
+)
+from hepato.client.uploads import IMAGE_SUFFIXES, find_images
+from hepato.common.schemas import BatchOut, JobOut, ModelOut
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "AsyncHepatoClient",
+    "BatchEvent",
+    "BatchOut",
+    "BatchRef",
+    "Event",
+    "HepatoAPIError",
+    "HepatoClient",
+    "HepatoClientError",
+    "HepatoConnectionError",
+    "JobEvent",
+    "JobOut",
+    "ModelOut",
+    "OnEvent",
+    "find_images",
+]

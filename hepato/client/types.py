@@ -6,13 +6,18 @@ import email.utils
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel
 
 from hepato.common.constants import BatchState, JobState
 from hepato.common.schemas import BatchAccepted
+
+# What POST /v1/batches answers: the batch, its jobs and the files it refused by name.
+BatchRef = BatchAccepted
+# The formats of GET /v1/batches/{id}/export.
+Formats = Literal["geojson", "coco", "csv"]
 
 
 class HepatoClientError(Exception):

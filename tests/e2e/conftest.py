@@ -4,6 +4,7 @@ Redis per test (as arq does), the gateway in-process, and a burst-mode worker.""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hepato.common.db import get_engine
 from hepato.common.migrate import run_migrations
 from hepato.common.settings import Settings
 from hepato.worker.backends.base import Model
-from tests.conftest import MODELS_DIR, REPO
+from tests.conftest import MODELS_DIR, REPO, SAMPLES
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +108,16 @@ def images(folder: Path, pattern: str) -> list[Path]:
     found = sorted(folder.glob(pattern))
     assert found, f"no {pattern} in {folder}"
     return found
+
+
+def image_dir(root: Path, n: int) -> Path:
+    """``n`` PNG copies of the synthetic samples, some in a subfolder, and a file that
+    is not an image by its name (skipped by the walk)."""
+    synthetic = images(SAMPLES, "synthetic_*.png")
+    folder = root / "images"
+    (folder / "more").mkdir(parents=True)
+    for i in range(n):
+        where = folder / "more" if i % 3 == 0 else folder
+        shutil.copy(synthetic[i % len(synthetic)], where / f"tile_{i:03d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hepato.common.db import get_engine
 from hepato.common.settings import Settings
 from hepato.common.tables import Batch, Job
-from hepato.gateway.exports import CLASS_COLORS, CSV_HEADER
+from hepato.gateway.export_formats import CLASS_COLORS, CSV_HEADER
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 from tests.e2e.test_pipeline import submit, upload

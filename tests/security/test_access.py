@@ -1,5 +1,6 @@
-"""Access on real Postgres, Redis and S3: API keys per tenant, tenant isolation,
-Idempotency-Key on submissions, and presigned image links that expire."""
+"""Access on real Postgres, Redis and S3: API keys per tenant, tenant isolation, presigned
+image links that expire, and the migration that brought tenants. Idempotency-Key on
+submissions is in test_idempotency.py."""
 
 from __future__ import annotations
 
@@ -7,90 +8,30 @@ import hashlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, func, select, text
 from typer.testing import CliRunner
 
 from hepato.common import tenants
-from hepato.common.db import get_engine
 from hepato.common.settings import Settings, get_settings
-from hepato.common.tables import ApiKey, Batch, IdempotencyRecord, Job
-from tests.conftest import SAMPLES
-from tests.e2e import conftest as e2e
+from hepato.common.tables import ApiKey, Batch, Job
+from tests.security import auth
+from tests.security.auth import OTHER_PNG, PNG, MakeClient, bearer, count, files, one
 
 pytestmark = pytest.mark.slow
 
-# The end-to-end fixtures (real services, a clean database per test) serve here too;
-# pytest finds fixtures by the module attributes that hold them.
-base_settings = e2e.base_settings
-settings = e2e.settings
+# Fixtures are found by the module attributes that hold them.
+engine = auth.engine
+make_client = auth.make_client
+client = auth.client
+key_of = auth.key_of
 
-PNG = SAMPLES / "synthetic_00.png"
-OTHER_PNG = SAMPLES / "synthetic_01.png"
 OPEN_ROUTES = {"/v1/models"}
-
-Files = list[tuple[str, tuple[str, bytes, str]]]
-MakeClient = Callable[..., TestClient]
-
-
-def files(*paths: Any) -> Files:
-    return [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
-
-
-def one(path: Any = PNG) -> Files:
-    return [("file", (path.name, path.read_bytes(), "image/png"))]
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Engine:
-    engine = get_engine(settings.database_url)
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE api_keys, idempotency_keys"))
-    return engine
-
-
-@pytest.fixture
-def make_client(settings: Settings, engine: Engine) -> Iterator[MakeClient]:
-    """A gateway with auth required (the e2e settings run it open), other settings
-    overridable per test."""
-    from hepato.gateway.app import create_app
-
-    opened: list[TestClient] = []
-
-    def make(**overrides: Any) -> TestClient:
-        app = create_app(settings.model_copy(update={"auth": "required", **overrides}))
-        client = TestClient(app).__enter__()
-        opened.append(client)
-        return client
-
-    yield make
-    for client in opened:
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
-def client(make_client: MakeClient) -> TestClient:
-    return make_client()
-
-
-@pytest.fixture
-def key_of(engine: Engine) -> Callable[[str], str]:
-    return lambda tenant: tenants.create_key(engine, tenant).key
-
-
-def count(engine: Engine, model: type[Batch] | type[Job]) -> int:
-    with engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(model)).scalar_one()
 
 
 # --- keys ---------------------------------------------------------------------------
@@ -276,103 +217,6 @@ def test_a_tenant_cannot_see_cancel_or_download_another_tenants_work(
     with engine.connect() as conn:
         assert Counter(conn.execute(select(Job.tenant)).scalars()) == {"tenant-a": 3}
         assert conn.execute(select(Batch.tenant)).scalar_one() == "tenant-a"
-
-
-# --- Idempotency-Key ----------------------------------------------------------------
-
-
-def test_a_replayed_submission_returns_the_first_answer_and_creates_nothing(
-    client: TestClient, engine: Engine, key_of: Callable[[str], str]
-) -> None:
-    headers = {**bearer(key_of("lab")), "Idempotency-Key": "upload-42"}
-    first = client.post("/v1/batches", files=files(PNG, OTHER_PNG), headers=headers)
-    again = client.post("/v1/batches", files=files(PNG, OTHER_PNG), headers=headers)
-    assert first.status_code == again.status_code == 202
-    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
-    assert "Idempotent-Replayed" not in first.headers
-    assert (count(engine, Batch), count(engine, Job)) == (1, 2)
-
-    single = {**headers, "Idempotency-Key": "one-image"}
-    job = [client.post("/v1/jobs", files=one(), headers=single) for _ in range(3)]
-    assert {r.status_code for r in job} == {202} and job[0].json() == job[2].json()
-    assert count(engine, Job) == 3
-
-    # Keys are per tenant: another tenant's same key is its own request.
-    other = {**bearer(key_of("other-lab")), "Idempotency-Key": "upload-42"}
-    theirs = client.post("/v1/batches", files=files(PNG, OTHER_PNG), headers=other)
-    assert theirs.status_code == 202 and theirs.json()["batch_id"] != first.json()["batch_id"]
-
-
-def test_the_same_key_for_a_different_request_is_422(
-    client: TestClient, engine: Engine, key_of: Callable[[str], str]
-) -> None:
-    headers = {**bearer(key_of("lab")), "Idempotency-Key": "k1"}
-    assert client.post("/v1/batches", files=files(PNG), headers=headers).status_code == 202
-    renamed = [("files", ("renamed.png", PNG.read_bytes(), "image/png"))]
-    other_bytes = [("files", (PNG.name, OTHER_PNG.read_bytes(), "image/png"))]
-    for different in (
-        {"files": files(OTHER_PNG)},
-        {"files": other_bytes},
-        {"files": renamed},
-        {"files": files(PNG, PNG)},
-        {"files": files(PNG), "data": {"priority": "urgent"}},
-    ):
-        response = client.post("/v1/batches", headers=headers, **different)
-        assert response.status_code == 422, (different, response.text)
-        assert "different request" in response.json()["detail"]
-    assert client.post("/v1/jobs", files=one(), headers=headers).status_code == 422
-    assert (count(engine, Batch), count(engine, Job)) == (1, 1)
-    # Only bytes and fields count, not the multipart framing: another boundary replays.
-    body = files(PNG)
-    replay = client.post("/v1/batches", files=body, headers=headers)
-    assert replay.status_code == 202 and replay.headers.get("Idempotent-Replayed") == "true"
-
-
-def test_a_duplicate_while_the_first_is_in_progress_is_409(
-    client: TestClient, engine: Engine, key_of: Callable[[str], str]
-) -> None:
-    from hepato.gateway.idempotency import IN_PROGRESS
-
-    headers = {**bearer(key_of("lab")), "Idempotency-Key": "busy"}
-
-    def post(_: int = 0) -> Any:  # starlette may answer with httpx2 objects
-        return client.post("/v1/batches", files=files(PNG, OTHER_PNG), headers=headers)
-
-    # Six identical requests at once: whichever inserts the key first runs; the others
-    # see it in progress (409) or, once it has finished, get its answer.
-    with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(post, range(6)))
-    codes = Counter(r.status_code for r in answers)
-    assert set(codes) <= {202, 409} and codes[202] >= 1, codes
-    assert len({r.json()["batch_id"] for r in answers if r.status_code == 202}) == 1
-    assert (count(engine, Batch), count(engine, Job)) == (1, 2), codes
-
-    # Deterministically: the key's row as it stands while the first request is running.
-    with engine.begin() as conn:
-        conn.execute(
-            update(IdempotencyRecord).values(state=IN_PROGRESS, status_code=None, response=None)
-        )
-    busy = post()
-    assert busy.status_code == 409 and "in progress" in busy.json()["detail"]
-    assert (count(engine, Batch), count(engine, Job)) == (1, 2)
-
-
-def test_a_failed_submission_frees_its_key_and_keys_expire(
-    make_client: MakeClient, engine: Engine, key_of: Callable[[str], str]
-) -> None:
-    client = make_client(idempotency_ttl_s=1.0)
-    headers = {**bearer(key_of("lab")), "Idempotency-Key": "retry-me"}
-    junk = [("files", ("notes.txt", b"not an image", "text/plain"))]
-    assert client.post("/v1/batches", files=junk, headers=headers).status_code == 422
-    first = client.post("/v1/batches", files=files(PNG), headers=headers)
-    assert first.status_code == 202, "nothing was kept of the 422, so its key is free"
-
-    time.sleep(1.5)
-    later = client.post("/v1/batches", files=files(PNG), headers=headers)
-    assert later.status_code == 202 and "Idempotent-Replayed" not in later.headers
-    assert later.json()["batch_id"] != first.json()["batch_id"], "an expired key is new"
-    with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(IdempotencyRecord)).scalar_one() == 1
 
 
 # --- presigned image links --------------------------------------------------------------

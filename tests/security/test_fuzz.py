@@ -28,12 +28,8 @@ from hepato.common.manifest import dump_manifest, load_registry
 from hepato.common.settings import Settings
 from hepato.gateway.app import create_app
 from tests.conftest import SAMPLES
-from tests.e2e import conftest as e2e
 
 pytestmark = pytest.mark.slow
-
-base_settings = e2e.base_settings
-settings = e2e.settings
 
 VQA_MANIFEST = """\
 name: fuzz-vqa

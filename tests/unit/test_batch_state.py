@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hepato.gateway.routes import batch_state
+from hepato.common.constants import batch_state
 
 
 @pytest.mark.parametrize(

@@ -1,44 +1,32 @@
-"""Live status as Server-Sent Events: ``GET /v1/batches/{id}/events`` and
-``GET /v1/jobs/{id}/events``.
+"""Live status as Server-Sent Events, of a batch's jobs or of one job.
 
-Every event comes from the ``job_events`` table (common.event_log), never from Redis: a
-Redis wake-up only makes the stream re-read the table sooner. Without one the stream
+``GET /v1/batches/{id}/events`` and ``GET /v1/jobs/{id}/events``. Every event comes from
+the ``job_events`` table (common.event_log), never from Redis: a Redis wake-up
+(gateway.wakeups) only makes the stream re-read the table sooner. Without one the stream
 re-reads every ``events_poll_interval_s``, so a lost wake-up (Redis restarted, flushed,
 another gateway replica's subscriber) costs latency, never an event, and no client makes
 Postgres read faster than that while nothing happens."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
-import redis
-import redis.asyncio
 from fastapi import APIRouter, Header
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from hepato.common import event_log, schemas
-from hepato.common.constants import (
-    TERMINAL_STATES,
-    JobState,
-    batch_events_channel,
-    batch_state,
-    job_events_channel,
-)
-from hepato.common.tables import Job
+from hepato.common.constants import batch_events_channel, batch_state, job_events_channel
+from hepato.common.job_counts import all_finished, state_counts
 from hepato.gateway.auth import TenantDep
 from hepato.gateway.deps import Resources, ResourcesDep
 from hepato.gateway.lookups import batch_or_404, job_or_404
-
-log = logging.getLogger(__name__)
+from hepato.gateway.wakeups import Wakeups
 
 router = APIRouter(prefix="/v1", tags=["events"])
 
@@ -100,73 +88,8 @@ def _read(engine: Engine, scope: Scope, after: int, with_counts: bool) -> Page:
         )
         if len(found) == PAGE or not (found or with_counts):
             return Page(found, None)
-        where = (
-            Job.id == scope.job_id if scope.job_id is not None else Job.batch_id == scope.batch_id
-        )
-        counts = {s.value: 0 for s in JobState}
-        for state, n in conn.execute(
-            select(Job.state, func.count()).where(where).group_by(Job.state)
-        ):
-            counts[state] = n
+        counts = state_counts(conn, job_id=scope.job_id, batch_id=scope.batch_id)
     return Page(found, counts)
-
-
-class Wakeups:
-    """A Redis subscription to one channel, used only as a hint to read again. Redis
-    being down or dropping the subscription degrades to the interval re-read."""
-
-    def __init__(self, url: str, channel: str, coalesce_s: float) -> None:
-        self.client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2)
-        self.channel = channel
-        self.coalesce_s = coalesce_s
-        self.pubsub: redis.asyncio.client.PubSub | None = None
-
-    async def subscribe(self) -> redis.asyncio.client.PubSub | None:
-        """Subscribe (once). Done before the stream's first read, so that a change
-        committed between that read and the first wait still wakes it. None: Redis is
-        unavailable."""
-        try:
-            if self.pubsub is None:
-                self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                await self.pubsub.subscribe(self.channel)
-            return self.pubsub
-        except (redis.RedisError, OSError):
-            log.debug("event wake-ups unavailable; re-reading on the interval", exc_info=True)
-            await self._drop()
-            return None
-
-    async def wait(self, timeout_s: float) -> None:
-        """Return on a wake-up, or after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        try:
-            pubsub = await self.subscribe()
-            if pubsub is None:
-                await anyio.sleep(timeout_s)
-                return
-            # get_message returns None early for the (ignored) subscribe confirmation.
-            while (remaining := deadline - time.monotonic()) > 0:
-                if await pubsub.get_message(timeout=remaining) is not None:
-                    await anyio.sleep(self.coalesce_s)
-                    while await pubsub.get_message(timeout=0) is not None:
-                        pass
-                    return
-        except (redis.RedisError, OSError):
-            log.debug("event wake-ups unavailable; re-reading on the interval", exc_info=True)
-            await self._drop()
-            await anyio.sleep(max(0.0, deadline - time.monotonic()))
-
-    async def _drop(self) -> None:
-        pubsub, self.pubsub = self.pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(redis.RedisError, OSError):
-                await pubsub.aclose()
-
-    async def close(self) -> None:
-        # Shielded: this runs when the client disconnects, i.e. inside a cancellation.
-        with anyio.CancelScope(shield=True):
-            await self._drop()
-            with contextlib.suppress(redis.RedisError, OSError):
-                await self.client.aclose()
 
 
 async def _stream(res: Resources, scope: Scope, after: int) -> AsyncIterator[ServerSentEvent]:
@@ -183,9 +106,7 @@ async def _stream(res: Resources, scope: Scope, after: int) -> AsyncIterator[Ser
                 yield ServerSentEvent(json.dumps(event.data()), event="job", id=str(event.id))
                 after = event.id
             counts = page.counts
-            if counts is not None and not any(
-                n for state, n in counts.items() if state not in TERMINAL_STATES
-            ):
+            if counts is not None and all_finished(counts):
                 if scope.batch_id is not None:
                     data = {
                         "batch_id": str(scope.batch_id),

@@ -1,4 +1,5 @@
-"""The batch collector on its own, with a pre-filled queue (as LitServe tests it)."""
+"""Forming microbatches, one piece at a time: the collector with a pre-filled queue (as
+LitServe tests it) and the rotation across models."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import fakeredis
 import pytest
 
 from hepato.common.constants import queue_keys
-from hepato.common.dispatch import ModelQueue, collect_any, collect_batch
+from hepato.worker.microbatch import ModelQueue, Rotation, collect_any, collect_batch
 
 URGENT, ROUTINE = queue_keys("m")
 
@@ -100,3 +101,59 @@ def test_rotating_the_models_serves_both_when_both_are_busy(r: fakeredis.FakeRed
 
 def test_collect_any_returns_none_when_idle(r: fakeredis.FakeRedis) -> None:
     assert collect_any(r, [ModelQueue("a", 2, 0.0)], poll_timeout_s=0.05) is None
+
+
+def test_a_pre_filled_queue_forms_one_microbatch_per_call(r: fakeredis.FakeRedis) -> None:
+    q = ModelQueue("m", 4, 0.0)
+    r.rpush(ROUTINE, *[f"id{i}" for i in range(10)])
+    batches = [collect_any(r, [q], poll_timeout_s=1.0) for _ in range(3)]
+    assert batches == [
+        (q, ["id0", "id1", "id2", "id3"]),
+        (q, ["id4", "id5", "id6", "id7"]),
+        (q, ["id8", "id9"]),
+    ]
+    assert r.llen(ROUTINE) == 0
+
+
+def test_a_pre_filled_urgent_queue_tops_up_from_routine(r: fakeredis.FakeRedis) -> None:
+    q = ModelQueue("m", 4, 0.0)
+    r.rpush(ROUTINE, "r0", "r1", "r2")
+    r.rpush(URGENT, "u0", "u1")
+    assert collect_any(r, [q], poll_timeout_s=1.0) == (q, ["u0", "u1", "r0", "r1"])
+
+
+def test_rotation_starts_each_turn_with_the_next_model() -> None:
+    a, b, c = ModelQueue("a", 1, 0.0), ModelQueue("b", 1, 0.0), ModelQueue("c", 1, 0.0)
+    rotation = Rotation([a, b, c])
+    assert [rotation.next() for _ in range(4)] == [[a, b, c], [b, c, a], [c, a, b], [a, b, c]]
+
+
+def test_a_busy_model_cannot_starve_another(r: fakeredis.FakeRedis) -> None:
+    busy, quiet = ModelQueue("busy", 4, 0.0), ModelQueue("quiet", 4, 0.0)
+    r.rpush(busy.keys[1], *[f"b{i}" for i in range(400)])
+    r.rpush(quiet.keys[1], "q0", "q1")
+    rotation = Rotation([busy, quiet])
+    served = []
+    for _ in range(2):
+        got = collect_any(r, rotation.next(), poll_timeout_s=1.0)
+        assert got is not None
+        served.append(got[0].model)
+    assert served == ["busy", "quiet"], "the quiet model waits one turn, not for the backlog"
+    assert r.llen(quiet.keys[1]) == 0
+
+
+def test_urgent_of_any_model_before_routine_of_any_in_every_turn(
+    r: fakeredis.FakeRedis,
+) -> None:
+    a, b = ModelQueue("a", 2, 0.0), ModelQueue("b", 2, 0.0)
+    r.rpush(a.keys[1], *[f"a-routine{i}" for i in range(4)])
+    r.rpush(b.keys[1], *[f"b-routine{i}" for i in range(4)])
+    r.rpush(b.keys[0], "b-urgent0", "b-urgent1", "b-urgent2")
+    rotation = Rotation([a, b])
+    got = [collect_any(r, rotation.next(), poll_timeout_s=1.0) for _ in range(4)]
+    assert got == [
+        (b, ["b-urgent0", "b-urgent1"]),
+        (b, ["b-urgent2", "b-routine0"]),
+        (a, ["a-routine0", "a-routine1"]),
+        (b, ["b-routine1", "b-routine2"]),
+    ]

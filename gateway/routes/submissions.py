@@ -1,0 +1,328 @@
+"""Submitting images: as a batch, as one job, or as one job the caller waits for.
+
+``POST /v1/batches`` (alias ``/v1/assets``), ``/v1/jobs`` and ``/v1/predict`` (alias
+``/v1/detect``), which answers with the result once the job has finished."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from pydantic import AnyHttpUrl
+from sqlalchemy import select
+
+from hepato.common import schemas
+from hepato.common.constants import TERMINAL_STATES, JobState, Priority, job_events_channel
+from hepato.common.manifest import ModelManifest
+from hepato.common.results import TASK_RESULT
+from hepato.common.tables import Job
+from hepato.gateway.auth import TenantDep
+from hepato.gateway.deps import Resources, ResourcesDep
+from hepato.gateway.idempotency import IdempotencyDep
+from hepato.gateway.lookups import public_url
+from hepato.gateway.submit import Submission, Upload, submit
+from hepato.gateway.wakeups import Wakeups
+
+router = APIRouter(prefix="/v1")
+
+# A lost wake-up (Redis restarted) costs a waiting /v1/predict at most this, not its answer.
+PREDICT_REREAD_S = 1.0
+
+FilesField = Annotated[list[UploadFile], File(description="Images (JPEG, PNG, TIFF, BMP, WebP)")]
+FileField = Annotated[UploadFile, File(description="One image")]
+ModelField = Annotated[str | None, Form(description="Model name; default from settings")]
+PriorityField = Annotated[Priority, Form()]
+QuestionField = Annotated[
+    str | None,
+    Form(
+        min_length=1,
+        max_length=2000,
+        description="For vqa models: the question to ask of each image; default the model's",
+    ),
+]
+CallbackField = Annotated[
+    AnyHttpUrl | None,
+    Form(
+        description="http(s) URL to POST a signed webhook (Standard Webhooks) to when the "
+        "batch, or a job without a batch, is finished"
+    ),
+]
+# A year bounds the deadline: past it the timestamp arithmetic overflows (a fuzzer found).
+MAX_DEADLINE_S = 365 * 24 * 3600
+DeadlineField = Annotated[
+    float | None,
+    Form(gt=0, le=MAX_DEADLINE_S, description="Run within this many seconds (≤ a year) or expire"),
+]
+
+
+@dataclass(frozen=True)
+class SubmissionForm:
+    """The form fields of a submission besides its files, for every route that takes
+    them. FastAPI lists them in /openapi.json in this order, after the files."""
+
+    model: ModelField = None
+    priority: PriorityField = Priority.routine
+    deadline_s: DeadlineField = None
+    question: QuestionField = None
+    callback_url: CallbackField = None
+
+
+SubmissionFormDep = Annotated[SubmissionForm, Depends()]
+
+
+def predict_form(
+    model: ModelField = None,
+    priority: PriorityField = Priority.urgent,
+    question: QuestionField = None,
+) -> SubmissionForm:
+    """/v1/predict's narrower form: urgent by default; the caller waits, so it takes no
+    deadline and no webhook."""
+    return SubmissionForm(model=model, priority=priority, question=question)
+
+
+def _model(res: Resources, form: SubmissionForm) -> ModelManifest:
+    name = form.model or res.settings.default_model
+    if name not in res.models:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"unknown model {name!r}; available: {', '.join(sorted(res.models))}",
+        )
+    manifest = res.models[name]
+    if form.question is not None and manifest.task != "vqa":
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"a question applies to vqa models only; {name!r} is a {manifest.task} model",
+        )
+    return manifest
+
+
+async def _store(
+    res: Resources,
+    tenant: str,
+    files: list[UploadFile],
+    model: ModelManifest,
+    form: SubmissionForm,
+    *,
+    as_batch: bool,
+) -> Submission:
+    if form.callback_url is not None and not res.settings.webhook_secret:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "callback_url: webhooks are not configured on this server (HEPATO_WEBHOOK_SECRET)",
+        )
+    # The files as the multipart parser spooled them (to disk past 1 MiB): submit() reads
+    # and stores them in a worker thread, a chunk at a time, never the whole on the loop.
+    uploads = [Upload(f.filename or "unnamed", f.file) for f in files]
+    return await run_in_threadpool(
+        submit,
+        res,
+        uploads,
+        tenant=tenant,
+        model=model,
+        priority=form.priority,
+        deadline_s=form.deadline_s,
+        as_batch=as_batch,
+        question=form.question,
+        callback_url=str(form.callback_url) if form.callback_url else None,
+    )
+
+
+def _accepted(request: Request, res: Resources, sub: Submission) -> list[schemas.AcceptedJob]:
+    return [
+        schemas.AcceptedJob(
+            job_id=job_id,
+            filename=name,
+            status_url=public_url(request, res, "get_job", job_id=str(job_id)),
+        )
+        for job_id, name in sub.jobs
+    ]
+
+
+def _rejected(sub: Submission) -> list[schemas.RejectedFile]:
+    return [
+        schemas.RejectedFile(
+            filename=r.filename, error=str(r.error), status_code=r.error.status_code
+        )
+        for r in sub.rejected
+    ]
+
+
+@router.post(
+    "/batches",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=schemas.BatchAccepted,
+    responses=schemas.errors(400, 413, 422, 429, 503),
+    summary="Submit a batch of images",
+)
+async def submit_batch(
+    request: Request,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    idempotency: IdempotencyDep,
+    files: FilesField,
+    form: SubmissionFormDep,
+) -> schemas.BatchAccepted | Response:
+    async def run() -> schemas.BatchAccepted | JSONResponse:
+        model = _model(res, form)
+        sub = await _store(res, tenant, files, model, form, as_batch=True)
+        if sub.batch_id is None:
+            return JSONResponse(
+                status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+                content={
+                    "detail": "no file of this request is an accepted image",
+                    "rejected": [r.model_dump() for r in _rejected(sub)],
+                },
+            )
+        return schemas.BatchAccepted(
+            batch_id=sub.batch_id,
+            status_url=public_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
+            model=model.name,
+            priority=form.priority.value,
+            accepted=len(sub.jobs),
+            jobs=_accepted(request, res, sub),
+            rejected=_rejected(sub),
+        )
+
+    return await idempotency.run(status.HTTP_202_ACCEPTED, run)
+
+
+# The seed's documented upload call, kept verbatim as an alias.
+router.add_api_route(
+    "/assets",
+    submit_batch,
+    methods=["POST"],
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=schemas.BatchAccepted,
+    responses=schemas.errors(400, 413, 422, 429, 503),
+    summary="Submit a batch of images (alias of POST /v1/batches)",
+)
+
+
+async def _submit_one(
+    request: Request, res: Resources, tenant: str, file: UploadFile, form: SubmissionForm
+) -> schemas.JobAccepted:
+    model = _model(res, form)
+    sub = await _store(res, tenant, [file], model, form, as_batch=False)
+    if sub.rejected:
+        bad = sub.rejected[0]
+        raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
+    job_id, filename = sub.jobs[0]
+    return schemas.JobAccepted(
+        job_id=job_id,
+        filename=filename,
+        status_url=public_url(request, res, "get_job", job_id=str(job_id)),
+        model=model.name,
+        priority=form.priority.value,
+    )
+
+
+@router.post(
+    "/jobs",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=schemas.JobAccepted,
+    responses=schemas.errors(400, 413, 415, 422, 429, 503),
+    summary="Submit one image",
+)
+async def submit_job(
+    request: Request,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    idempotency: IdempotencyDep,
+    file: FileField,
+    form: SubmissionFormDep,
+) -> schemas.JobAccepted | Response:
+    return await idempotency.run(
+        status.HTTP_202_ACCEPTED, lambda: _submit_one(request, res, tenant, file, form)
+    )
+
+
+# Past detect_timeout_s the answer is the 202 of POST /v1/jobs: the job goes on.
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"model": schemas.JobAccepted},
+    **schemas.errors(400, 413, 415, 422, 429, 503),
+}
+
+
+@router.post(
+    "/predict",
+    response_model=schemas.PredictOut,
+    responses=PREDICT_RESPONSES,
+    summary="Run one image through a model and wait for the result",
+)
+@router.post(
+    "/detect",
+    response_model=schemas.PredictOut,
+    responses=PREDICT_RESPONSES,
+    summary="Alias of /v1/predict",
+)
+async def predict(
+    request: Request,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    file: FileField,
+    form: Annotated[SubmissionForm, Depends(predict_form)],
+) -> schemas.PredictOut | JSONResponse:
+    started = time.perf_counter()
+    accepted = await _submit_one(request, res, tenant, file, form)
+    job_id = accepted.job_id
+    state = await _wait_finished(res, job_id, res.settings.detect_timeout_s)
+    if state not in TERMINAL_STATES:
+        # Still queued or running: the job goes on; the caller polls the status URL.
+        return JSONResponse(
+            status_code=status.HTTP_202_ACCEPTED,
+            headers={"Location": accepted.status_url},
+            content=accepted.model_dump(mode="json"),
+        )
+    # A route that awaits runs on the event loop: the read goes to a worker thread.
+    job = await run_in_threadpool(_finished_job, res, job_id)
+    if job.state != JobState.done:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"job {job.state}: {job.error or 'no result'}",
+        )
+    return schemas.PredictOut(
+        job_id=job_id,
+        filename=accepted.filename,
+        model=schemas.ModelRef(name=job.model, version=job.model_version),
+        task=job.task,
+        width=job.width,
+        height=job.height,
+        result=TASK_RESULT.validate_python(job.result),
+        latency_ms=(time.perf_counter() - started) * 1000.0,
+        queue_wait_ms=job.queue_wait_ms,
+        inference_ms=job.inference_ms,
+        batch_size=job.batch_size,
+    )
+
+
+def _finished_job(res: Resources, job_id: uuid.UUID) -> Job:
+    with res.sessions() as session:
+        return session.get_one(Job, job_id)
+
+
+def _job_state(res: Resources, job_id: uuid.UUID) -> str | None:
+    with res.sessions() as session:
+        return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
+async def _wait_finished(res: Resources, job_id: uuid.UUID, timeout_s: float) -> str:
+    """Wait for the job's terminal state in Postgres, woken by the job event published
+    after each commit of the job (as the SSE streams are), and re-reading at least every
+    ``PREDICT_REREAD_S`` so a lost wake-up costs latency, not the answer."""
+    deadline = time.monotonic() + timeout_s
+    wakeups = Wakeups(res.settings.redis_url, job_events_channel(str(job_id)))
+    try:
+        await wakeups.subscribe()
+        while True:
+            state = await run_in_threadpool(_job_state, res, job_id)
+            remaining = deadline - time.monotonic()
+            if state in TERMINAL_STATES or remaining <= 0 or state is None:
+                return state or JobState.failed
+            await wakeups.wait(min(PREDICT_REREAD_S, remaining))
+    finally:
+        await wakeups.close()

@@ -1,0 +1,213 @@
+"""Where a microbatch is formed, and what it carries through the worker's stages.
+
+    pop      BLPOP over every model's urgent list, then every model's routine list
+    fill     LPOP up to that model's max batch, waiting at most its max_wait for stragglers
+    rotate   each turn starts with the next model, so a busy model cannot starve another
+    claim    the popped ids become a ``MicroBatch`` under one lease token
+
+The collector (``collect_any``) is a function of a Redis client, the queues in this
+turn's order and a poll timeout, and ``Rotation`` is a small class, so each can be tested
+alone with a pre-filled queue. ``Batcher`` puts the four steps together for the worker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+import numpy as np
+import redis
+from sqlalchemy.engine import Engine
+
+from hepato.common import jobs, metrics
+from hepato.common.constants import queue_keys
+from hepato.common.jobs import ClaimedJob, JobResult
+from hepato.common.manifest import ModelManifest
+from hepato.common.settings import Settings
+from hepato.worker.backends.calls import Prepared
+from hepato.worker.recovery import db_retry
+
+
+@dataclass(frozen=True)
+class ModelQueue:
+    """One model's queues and how its microbatches are formed."""
+
+    model: str
+    max_batch: int
+    max_wait_s: float
+
+    @property
+    def keys(self) -> list[str]:
+        return queue_keys(self.model)
+
+
+def model_queue(name: str, manifest: ModelManifest, settings: Settings) -> ModelQueue:
+    """The model's own batch limits, unless the settings cap or override them."""
+    cap, wait_ms = settings.max_batch_size, settings.max_wait_ms
+    size = manifest.max_batch_size
+    return ModelQueue(
+        name,
+        min(size, cap) if cap else size,
+        (manifest.max_wait_ms if wait_ms is None else wait_ms) / 1000.0,
+    )
+
+
+@dataclass
+class MicroBatch:
+    """One claimed microbatch on its way through intake → inference → write."""
+
+    model: str
+    token: uuid.UUID
+    claimed: list[ClaimedJob]
+    # Filled by intake: the decoded images of the jobs that are ready for the model.
+    ready: list[ClaimedJob] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    fetched_at: datetime | None = None
+    # Errors by job: permanent ones end the job, transient ones send it back to the queue.
+    permanent: dict[uuid.UUID, str] = field(default_factory=dict)
+    transient: dict[uuid.UUID, str] = field(default_factory=dict)
+    # A phased model's input, prepared by intake (None: the model stage runs predict).
+    prepared: Prepared | None = None
+    # Filled by the model stage: a phased model's raw outputs (finished by the write
+    # stage), or the results.
+    raws: list[Any] | None = None
+    infer_ms: float = 0.0
+    results: list[JobResult] = field(default_factory=list)
+    inferred_at: datetime | None = None
+
+    @property
+    def ids(self) -> list[uuid.UUID]:
+        return [job.id for job in self.claimed]
+
+
+# --- pop and fill ---------------------------------------------------------------------
+def collect_batch(
+    client: redis.Redis,
+    keys: Sequence[str],
+    max_batch: int,
+    max_wait_s: float,
+    poll_timeout_s: float,
+) -> list[str]:
+    """Block up to ``poll_timeout_s`` for a first id, then fill up to ``max_batch``,
+    waiting at most ``max_wait_s`` after the first for stragglers. Keys are read in
+    order, so earlier keys (urgent) always go first. Returns [] if nothing came."""
+    first = client.blpop(list(keys), timeout=poll_timeout_s)
+    if first is None:
+        return []
+    return _fill(client, keys, [_text(first[1])], max_batch, max_wait_s)
+
+
+def collect_any(
+    client: redis.Redis, queues: Sequence[ModelQueue], poll_timeout_s: float
+) -> tuple[ModelQueue, list[str]] | None:
+    """A microbatch of one model, from whichever of ``queues`` has work: every model's
+    urgent queue before any routine one, and among equals the first in ``queues``. The
+    caller rotates ``queues`` between calls so that no model starves another."""
+    by_key = {key: q for q in queues for key in q.keys}
+    urgent = [q.keys[0] for q in queues]
+    routine = [q.keys[1] for q in queues]
+    first = client.blpop([*urgent, *routine], timeout=poll_timeout_s)
+    if first is None:
+        return None
+    key, value = first
+    owner = by_key[_text(key)]
+    return owner, _fill(client, owner.keys, [_text(value)], owner.max_batch, owner.max_wait_s)
+
+
+def _fill(
+    client: redis.Redis, keys: Sequence[str], batch: list[str], max_batch: int, max_wait_s: float
+) -> list[str]:
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        for key in keys:
+            need = max_batch - len(batch)
+            if need <= 0:
+                break
+            # LPOP with a count needs Redis >= 6.2.
+            got = cast(list[bytes] | None, client.lpop(key, need))
+            if got:
+                batch.extend(_text(x) for x in got)
+        remaining = deadline - time.monotonic()
+        if len(batch) >= max_batch or remaining <= 0:
+            return batch
+        # Sleep in Redis rather than spin: BLPOP wakes the moment a straggler arrives.
+        # (A timeout of 0 would block forever, hence the floor.)
+        nxt = client.blpop(list(keys), timeout=max(remaining, 0.001))
+        if nxt is None:
+            return batch
+        batch.append(_text(cast(tuple[bytes, bytes], nxt)[1]))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --- rotate -----------------------------------------------------------------------------
+class Rotation:
+    """The worker's models in this turn's order. Each turn starts with the next model:
+    BLPOP serves the first non-empty key it is given, so a fixed order would let a busy
+    first model starve the rest."""
+
+    def __init__(self, queues: Sequence[ModelQueue]) -> None:
+        self.queues = list(queues)
+        self.turn = 0
+
+    def next(self) -> list[ModelQueue]:
+        k = self.turn % len(self.queues)
+        self.turn += 1
+        return self.queues[k:] + self.queues[:k]
+
+
+# --- claim ------------------------------------------------------------------------------
+class Batcher:
+    """The worker's microbatches: collect one model's ids from the models in rotation,
+    then claim them. ``requeue`` pushes ids back onto their queues."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        engine: Engine,
+        queues: Sequence[ModelQueue],
+        *,
+        worker_id: str,
+        settings: Settings,
+        requeue: Callable[[Sequence[jobs.Requeue]], None],
+    ) -> None:
+        self.client = client
+        self.engine = engine
+        self.rotation = Rotation(queues)
+        self.worker_id = worker_id
+        self.lease_s = settings.lease_s
+        self.poll_timeout_s = settings.poll_timeout_s
+        self.requeue = requeue
+
+    @property
+    def queues(self) -> list[ModelQueue]:
+        return self.rotation.queues
+
+    def collect(self) -> tuple[ModelQueue, list[str]] | None:
+        """Ids of one model, or None when no queue had work within the poll timeout."""
+        return collect_any(self.client, self.rotation.next(), self.poll_timeout_s)
+
+    def claim(self, popped: tuple[ModelQueue, list[str]], *, stopping: bool) -> MicroBatch | None:
+        """The popped ids as a claimed microbatch; None if none was still pending."""
+        queue, ids = popped
+        if stopping:
+            # Popped after SIGTERM: not ours to start. Back on their own queues; the jobs
+            # are still pending in Postgres.
+            self.requeue(jobs.pending_among(self.engine, ids))
+            return None
+        model = queue.model
+        token, claimed = db_retry(self.lease_s)(jobs.claim)(
+            self.engine, ids, self.worker_id, self.lease_s
+        )
+        if not claimed:
+            return None
+        metrics.BATCH_SIZE.labels(model).observe(len(claimed))
+        for job in claimed:
+            if job.queue_wait_ms is not None:
+                metrics.QUEUE_WAIT_SECONDS.labels(model).observe(job.queue_wait_ms / 1000.0)
+        return MicroBatch(model, token, claimed)
