@@ -4,7 +4,7 @@ queues is the worker's alone (worker.microbatch)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import redis
 
@@ -15,6 +15,14 @@ def push(client: redis.Redis, model: str, priority: Priority | str, ids: Iterabl
     ids = list(ids)
     if ids:
         client.rpush(queue_key(model, priority), *ids)
+
+
+def push_front(
+    client: redis.Redis, model: str, priority: Priority | str, ids: Sequence[str]
+) -> None:
+    """Put ``ids`` at the head of their queue, in their order: they are taken next."""
+    if ids:
+        client.lpush(queue_key(model, priority), *reversed(ids))
 
 
 def depth(client: redis.Redis, model: str) -> int:

@@ -1,7 +1,7 @@
-"""The job lifecycle in Postgres: every state change of a job but the sweeper's.
+"""The job lifecycle in Postgres: creation, the fenced writes after a claim, cancel.
 
-    create (pending) → claim (processing, under a lease token) → complete (done) | fail
-    (pending again, or failed) ; cancel (pending → canceled)
+    create (pending) → claim (processing, under a lease token; common.claim)
+    → complete (done) | fail (pending again, or failed) ; cancel (pending → canceled)
 
 Every write after the claim is fenced: it touches only rows still carrying the lease
 token of the claim (``_owned``), so a worker presumed dead cannot overwrite the winner.
@@ -10,27 +10,25 @@ Leases that run out are taken back by common.sweep."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    Connection,
     Engine,
     and_,
     bindparam,
-    cast,
-    extract,
     func,
     insert,
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 
 from hepato.common import event_log
 from hepato.common.constants import JobState, Priority
+from hepato.common.db import insert_rows
 from hepato.common.exceptions import QueueFull
 from hepato.common.images import ImageInfo
 from hepato.common.manifest import ModelManifest
@@ -70,16 +68,6 @@ class JobResult:
     inferred_at: datetime | None = None
 
 
-def _uuids(ids: Iterable[str | uuid.UUID]) -> list[uuid.UUID]:
-    out = []
-    for raw in ids:
-        try:
-            out.append(raw if isinstance(raw, uuid.UUID) else uuid.UUID(str(raw)))
-        except ValueError:
-            continue  # garbage on the queue is dropped, never claimed
-    return out
-
-
 # --- create ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NewJob:
@@ -115,25 +103,6 @@ def check_room(engine: Engine, model: str, adding: int, limit: int, retry_after_
             f"request adds {adding}); nothing was accepted, retry later",
             retry_after_s,
         )
-
-
-def _insert_jobs(conn: Connection, per_file: dict[str, list[Any]], same: dict[str, Any]) -> None:
-    """One INSERT for any number of jobs: each per-file column goes as one array and
-    unnest() turns the arrays back into rows. (executemany sends an INSERT per job, and a
-    VALUES list takes a parameter per column and job, past Postgres' 65,535 at 3,640
-    jobs.) Every value is cast to its column's type: a bare parameter in a SELECT list,
-    NULL above all, would be taken as text."""
-    columns = Job.__table__.c
-
-    def typed(name: str, value: Any, *, array: bool = False) -> Any:
-        kind = ARRAY(columns[name].type) if array else columns[name].type
-        return cast(bindparam(f"v_{name}", value, type_=kind), kind)
-
-    arrays = (typed(n, v, array=True) for n, v in per_file.items())
-    # render_derived: "AS f(id, filename, ...)", naming unnest's output columns.
-    files = func.unnest(*arrays).table_valued(*per_file).render_derived(name="f")
-    rows = select(*(files.c[n] for n in per_file), *(typed(n, v) for n, v in same.items()))
-    conn.execute(insert(Job).from_select([*per_file, *same], rows))
 
 
 def create(
@@ -189,76 +158,15 @@ def create(
                     callback_url=callback_url,
                 )
             )
-        _insert_jobs(conn, per_file, same)
+        insert_rows(conn, Job, per_file, same)
         event_log.record(conn, job_ids)
     return Created(batch_id, job_ids)
 
 
-# --- claim and fence ------------------------------------------------------------------
-def claim(
-    engine: Engine, ids: Iterable[str | uuid.UUID], worker_id: str, lease_s: float
-) -> tuple[uuid.UUID, list[ClaimedJob]]:
-    """Claim the still-pending jobs among ``ids`` under one fresh lease token. Ids that
-    are no longer pending (duplicates, canceled, done) are dropped; jobs whose deadline
-    has passed become ``expired`` instead of running."""
-    job_ids = _uuids(ids)
-    token = uuid.uuid4()
-    if not job_ids:
-        return token, []
-    now = func.now()
-    with event_log.transaction(engine) as conn:
-        expired = (
-            conn.execute(
-                update(Job)
-                .where(Job.id.in_(job_ids), Job.state == JobState.pending, Job.deadline_at < now)
-                .values(
-                    state=JobState.expired, finished_at=now, error="deadline passed before it ran"
-                )
-                .returning(Job.id)
-            )
-            .scalars()
-            .all()
-        )
-        rows = conn.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.state == JobState.pending)
-            .values(
-                state=JobState.processing,
-                attempts=Job.attempts + 1,
-                lease_token=token,
-                lease_until=now + timedelta(seconds=lease_s),
-                worker_id=worker_id,
-                started_at=now,
-                queue_wait_ms=extract("epoch", now - Job.created_at) * 1000.0,
-            )
-            .returning(
-                Job.id,
-                Job.object_key,
-                Job.attempts,
-                Job.max_attempts,
-                Job.question,
-                Job.created_at,
-                Job.queue_wait_ms,
-            )
-        ).all()
-        event_log.record(conn, [*expired, *(row[0] for row in rows)])
-    return token, [ClaimedJob(*row) for row in rows]
-
-
+# --- the fence -----------------------------------------------------------------------
 def _owned(token: uuid.UUID, ids: Sequence[uuid.UUID]):
     # The fence: rows this claim still holds. Every write after the claim goes through it.
     return and_(Job.id.in_(ids), Job.lease_token == token, Job.state == JobState.processing)
-
-
-def pending_among(engine: Engine, ids: Iterable[str | uuid.UUID]) -> list[Requeue]:
-    """The still-pending jobs among ``ids``, to push back on their own queues."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(Job.id, Job.model, Job.priority).where(
-                Job.id.in_(_uuids(ids)), Job.state == JobState.pending
-            )
-        ).all()
-    return [Requeue(*row) for row in rows]
 
 
 def extend_leases(

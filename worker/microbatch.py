@@ -11,6 +11,7 @@ alone with a pre-filled queue. ``Batcher`` puts the four steps together for the 
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,13 +23,17 @@ import numpy as np
 import redis
 from sqlalchemy.engine import Engine
 
-from hepato.common import jobs, metrics
+from hepato.common import dispatch, jobs, metrics
+from hepato.common.claim import claim as claim_jobs
+from hepato.common.claim import pending_among
 from hepato.common.constants import queue_keys
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.manifest import ModelManifest
 from hepato.common.settings import Settings
 from hepato.worker.backends.calls import Prepared
 from hepato.worker.recovery import db_retry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -198,12 +203,13 @@ class Batcher:
         if stopping:
             # Popped after SIGTERM: not ours to start. Back on their own queues; the jobs
             # are still pending in Postgres.
-            self.requeue(jobs.pending_among(self.engine, ids))
+            self.requeue(pending_among(self.engine, ids))
             return None
         model = queue.model
-        token, claimed = db_retry(self.lease_s)(jobs.claim)(
+        token, claimed, left = db_retry(self.lease_s)(claim_jobs)(
             self.engine, ids, self.worker_id, self.lease_s
         )
+        self._to_front(left)
         if not claimed:
             return None
         metrics.BATCH_SIZE.labels(model).observe(len(claimed))
@@ -211,3 +217,16 @@ class Batcher:
             if job.queue_wait_ms is not None:
                 metrics.QUEUE_WAIT_SECONDS.labels(model).observe(job.queue_wait_ms / 1000.0)
         return MicroBatch(model, token, claimed)
+
+    def _to_front(self, left: Sequence[jobs.Requeue]) -> None:
+        """Jobs the claim left for a microbatch of their own: next in line, not behind
+        the backlog. Should Redis fail here they are still pending, and the sweeper
+        finds them."""
+        by_queue: dict[tuple[str, str], list[str]] = {}
+        for r in left:
+            by_queue.setdefault((r.model, r.priority), []).append(str(r.id))
+        for (model, priority), ids in by_queue.items():
+            try:
+                dispatch.push_front(self.client, model, priority, ids)
+            except redis.RedisError:
+                log.warning("could not hand back %d jobs; the sweeper will", len(ids))

@@ -15,8 +15,8 @@ from PIL import Image, PngImagePlugin
 from hepato.worker.decode import decode_rgb
 
 CRASH, HANG = b"POISON-CRASH", b"POISON-HANG"
-# Marker pixels at (0, 0) that the stand-in model reacts to.
-RAISE_PIXEL, HANG_PIXEL = (1, 2, 3), (3, 2, 1)
+# Marker pixels at (0, 0) that the stand-in models react to.
+RAISE_PIXEL, HANG_PIXEL, DEATH_PIXEL = (1, 2, 3), (3, 2, 1), (2, 1, 3)
 
 
 def png(marker: bytes = b"", pixel: tuple[int, int, int] | None = None) -> bytes:

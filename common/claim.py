@@ -1,0 +1,115 @@
+"""Claiming popped ids: pending jobs become ``processing`` under one fresh lease token,
+the token every later write of the claim is fenced by (common.jobs ``_owned``)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+
+from sqlalchemy import Connection, Engine, extract, func, select, update
+
+from hepato.common import event_log
+from hepato.common.constants import JobState
+from hepato.common.jobs import ClaimedJob, Requeue
+from hepato.common.tables import Job
+
+
+def claim(
+    engine: Engine, ids: Iterable[str | uuid.UUID], worker_id: str, lease_s: float
+) -> tuple[uuid.UUID, list[ClaimedJob], list[Requeue]]:
+    """Claim the still-pending jobs among ``ids`` under one fresh lease token. Ids that
+    are no longer pending (duplicates, canceled, done) are dropped; jobs whose deadline
+    has passed become ``expired`` instead of running. A job tried before runs alone (see
+    ``_isolate``): the pending ones left unclaimed are returned, to go back to the front
+    of their queue."""
+    job_ids = list(dict.fromkeys(_uuids(ids)))
+    token = uuid.uuid4()
+    if not job_ids:
+        return token, [], []
+    now = func.now()
+    with event_log.transaction(engine) as conn:
+        expired = (
+            conn.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids), Job.state == JobState.pending, Job.deadline_at < now)
+                .values(
+                    state=JobState.expired, finished_at=now, error="deadline passed before it ran"
+                )
+                .returning(Job.id)
+            )
+            .scalars()
+            .all()
+        )
+        chosen, left = _isolate(conn, job_ids)
+        rows = conn.execute(
+            update(Job)
+            .where(Job.id.in_(chosen), Job.state == JobState.pending)
+            .values(
+                state=JobState.processing,
+                attempts=Job.attempts + 1,
+                lease_token=token,
+                lease_until=now + timedelta(seconds=lease_s),
+                worker_id=worker_id,
+                started_at=now,
+                queue_wait_ms=extract("epoch", now - Job.created_at) * 1000.0,
+            )
+            .returning(
+                Job.id,
+                Job.object_key,
+                Job.attempts,
+                Job.max_attempts,
+                Job.question,
+                Job.created_at,
+                Job.queue_wait_ms,
+            )
+        ).all()
+        event_log.record(conn, [*expired, *(row[0] for row in rows)])
+    return token, [ClaimedJob(*row) for row in rows], left
+
+
+def _isolate(conn: Connection, ids: list[uuid.UUID]) -> tuple[list[uuid.UUID], list[Requeue]]:
+    """Which of the popped jobs this claim takes. A model call that hangs, or a process
+    that dies in one (a segfault, the OOM killer), names no culprit: every job of its
+    microbatch is tried again. So a job tried before runs in a microbatch of its own: if
+    the first popped one was tried before, it is taken alone; else every fresh one is.
+    Then only a poison image pays for its retries, and the jobs that shared its first
+    microbatch pay one attempt each."""
+    if len(ids) < 2:
+        return ids, []
+    found = conn.execute(
+        select(Job.id, Job.attempts, Job.model, Job.priority).where(
+            Job.id.in_(ids), Job.state == JobState.pending
+        )
+    ).all()
+    rows = {row.id: row for row in found}
+    popped = [job_id for job_id in ids if job_id in rows]
+    if not popped:
+        return [], []
+    if rows[popped[0]].attempts > 0:
+        chosen = popped[:1]
+    else:
+        chosen = [job_id for job_id in popped if rows[job_id].attempts == 0]
+    left = [Requeue(j, rows[j].model, rows[j].priority) for j in popped if j not in chosen]
+    return chosen, left
+
+
+def _uuids(ids: Iterable[str | uuid.UUID]) -> list[uuid.UUID]:
+    out = []
+    for raw in ids:
+        try:
+            out.append(raw if isinstance(raw, uuid.UUID) else uuid.UUID(str(raw)))
+        except ValueError:
+            continue  # garbage on the queue is dropped, never claimed
+    return out
+
+
+def pending_among(engine: Engine, ids: Iterable[str | uuid.UUID]) -> list[Requeue]:
+    """The still-pending jobs among ``ids``, to push back on their own queues."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Job.id, Job.model, Job.priority).where(
+                Job.id.in_(_uuids(ids)), Job.state == JobState.pending
+            )
+        ).all()
+    return [Requeue(*row) for row in rows]
