@@ -69,28 +69,39 @@ def claim(
 
 
 def _isolate(conn: Connection, ids: list[uuid.UUID]) -> tuple[list[uuid.UUID], list[Requeue]]:
-    """Which of the popped jobs this claim takes. A model call that hangs, or a process
-    that dies in one (a segfault, the OOM killer), names no culprit: every job of its
+    """Which of the popped jobs this claim takes, and which go back to wait.
+
+    A retry still inside its backoff (pushed early, by a sweeper after Redis lost its
+    lists) goes back to wait out the rest. A model call that hangs, or a process that
+    dies in one (a segfault, the OOM killer), names no culprit: every job of its
     microbatch is tried again. So a job tried before runs in a microbatch of its own: if
     the first popped one was tried before, it is taken alone; else every fresh one is.
     Then only a poison image pays for its retries, and the jobs that shared its first
     microbatch pay one attempt each."""
-    if len(ids) < 2:
-        return ids, []
     found = conn.execute(
-        select(Job.id, Job.attempts, Job.model, Job.priority).where(
-            Job.id.in_(ids), Job.state == JobState.pending
-        )
+        select(
+            Job.id,
+            Job.attempts,
+            Job.model,
+            Job.priority,
+            Job.tenant,
+            func.coalesce(extract("epoch", Job.not_before - func.now()), 0.0).label("wait_s"),
+        ).where(Job.id.in_(ids), Job.state == JobState.pending)
     ).all()
     rows = {row.id: row for row in found}
     popped = [job_id for job_id in ids if job_id in rows]
-    if not popped:
-        return [], []
-    if rows[popped[0]].attempts > 0:
-        chosen = popped[:1]
+    due = [job_id for job_id in popped if rows[job_id].wait_s <= 0]
+    if not due:
+        chosen = []
+    elif rows[due[0]].attempts > 0:
+        chosen = due[:1]
     else:
-        chosen = [job_id for job_id in popped if rows[job_id].attempts == 0]
-    left = [Requeue(j, rows[j].model, rows[j].priority) for j in popped if j not in chosen]
+        chosen = [job_id for job_id in due if rows[job_id].attempts == 0]
+    left = [
+        Requeue(j, rows[j].model, rows[j].priority, rows[j].tenant, max(float(rows[j].wait_s), 0.0))
+        for j in popped
+        if j not in chosen
+    ]
     return chosen, left
 
 
@@ -108,7 +119,7 @@ def pending_among(engine: Engine, ids: Iterable[str | uuid.UUID]) -> list[Requeu
     """The still-pending jobs among ``ids``, to push back on their own queues."""
     with engine.connect() as conn:
         rows = conn.execute(
-            select(Job.id, Job.model, Job.priority).where(
+            select(Job.id, Job.model, Job.priority, Job.tenant).where(
                 Job.id.in_(_uuids(ids)), Job.state == JobState.pending
             )
         ).all()

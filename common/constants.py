@@ -42,14 +42,30 @@ class Priority(StrEnum):
     routine = "routine"
 
 
-def queue_key(model: str, priority: Priority | str) -> str:
-    """The Redis list holding job ids of one model and priority."""
-    return f"{KEY_PREFIX}:queue:{model}:{Priority(priority).value}"
+# The tenant of the open mode, and of rows from before tenants existed.
+PUBLIC_TENANT = "public"
 
 
-def queue_keys(model: str) -> list[str]:
+def queue_key(model: str, priority: Priority | str, tenant: str = PUBLIC_TENANT) -> str:
+    """The Redis list holding job ids of one model, priority and tenant: one list per
+    tenant, so that workers can take turns between tenants (worker.microbatch)."""
+    return f"{KEY_PREFIX}:queue:{model}:{Priority(priority).value}:{tenant}"
+
+
+def queue_keys(model: str, tenant: str = PUBLIC_TENANT) -> list[str]:
     """BLPOP order: urgent before routine gives priority."""
-    return [queue_key(model, Priority.urgent), queue_key(model, Priority.routine)]
+    return [queue_key(model, Priority.urgent, tenant), queue_key(model, Priority.routine, tenant)]
+
+
+def tenants_key(model: str) -> str:
+    """The set of tenants that have had jobs of ``model`` queued: whose lists workers
+    read. Never pruned: a tenant with empty lists costs a BLPOP two more keys."""
+    return f"{KEY_PREFIX}:tenants:{model}"
+
+
+# Retries waiting out their backoff: a sorted set of "<queue key> <job id>" scored by the
+# Unix time they are due; workers move due ones back onto their queues.
+DELAYED_KEY = f"{KEY_PREFIX}:delayed"
 
 
 def batch_events_channel(batch_id: str) -> str:
@@ -72,3 +88,14 @@ def worker_key(worker_id: str) -> str:
 
 
 WORKER_KEY_PATTERN = f"{KEY_PREFIX}:worker:*"
+
+# The sweeper's proof that Redis still holds what it was given (common.lost_ids): the
+# run_id of the Redis whose queues were last compared with the pending jobs. Gone after
+# a FLUSHALL, another run_id after a restart: the queues are then compared again.
+DISPATCH_MARKER_KEY = f"{KEY_PREFIX}:dispatch:marker"
+# Held by the one sweeper making that comparison.
+DISPATCH_REPAIR_KEY = f"{KEY_PREFIX}:dispatch:repair"
+# Set by the one sweeper per period that looks for single lost ids.
+DISPATCH_SCAN_KEY = f"{KEY_PREFIX}:dispatch:scan"
+# The pending ids missing from their queues at that look: lost if still missing at the next.
+DISPATCH_SUSPECTS_KEY = f"{KEY_PREFIX}:dispatch:suspects"

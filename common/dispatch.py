@@ -1,32 +1,100 @@
-"""Dispatch through Redis: push job ids onto a model's queue (the gateway on submit, the
-worker when it requeues) and read a model's queue depth. Forming microbatches from these
-queues is the worker's alone (worker.microbatch)."""
+"""Dispatch through Redis: push job ids onto their queue (the gateway on submit, the
+worker when it requeues) and read a model's queue depth. Each model has an urgent and a
+routine list per tenant, and a set naming the tenants with lists; forming microbatches
+from them, taking turns between models and tenants, is the worker's (worker.microbatch)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import redis
 
-from hepato.common.constants import Priority, queue_key, queue_keys
+from hepato.common.constants import (
+    DELAYED_KEY,
+    PUBLIC_TENANT,
+    Priority,
+    queue_key,
+    queue_keys,
+    tenants_key,
+)
+from hepato.common.jobs import Requeue
 
 
-def push(client: redis.Redis, model: str, priority: Priority | str, ids: Iterable[str]) -> None:
+def push(
+    client: redis.Redis,
+    model: str,
+    priority: Priority | str,
+    ids: Iterable[str],
+    tenant: str = PUBLIC_TENANT,
+) -> None:
     ids = list(ids)
     if ids:
-        client.rpush(queue_key(model, priority), *ids)
+        pipe = client.pipeline(transaction=False)
+        pipe.sadd(tenants_key(model), tenant)
+        pipe.rpush(queue_key(model, priority, tenant), *ids)
+        pipe.execute()
 
 
-def push_front(
-    client: redis.Redis, model: str, priority: Priority | str, ids: Sequence[str]
-) -> None:
-    """Put ``ids`` at the head of their queue, in their order: they are taken next."""
-    if ids:
-        client.lpush(queue_key(model, priority), *reversed(ids))
-
-
-def depth(client: redis.Redis, model: str) -> int:
+def requeue(client: redis.Redis, jobs: Sequence[Requeue], *, front: bool = False) -> None:
+    """Put jobs made pending again back on their queues, in one round trip: at the tail,
+    or at the head with ``front``; one still inside its backoff waits in the delayed set
+    until it is due (``release_due``)."""
+    if not jobs:
+        return
+    now = time.time()
     pipe = client.pipeline(transaction=False)
-    for key in queue_keys(model):
-        pipe.llen(key)
+    by_queue: dict[str, list[str]] = {}
+    for job in jobs:
+        key = queue_key(job.model, job.priority, job.tenant)
+        pipe.sadd(tenants_key(job.model), job.tenant)
+        if job.delay_s > 0:
+            pipe.zadd(DELAYED_KEY, {f"{key} {job.id}": now + job.delay_s})
+        else:
+            by_queue.setdefault(key, []).append(str(job.id))
+    for key, ids in by_queue.items():
+        if front:
+            pipe.lpush(key, *reversed(ids))
+        else:
+            pipe.rpush(key, *ids)
+    pipe.execute()
+
+
+def release_due(client: redis.Redis, limit: int = 1000) -> int:
+    """Move retries whose backoff has passed onto their queues. Many workers may run
+    this at once: only the one whose ZREM removed an entry pushes it. An entry removed
+    by a worker that dies before its push is still pending in Postgres, where the
+    sweeper finds it."""
+    due = cast(
+        list[bytes], client.zrangebyscore(DELAYED_KEY, "-inf", time.time(), start=0, num=limit)
+    )
+    if not due:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for member in due:
+        pipe.zrem(DELAYED_KEY, member)
+    removed = [m for m, gone in zip(due, pipe.execute(), strict=True) if gone]
+    for member in removed:
+        key, _, job_id = member.decode().rpartition(" ")
+        pipe.rpush(key, job_id)
+    if removed:
+        pipe.execute()
+    return len(removed)
+
+
+def tenants(client: redis.Redis, model: str) -> list[str]:
+    """The tenants whose lists of ``model`` may hold ids, the open mode's always among
+    them; sorted, so that every worker takes turns in the same order."""
+    names = {raw.decode() for raw in cast(set[bytes], client.smembers(tenants_key(model)))}
+    return sorted(names | {PUBLIC_TENANT})
+
+
+def depth(client: redis.Redis, model: str, priority: Priority | str | None = None) -> int:
+    """Ids queued for ``model`` (of one priority, or both), over every tenant's lists."""
+    pipe = client.pipeline(transaction=False)
+    for tenant in tenants(client, model):
+        keys = queue_keys(model, tenant)
+        for key in keys if priority is None else [queue_key(model, priority, tenant)]:
+            pipe.llen(key)
     return int(sum(pipe.execute()))

@@ -31,6 +31,12 @@ class QueueFull(HepatoError):
         self.retry_after_s = retry_after_s
 
 
+class CallbackRefused(HepatoError):
+    """A webhook callback_url that may not be called: malformed, too long, or a host
+    that resolves to a loopback, link-local, private or the stack's own address and is
+    not in HEPATO_WEBHOOK_ALLOWED_HOSTS. The message names the reason."""
+
+
 class ModelWeightsNotFound(HepatoError):
     """The weights a manifest names do not exist (we never download)."""
 

@@ -42,3 +42,16 @@ def count_unfinished(engine: Engine, models: Sequence[str]) -> int:
                 )
             ).scalar_one()
         )
+
+
+def count_failed_by(engine: Engine, token: uuid.UUID, ids: Sequence[uuid.UUID]) -> int:
+    """Of ``ids``, the jobs that the lease ``token`` left failed: what a worker's write of
+    failures really did (the fence refuses it for jobs taken back from the worker)."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.id.in_(ids), Job.state == JobState.failed, Job.lease_token == token)
+            ).scalar_one()
+        )

@@ -9,6 +9,7 @@ Leases that run out are taken back by common.sweep."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +28,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 from hepato.common import event_log
-from hepato.common.constants import JobState, Priority
+from hepato.common.constants import PUBLIC_TENANT, JobState, Priority
 from hepato.common.db import insert_rows
-from hepato.common.exceptions import QueueFull
 from hepato.common.images import ImageInfo
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TaskResult
+from hepato.common.room import Room, hold_room
 from hepato.common.tables import Batch, Job
 
 
@@ -55,6 +56,23 @@ class Requeue:
     id: uuid.UUID
     model: str
     priority: str
+    tenant: str = PUBLIC_TENANT
+    # A retry's backoff: wait this long before the id goes back on its queue, s.
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long a failed attempt waits before its retry: ``first_s`` doubled per attempt
+    made, at most ``max_s``, and jittered to 50-100% so that the jobs one outage failed
+    together do not all come back at the same instant."""
+
+    first_s: float = 0.0
+    max_s: float = 60.0
+
+    def delay_s(self, attempts: int) -> float:
+        full = min(self.max_s, self.first_s * 2 ** max(attempts - 1, 0))
+        return full * random.uniform(0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -84,27 +102,6 @@ class Created:
     job_ids: list[uuid.UUID]  # in the order of the jobs given
 
 
-def check_room(engine: Engine, model: str, adding: int, limit: int, retry_after_s: int) -> None:
-    """Refuse the whole request when the model's queue would pass its bound. Counted in
-    Postgres, the source of truth, so a Redis restart cannot reset it; concurrent
-    submissions may pass the bound by at most one request's files."""
-    # Autocommit: one statement needs no BEGIN and ROLLBACK around it (two round trips).
-    # Not in create's transaction: the check comes before the objects are stored, so a
-    # refused request costs the store nothing, and no connection waits on the uploads.
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        pending = conn.execute(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.model == model, Job.state == JobState.pending)
-        ).scalar_one()
-    if pending + adding > limit:
-        raise QueueFull(
-            f"the queue of model {model!r} is full ({pending} of {limit} jobs pending; this "
-            f"request adds {adding}); nothing was accepted, retry later",
-            retry_after_s,
-        )
-
-
 def create(
     engine: Engine,
     new: Sequence[NewJob],
@@ -117,9 +114,12 @@ def create(
     deadline_s: float | None,
     question: str | None,
     callback_url: str | None,
+    room: Room | None = None,
 ) -> Created:
     """Commit ``new`` as pending jobs (and, ``as_batch``, their batch) in one transaction
-    of one statement per table; the caller pushes their ids only after this returns."""
+    of one statement per table; the caller pushes their ids only after this returns.
+    With ``room``, the model's and the tenant's bounds are held (common.room): past them,
+    QueueFull and nothing is inserted."""
     batch_id = uuid.uuid4() if as_batch else None
     deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
     job_ids = [uuid.uuid4() for _ in new]
@@ -147,6 +147,8 @@ def create(
         "callback_url": None if batch_id else callback_url,
     }
     with event_log.transaction(engine) as conn:
+        if room is not None:
+            hold_room(conn, model.name, tenant, len(job_ids), room)
         if batch_id is not None:
             conn.execute(
                 insert(Batch).values(
@@ -232,24 +234,32 @@ def complete(
 
 
 def fail(
-    engine: Engine, token: uuid.UUID, errors: dict[uuid.UUID, str], *, retry: bool
+    engine: Engine,
+    token: uuid.UUID,
+    errors: dict[uuid.UUID, str],
+    *,
+    retry: bool,
+    backoff: Backoff = Backoff(),
 ) -> list[Requeue]:
     """End owned jobs with an error. With ``retry``, jobs with attempts left go back to
-    ``pending`` (returned, for the caller to push after commit); the rest are ``failed``."""
+    ``pending``, not to be claimed before their backoff has passed (returned, for the
+    caller to push after commit); the rest are ``failed``."""
     if not errors:
         return []
     requeue: list[Requeue] = []
     with event_log.transaction(engine) as conn:
         owned = conn.execute(
-            select(Job.id, Job.attempts, Job.max_attempts, Job.model, Job.priority)
+            select(Job.id, Job.attempts, Job.max_attempts, Job.model, Job.priority, Job.tenant)
             .where(_owned(token, list(errors)))
             .with_for_update()
         ).all()
-        for job_id, attempts, max_attempts, model, priority in owned:
+        for job_id, attempts, max_attempts, model, priority, tenant in owned:
             if retry and attempts < max_attempts:
+                wait_s = backoff.delay_s(attempts)
                 values = pending_values()
                 values["error"] = errors[job_id]
-                requeue.append(Requeue(job_id, model, priority))
+                values["not_before"] = func.now() + timedelta(seconds=wait_s)
+                requeue.append(Requeue(job_id, model, priority, tenant, wait_s))
             else:
                 values = {
                     "state": JobState.failed,

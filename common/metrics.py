@@ -30,7 +30,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
-from hepato.common.constants import JobState, Priority, queue_key
+from hepato.common import dispatch
+from hepato.common.constants import JobState, Priority
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,16 @@ def serve_worker_metrics(port: int, host: str) -> int | None:
 
 SUBMITTED = Counter("hepato_submitted", "Jobs the gateway accepted.", ["model"])
 REJECTED_FILES = Counter(
-    "hepato_rejected_files", "Files the gateway refused in a submission (bad or oversized)."
+    "hepato_rejected_files",
+    "Files the gateway refused in a submission (bad or oversized).",
+    ["model"],
 )
 
 
 def count_submission(model: str, accepted: int, rejected: int) -> None:
     """Called by gateway.submit once it knows what it kept and what it refused."""
     SUBMITTED.labels(model).inc(accepted)
-    REJECTED_FILES.inc(rejected)
+    REJECTED_FILES.labels(model).inc(rejected)
 
 
 # A scrape must answer even while a service hangs: Prometheus' own timeout is 10 s.
@@ -189,10 +192,8 @@ class GatewayCollector(Collector):
     def _queue_depth(sources: _Sources) -> GaugeMetricFamily | None:
         labels = [(m, p.value) for m in sources.models for p in Priority]
         try:
-            pipe = sources.redis.pipeline(transaction=False)
-            for model, priority in labels:
-                pipe.llen(queue_key(model, priority))
-            lengths = pipe.execute()
+            # Summed over the tenants' lists: one series per model and priority.
+            lengths = [dispatch.depth(sources.redis, m, p) for m, p in labels]
         except redis.RedisError:
             log.debug("queue depth not scraped: Redis unavailable", exc_info=True)
             return None

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from hepato.common.constants import BatchState, JobState
 from hepato.common.results import TaskResult
+
+# What marks an error text as naming the inside of the deployment: a URL, an IPv4 or
+# bracketed IPv6 address, host=/port= (urllib3, libpq), or a host:port pair.
+_INTERNAL = re.compile(
+    r"[a-z][a-z0-9+.-]*://|\b\d{1,3}(?:\.\d{1,3}){3}\b|\[[0-9a-f:]+\]|\b(?:host|port)\s*=|"
+    r"\b[a-z0-9][a-z0-9.-]*:\d{2,5}\b",
+    re.IGNORECASE,
+)
+INTERNAL_ERROR = "an internal service failed while processing this job (details in the server logs)"
+
+
+def public_error(error: str | None) -> str | None:
+    """``error`` as a tenant may see it: as is, or generic if it names internal hosts."""
+    if error is None or not _INTERNAL.search(error):
+        return error
+    return INTERNAL_ERROR
 
 
 class ModelRef(BaseModel):
@@ -27,6 +44,11 @@ class ModelOut(BaseModel):
     input_size: int
     max_batch_size: int
     default: bool
+    workers: int | None = Field(
+        None,
+        description="Workers alive now that serve this model (by their heartbeat); 0: its "
+        "jobs wait until one starts; null: unknown (Redis unreachable)",
+    )
 
 
 class JobTimeline(BaseModel):
@@ -66,11 +88,19 @@ class JobOut(BaseModel):
     timeline: JobTimeline = Field(
         description="When it was queued, claimed, fetched, inferred and written"
     )
-    worker_id: str | None
+    # No worker_id: which host and process ran a job is the operator's, not the tenant's.
     result: TaskResult | None = Field(description="Present when state is done")
-    error: str | None
+    error: str | None = Field(
+        description="Why it failed or was retried; an error naming internal hosts or URLs "
+        "is replaced by a generic one (the operator's logs and database keep the detail)"
+    )
     status_url: str
     image_url: str
+
+    @field_validator("error")
+    @classmethod
+    def _public(cls, error: str | None) -> str | None:
+        return public_error(error)
 
 
 class AcceptedJob(BaseModel):

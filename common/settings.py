@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Pending jobs one model may hold; a submission past it is refused (429).",
     )
+    max_queued_per_tenant: int = Field(
+        50_000,
+        ge=1,
+        description="Pending jobs one tenant may hold in one model's queue, its share of "
+        "max_queued_per_model; a submission past it is refused (429).",
+    )
     queue_full_retry_after_s: int = Field(
         10, ge=1, description="Retry-After of a 429 for a full queue, s."
     )
@@ -90,14 +96,37 @@ class Settings(BaseSettings):
 
     webhook_secret: str = Field(
         "",
-        description="Signing secret of webhooks (Standard Webhooks, 'whsec_' + base64); "
-        "empty = submissions with a callback_url are refused (422).",
+        description="Signing secret (Standard Webhooks, 'whsec_' + base64) of the tenant "
+        "'public' (the open mode's) while it has no secret of its own; every other tenant "
+        "signs with its own (hepato keys). Empty: the open mode refuses a callback_url (422).",
+    )
+    webhook_secret_overlap_s: float = Field(
+        86_400.0,
+        ge=0,
+        description="After a tenant's secret is rotated, webhooks carry a signature by the "
+        "previous secret too, for this long, so receivers can switch over, s.",
+    )
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Callback hosts allowed although they resolve to loopback, link-local, "
+        "private or other non-public addresses, or to the stack's own Postgres, Redis or "
+        "object store: a JSON list of host names (matched exactly, case-insensitively) and "
+        'IP addresses or CIDR networks, e.g. ["hooks.lab.internal", "10.20.0.0/16"]; '
+        "empty = public addresses only.",
+    )
+    webhook_concurrency: int = Field(
+        16, ge=1, description="Webhook attempts one worker keeps in flight at once."
     )
     webhook_max_attempts: int = Field(6, ge=1, description="Attempts per webhook before it fails.")
     webhook_backoff_s: float = Field(
         2.0, gt=0, description="Wait before a webhook's 2nd attempt, doubling after each, s."
     )
-    webhook_timeout_s: float = Field(5.0, gt=0, description="One webhook attempt's timeout, s.")
+    webhook_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Total deadline of one webhook attempt (resolve, connect, send, answer "
+        "status), s; the answer's body is never read.",
+    )
 
     # --- models ---------------------------------------------------------------
     models_dir: Path = Field(
@@ -123,12 +152,21 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, gt=0, description="A claimed job's lease, s.")
     lease_extend_every_s: float = Field(10.0, gt=0, description="Lease renewal period, s.")
     max_attempts: int = Field(3, ge=1, description="Claims before a job is failed for good.")
+    retry_backoff_s: float = Field(
+        1.0,
+        ge=0,
+        description="First wait before a failed attempt is retried, s; doubles per attempt, "
+        "jittered to 50-100%.",
+    )
+    retry_backoff_max_s: float = Field(60.0, ge=0, description="Longest retry wait, s.")
     fetch_concurrency: int = Field(16, ge=1, description="Parallel object-store downloads.")
     sweep_interval_s: float = Field(5.0, gt=0, description="Period of the recovery sweeper, s.")
     requeue_pending_after_s: float = Field(
         30.0,
         gt=0,
-        description="Re-push a pending job not claimed for this long (Redis lost it), s.",
+        description="Period of the look for single ids Redis dropped (a worker dead between "
+        "pop and claim): a pending job this old, missing from its queue at two looks in a "
+        "row, is pushed again, s. A Redis restart or flush is repaired at the next sweep.",
     )
     decode_processes: int = Field(
         2, ge=1, description="Processes that decode images, isolated from the worker."

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.deleteobjects import DeleteObject
+from minio.error import MinioException, S3Error
 
 from hepato.common.exceptions import ObjectFetchError, ObjectMissing
 from hepato.common.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def new_object_key(image_format: str) -> str:
@@ -67,6 +71,10 @@ class ObjectStore:
         )
 
     def get(self, key: str) -> bytes:
+        """The object's bytes. A missing object is ObjectMissing (permanent: its job
+        fails); any other failure, of the request or of reading the body, is
+        ObjectFetchError (transient: its job is retried), so that one object's trouble
+        is charged to its own job, never to the whole microbatch."""
         try:
             response = self.client.get_object(self.bucket, key)
         except S3Error as exc:
@@ -77,11 +85,26 @@ class ObjectStore:
             raise ObjectFetchError(f"object {key!r}: {exc.code}") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise ObjectFetchError(f"object {key!r}: object store unreachable ({exc})") from exc
+        except MinioException as exc:  # an answer that is not S3's (a proxy's error page)
+            raise ObjectFetchError(
+                f"object {key!r}: the object store answered {type(exc).__name__}"
+            ) from exc
         try:
             return response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ObjectFetchError(f"object {key!r}: its download broke off ({exc})") from exc
         finally:
             response.close()
             response.release_conn()
+
+    def remove(self, keys: list[str]) -> None:
+        """Delete objects no job will ever name (a refused submission's), best effort:
+        one left behind is an orphan, never a lost job."""
+        try:
+            for error in self.client.remove_objects(self.bucket, (DeleteObject(k) for k in keys)):
+                log.warning("could not delete %s: %s", error.name, error.message)
+        except Exception:
+            log.warning("could not delete %d objects", len(keys), exc_info=True)
 
     def exists(self, key: str) -> bool:
         try:

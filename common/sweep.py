@@ -1,11 +1,11 @@
-"""The sweeper's writes: leases of lost workers taken back, ids that Redis lost found
-again. Safe in many processes at once (rows are taken with SKIP LOCKED); each worker's
-recovery thread (worker.recovery) runs it."""
+"""The sweeper's writes in Postgres: leases of lost workers taken back, and deadlines
+that passed while their jobs waited. Safe in many processes at once (rows are taken with
+SKIP LOCKED); each worker's recovery thread (worker.recovery) runs it, and then
+common.lost_ids for ids Redis lost."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 from sqlalchemy import Engine, func, select, update
 
@@ -20,16 +20,40 @@ class Swept:
     requeue: list[Requeue]  # to push again, after the commit
     reclaimed: int  # leases that ran out (their worker was lost), back to pending
     failed: int  # leases that ran out on a job's last attempt
+    expired: int  # pending jobs whose deadline passed while they waited
 
 
-def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> Swept:
-    """Recover from lost workers and a lost Redis. Safe to run in many processes at
-    once: rows are taken with SKIP LOCKED, so each is handled by one sweeper.
+def sweep(engine: Engine, limit: int = 1000, expire_limit: int = 5000) -> Swept:
+    """Recover from lost workers and end the jobs whose deadline passed before they ran.
+    Safe to run in many processes at once: rows are taken with SKIP LOCKED, so each is
+    handled by one sweeper.
 
-    Returns the jobs to push again and what was reclaimed and failed."""
+    Returns the jobs to push again and what was reclaimed, failed and expired."""
     now = func.now()
     with event_log.transaction(engine) as conn:
+        # A deadline fires while its job waits (behind a backlog, or for a model no
+        # worker serves), not only when a worker claims it; its event, and its webhook,
+        # are written in this transaction.
+        overdue = (
+            select(Job.id)
+            .where(Job.state == JobState.pending, Job.deadline_at < now)
+            .limit(expire_limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
         expired = (
+            conn.execute(
+                update(Job)
+                .where(Job.id.in_(overdue), Job.state == JobState.pending)
+                .values(
+                    state=JobState.expired, finished_at=now, error="deadline passed before it ran"
+                )
+                .returning(Job.id)
+            )
+            .scalars()
+            .all()
+        )
+        leased_out = (
             select(Job.id)
             .where(Job.state == JobState.processing, Job.lease_until < now)
             .limit(limit)
@@ -39,14 +63,14 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> Swept:
         # A lease that ran out with attempts left: back to the queue.
         requeued = conn.execute(
             update(Job)
-            .where(Job.id.in_(expired), Job.attempts < Job.max_attempts)
+            .where(Job.id.in_(leased_out), Job.attempts < Job.max_attempts)
             .values(**pending_values(), error="lease expired: worker lost")
-            .returning(Job.id, Job.model, Job.priority)
+            .returning(Job.id, Job.model, Job.priority, Job.tenant)
         ).all()
         failed = (
             conn.execute(
                 update(Job)
-                .where(Job.id.in_(expired), Job.attempts >= Job.max_attempts)
+                .where(Job.id.in_(leased_out), Job.attempts >= Job.max_attempts)
                 .values(
                     state=JobState.failed,
                     finished_at=now,
@@ -58,21 +82,5 @@ def sweep(engine: Engine, requeue_after_s: float, limit: int = 1000) -> Swept:
             .scalars()
             .all()
         )
-        stale = (
-            select(Job.id)
-            .where(
-                Job.state == JobState.pending,
-                Job.enqueued_at < now - timedelta(seconds=requeue_after_s),
-            )
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        lost = conn.execute(
-            update(Job)
-            .where(Job.id.in_(stale))
-            .values(enqueued_at=now)
-            .returning(Job.id, Job.model, Job.priority)
-        ).all()
-        event_log.record(conn, [*(row[0] for row in requeued), *failed])
-    return Swept([Requeue(*row) for row in (*requeued, *lost)], len(requeued), len(failed))
+        event_log.record(conn, [*(row[0] for row in requeued), *failed, *expired])
+    return Swept([Requeue(*row) for row in requeued], len(requeued), len(failed), len(expired))

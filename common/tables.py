@@ -68,8 +68,11 @@ class Job(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     worker_id: Mapped[str | None] = mapped_column(Text)
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A retry's backoff: no claim takes the job before this time.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    # Last time the id was pushed to Redis; the sweeper re-pushes stale pending jobs.
+    # Last time the id was pushed to Redis; the sweeper's look for dropped ids considers
+    # only jobs pushed over requeue_pending_after_s ago (common.lost_ids).
     enqueued_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
@@ -160,6 +163,20 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing secret (Standard Webhooks, 'whsec_' + base64). Kept as
+    is, not hashed: the worker needs the secret itself to sign. After a rotation the
+    previous one signs too for a while (HEPATO_WEBHOOK_SECRET_OVERLAP_S)."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class IdempotencyRecord(Base):

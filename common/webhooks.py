@@ -4,9 +4,12 @@ is finished.
 Queued durably rather than on rq: Redis may lose everything (see README, "How a job is
 never lost"), and an rq enqueue after the commit could be lost to a crash in between.
 A ``webhook_deliveries`` row is written in the very transaction that finishes the job or
-batch, and every worker's sweeper delivers due rows (SKIP LOCKED, so many sweepers never
-send one attempt twice). The webhook-id is fixed per job or batch: retries, and an
-attempt repeated after a worker died mid-send, carry the same id for receivers to drop."""
+batch, and every worker's webhook sender (worker.webhook_sender, a thread of its own:
+never the sweeper's) claims due rows here (SKIP LOCKED, so many senders never send one
+attempt twice) and records each attempt's outcome. The webhook-id is fixed per job or
+batch: retries, and an attempt repeated after a worker died mid-send, carry the same id
+for receivers to drop. Each tenant's webhooks are signed with that tenant's own secret
+(common.tenants), so no tenant can forge another's."""
 
 from __future__ import annotations
 
@@ -14,20 +17,20 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from standardwebhooks import Webhook
 
+from hepato.common import tenants
 from hepato.common.constants import TERMINAL_STATES, batch_state
 from hepato.common.job_counts import all_finished, state_counts
+from hepato.common.schemas import public_error
 from hepato.common.settings import Settings
-from hepato.common.tables import Batch, Job, WebhookDelivery
+from hepato.common.tables import Batch, Job, WebhookDelivery, WebhookSecret
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,13 @@ def enqueue_finished(
                 Job.id.in_(lone), Job.callback_url.is_not(None)
             )
         ):
-            data = {"job_id": str(job_id), "batch_id": None, "state": state, "error": error}
+            # The receiver is the tenant's: what it may see of an error, as in JobOut.
+            data = {
+                "job_id": str(job_id),
+                "batch_id": None,
+                "state": state,
+                "error": public_error(error),
+            }
             rows.append(_row(job_id, tenant, url, "job.finished", now, data))
     batches = {batch for _, batch in finished if batch is not None}
     if batches:
@@ -92,86 +101,125 @@ def _row(
     }
 
 
+def has_secret(engine: Engine, settings: Settings, tenant: str) -> bool:
+    """Whether the tenant's webhooks can be signed (a callback_url is refused if not)."""
+    if tenant == tenants.PUBLIC_TENANT and settings.webhook_secret:
+        return True
+    return tenants.has_webhook_secret(engine, tenant)
+
+
 @dataclass(frozen=True)
-class _Due:
+class Due:
+    """One attempt, claimed: ``attempt`` counts this one; ``secrets`` sign it (none: the
+    tenant has no secret, and the delivery fails)."""
+
     id: str
+    tenant: str
     url: str
     body: str
-    attempts: int
+    attempt: int
+    secrets: tuple[str, ...]
 
 
-def deliver_due(engine: Engine, settings: Settings, limit: int = 16) -> int:
-    """Send the due deliveries (one attempt each); returns how many were attempted."""
-    if not settings.webhook_secret:
-        return 0
+def claim_due(engine: Engine, settings: Settings, limit: int) -> list[Due]:
+    """Claim up to ``limit`` due deliveries, one attempt each."""
     # Claimed by pushing the next attempt past this one's longest run: a worker that dies
     # mid-send leaves the row to be retried then, the attempt counted.
     lease = timedelta(seconds=settings.webhook_timeout_s * 2 + 5)
+    overlap = timedelta(seconds=settings.webhook_secret_overlap_s)
     with engine.begin() as conn:
-        due = [
-            _Due(*row)
-            for row in conn.execute(
-                select(
-                    WebhookDelivery.id,
-                    WebhookDelivery.url,
-                    WebhookDelivery.body,
-                    WebhookDelivery.attempts,
-                )
-                .where(
-                    WebhookDelivery.state == "pending",
-                    WebhookDelivery.next_attempt_at <= func.now(),
-                )
-                .order_by(WebhookDelivery.next_attempt_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-        ]
-        if not due:
-            return 0
+        # Out of attempts yet pending: the worker of its last attempt stopped mid-send.
         conn.execute(
             update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_([d.id for d in due]))
+            .where(
+                WebhookDelivery.state == "pending",
+                WebhookDelivery.next_attempt_at <= func.now(),
+                WebhookDelivery.attempts >= settings.webhook_max_attempts,
+            )
+            .values(
+                state="failed",
+                last_error=func.coalesce(WebhookDelivery.last_error, "")
+                + " (the last attempt's worker stopped before it reported)",
+            )
+        )
+        rows = conn.execute(
+            select(
+                WebhookDelivery.id,
+                WebhookDelivery.tenant,
+                WebhookDelivery.url,
+                WebhookDelivery.body,
+                WebhookDelivery.attempts,
+                WebhookSecret.secret,
+                WebhookSecret.previous_secret,
+                (WebhookSecret.rotated_at > func.now() - overlap).label("overlapping"),
+            )
+            .outerjoin(WebhookSecret, WebhookSecret.tenant == WebhookDelivery.tenant)
+            .where(
+                WebhookDelivery.state == "pending",
+                WebhookDelivery.next_attempt_at <= func.now(),
+                WebhookDelivery.attempts < settings.webhook_max_attempts,
+            )
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+            .with_for_update(of=WebhookDelivery, skip_locked=True)
+        ).all()
+        if not rows:
+            return []
+        conn.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_([row.id for row in rows]))
             .values(attempts=WebhookDelivery.attempts + 1, next_attempt_at=func.now() + lease)
         )
-    signer = Webhook(settings.webhook_secret)
-    with ThreadPoolExecutor(min(8, len(due)), thread_name_prefix="webhook") as pool:
-        errors = list(pool.map(lambda d: _send(signer, d, settings.webhook_timeout_s), due))
-    with engine.begin() as conn:
-        for delivery, error in zip(due, errors, strict=True):
-            attempt = delivery.attempts + 1
-            values: dict[str, Any]
-            if error is None:
-                values = {"state": "delivered", "delivered_at": func.now(), "last_error": None}
-            elif attempt >= settings.webhook_max_attempts:
-                values = {"state": "failed", "last_error": error}
-                log.warning(
-                    "webhook %s to %s failed for good: %s", delivery.id, delivery.url, error
-                )
-            else:
-                wait = timedelta(seconds=settings.webhook_backoff_s * 2 ** (attempt - 1))
-                values = {"next_attempt_at": func.now() + wait, "last_error": error}
-            conn.execute(
-                update(WebhookDelivery).where(WebhookDelivery.id == delivery.id).values(**values)
+    due = []
+    for row in rows:
+        secrets: tuple[str | None, ...]
+        if row.secret is not None:
+            secrets = (row.secret, row.previous_secret) if row.overlapping else (row.secret,)
+        elif row.tenant == tenants.PUBLIC_TENANT and settings.webhook_secret:
+            secrets = (settings.webhook_secret,)
+        else:
+            secrets = ()
+        due.append(
+            Due(
+                row.id,
+                row.tenant,
+                row.url,
+                row.body,
+                row.attempts + 1,
+                tuple(filter(None, secrets)),
             )
-    return len(due)
-
-
-def _send(signer: Webhook, delivery: _Due, timeout_s: float) -> str | None:
-    """One attempt; None when the receiver answered 2xx, else why not."""
-    # Signed per attempt: the timestamp is the attempt's, the id and body never change.
-    at = datetime.now(UTC)
-    headers = {
-        "content-type": "application/json",
-        "webhook-id": delivery.id,
-        "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": signer.sign(delivery.id, at, delivery.body),
-    }
-    try:
-        response = httpx.post(
-            delivery.url, content=delivery.body, headers=headers, timeout=timeout_s
         )
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if 200 <= response.status_code < 300:
-        return None
-    return f"HTTP {response.status_code}"
+    return due
+
+
+def signed_headers(due: Due, at: datetime) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt: signed per attempt (the timestamp is
+    the attempt's; the id and body never change), by each of the tenant's secrets."""
+    return {
+        "content-type": "application/json",
+        "webhook-id": due.id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": " ".join(
+            Webhook(secret).sign(due.id, at, due.body) for secret in due.secrets
+        ),
+    }
+
+
+def record(engine: Engine, settings: Settings, due: Due, error: str | None, final: bool) -> None:
+    """The outcome of an attempt: delivered (``error`` None), failed for good (``final``,
+    or out of attempts), or due again after an exponential backoff."""
+    values: dict[str, Any]
+    if error is None:
+        values = {"state": "delivered", "delivered_at": func.now(), "last_error": None}
+    elif final or due.attempt >= settings.webhook_max_attempts:
+        values = {"state": "failed", "last_error": error}
+        log.warning("webhook %s of %s failed for good: %s", due.id, due.tenant, error)
+    else:
+        wait = timedelta(seconds=settings.webhook_backoff_s * 2 ** (due.attempt - 1))
+        values = {"next_attempt_at": func.now() + wait, "last_error": error}
+    with engine.begin() as conn:
+        conn.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == due.id, WebhookDelivery.state == "pending")
+            .values(**values)
+        )

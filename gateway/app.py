@@ -15,23 +15,26 @@ import urllib3
 from fastapi import FastAPI, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from minio.error import S3Error
+from minio.error import MinioException
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from hepato.common import event_log, metrics
 from hepato.common.db import get_engine, session_factory
-from hepato.common.exceptions import QueueFull, UnknownModel
+from hepato.common.exceptions import ObjectFetchError, QueueFull, UnknownModel
 from hepato.common.manifest import load_registry
 from hepato.common.settings import Settings, get_settings
 from hepato.common.storage import ObjectStore
 from hepato.gateway.auth import KeyBeforeBody
 from hepato.gateway.deps import Resources, ResourcesDep
+from hepato.gateway.finish_watch import FinishWatch
 from hepato.gateway.limits import install_limits
 from hepato.gateway.routes import batches, exports, jobs, live, submissions
 from hepato.gateway.routes import models as model_list
+from hepato.gateway.submit import CommitUnknown
 from hepato.gateway.viewer import router as viewer_router
+from hepato.gateway.wakeups import WakeupHub
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +80,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             models=models,
         )
         event_log.attach(app.state.resources.engine, app.state.resources.redis)
+        # Every waiter of this process (SSE streams, /v1/predict) on one Redis connection.
+        app.state.wakeups = hub = WakeupHub(settings.redis_url)
+        app.state.finish_watch = watch = FinishWatch(app.state.resources.engine, hub)
+        await hub.start()
+        await watch.start()
         scrape_redis = metrics.scrape_redis(settings.redis_url)
         collector.attach(app.state.resources.engine, scrape_redis, models)
         yield
         collector.detach(scrape_redis)
         scrape_redis.close()
+        await watch.close()
+        await hub.close()
         app.state.resources.redis.close()
 
     app = FastAPI(
@@ -114,19 +124,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("database error: %s", exc)
         return _unavailable("the database")
 
+    @app.exception_handler(CommitUnknown)
+    async def commit_unknown(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("%s", exc, exc_info=exc)
+        return JSONResponse(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": RETRY_AFTER_S},
+            content={
+                "detail": "the database failed while the jobs were committed: whether they "
+                "were kept is not known yet; retry with the same Idempotency-Key, or look "
+                "them up before submitting again"
+            },
+        )
+
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return _unavailable("the queue (Redis)")
 
-    @app.exception_handler(S3Error)
+    # MinioException: S3Error, and the InvalidResponseError / ServerError a store behind
+    # a failing proxy or restarting answers with.
+    @app.exception_handler(MinioException)
+    @app.exception_handler(ObjectFetchError)
     @app.exception_handler(urllib3.exceptions.HTTPError)
     async def store_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("object store error: %s", exc)
         return _unavailable("the object store")
 
+    # Async: liveness never waits for a thread-pool slot.
     @app.get("/healthz", tags=["health"], summary="The process is alive")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     # A plain (sync) route: the collector's Redis and Postgres reads run in the thread

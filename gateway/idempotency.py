@@ -4,8 +4,9 @@ A row keyed (tenant, key) is inserted before the submission runs, so of two conc
 requests with one key exactly one inserts it; the other finds it ``in_progress`` (409).
 The first request's 2xx answer is stored with the row and returned again to every
 retry of the same request; the same key with a different request is a 422. A request
-that fails (4xx, 429, 503: nothing of it was kept) frees its key for a retry. Keys expire
-after ``HEPATO_IDEMPOTENCY_TTL_S``.
+that fails (4xx, 429, 503: nothing of it was kept) frees its key for a retry; one whose
+COMMIT was cut off is resolved by looking for its rows (gateway.submit), and while that
+cannot be told its key stays held. Keys expire after ``HEPATO_IDEMPOTENCY_TTL_S``.
 
 A gateway that dies between committing the jobs and storing the answer leaves its key
 ``in_progress``: retries get 409 until the key expires, never a second set of jobs."""
@@ -30,6 +31,7 @@ from starlette.datastructures import UploadFile
 from hepato.common.tables import IdempotencyRecord as Record
 from hepato.gateway.auth import TenantDep
 from hepato.gateway.deps import Resources, ResourcesDep
+from hepato.gateway.submit import CommitUnknown
 
 IN_PROGRESS = "in_progress"
 COMPLETED = "completed"
@@ -85,6 +87,8 @@ class Idempotency:
             return replay
         try:
             answer = await call()
+        except CommitUnknown:
+            raise  # the jobs may be in: the key stays held (409) rather than a duplicate
         except Exception:
             await run_in_threadpool(self._release, request_hash)
             raise

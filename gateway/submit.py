@@ -8,7 +8,10 @@ Runs in a worker thread (never on the event loop). Each upload is read from the 
 the multipart parser spooled it to, in bounded chunks, and streamed from there to the
 object store, so a request's images are never in memory whole. Postgres sees a fixed
 number of statements per request whatever its number of files: the room check, then
-one transaction with one multi-row insert per table (common.jobs)."""
+one transaction with the room held (common.room) and one multi-row insert per table
+(common.jobs). A callback_url is
+checked first (common.egress: where it resolves to) and so is the tenant's signing secret,
+both before any upload is read."""
 
 from __future__ import annotations
 
@@ -19,14 +22,18 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import redis
+from fastapi import HTTPException, status
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
-from hepato.common import dispatch, jobs, metrics
+from hepato.common import dispatch, egress, jobs, metrics, room, webhooks
 from hepato.common.constants import Priority
-from hepato.common.exceptions import InvalidImage
+from hepato.common.exceptions import CallbackRefused, HepatoError, InvalidImage, QueueFull
 from hepato.common.images import ImageInfo, display_name, inspect_image
 from hepato.common.jobs import NewJob
 from hepato.common.manifest import ModelManifest
 from hepato.common.storage import new_object_key
+from hepato.common.tables import Job
 from hepato.gateway.deps import Resources
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,8 @@ def submit(
     callback_url: str | None = None,
 ) -> Submission:
     settings = res.settings
+    if callback_url is not None:
+        check_callback(res, tenant, callback_url)
     # Postgres text cannot hold NUL (it would fail the insert as if the database were down).
     uploads = [Upload(display_name(u.filename), u.file) for u in uploads]
     question = question.replace("\x00", "\ufffd") if question is not None else None
@@ -82,13 +91,12 @@ def submit(
     # Refuse up front (503) while the queue is down, so nothing is half-accepted. Should
     # Redis fail between here and the push, the committed jobs are still safe (see below).
     res.redis.ping()
-    jobs.check_room(
-        res.engine,
-        model.name,
-        len(valid),
+    bounds = room.Room(
         settings.max_queued_per_model,
+        settings.max_queued_per_tenant,
         settings.queue_full_retry_after_s,
     )
+    room.check_room(res.engine, model.name, tenant, len(valid), bounds)
 
     keys = [new_object_key(info.format) for _, info in valid]
     with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
@@ -102,25 +110,39 @@ def submit(
             )
         )
 
-    created = jobs.create(
-        res.engine,
-        [
-            NewJob(upload.filename, key, info)
-            for key, (upload, info) in zip(keys, valid, strict=True)
-        ],
-        as_batch=as_batch,
-        tenant=tenant,
-        model=model,
-        priority=priority,
-        max_attempts=settings.max_attempts,
-        deadline_s=deadline_s,
-        question=question,
-        callback_url=callback_url,
-    )
+    try:
+        created = jobs.create(
+            res.engine,
+            [
+                NewJob(upload.filename, key, info)
+                for key, (upload, info) in zip(keys, valid, strict=True)
+            ],
+            as_batch=as_batch,
+            tenant=tenant,
+            model=model,
+            priority=priority,
+            max_attempts=settings.max_attempts,
+            deadline_s=deadline_s,
+            question=question,
+            callback_url=callback_url,
+            room=bounds,
+        )
+    except QueueFull:
+        # Concurrent submissions filled the queue while these uploaded: keep none of it.
+        res.store.remove(keys)
+        raise
+    except DBAPIError:
+        # A connection lost during COMMIT raises here though the rows may be in: answering
+        # 503 for jobs that exist would make a retry create them twice.
+        found = committed_after_all(res, tenant, keys)
+        if found is None:
+            raise
+        log.warning("the jobs' COMMIT failed on the wire but did commit; accepting them")
+        created = found
 
     ids = [str(job_id) for job_id in created.job_ids]
     try:
-        dispatch.push(res.redis, model.name, priority, ids)
+        dispatch.push(res.redis, model.name, priority, ids, tenant)
     except redis.RedisError:
         # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.
         log.warning("could not push %d job ids to Redis; the sweeper will", len(ids), exc_info=True)
@@ -130,3 +152,44 @@ def submit(
     ]
     metrics.count_submission(model.name, len(accepted), len(rejected))
     return Submission(created.batch_id, accepted, rejected)
+
+
+class CommitUnknown(HepatoError):
+    """Whether a submission's jobs committed cannot be told now (its COMMIT failed and
+    Postgres cannot be asked): a 503, and its Idempotency-Key stays held."""
+
+
+def committed_after_all(res: Resources, tenant: str, keys: list[str]) -> jobs.Created | None:
+    """After ``jobs.create`` raised: the jobs it did commit (by their object keys, which
+    no other job shares; one transaction, so all or none), or None if it did not."""
+    try:
+        with res.engine.connect() as conn:
+            rows = conn.execute(
+                select(Job.id, Job.object_key, Job.batch_id).where(
+                    Job.tenant == tenant, Job.object_key.in_(keys)
+                )
+            ).all()
+    except DBAPIError as exc:
+        raise CommitUnknown("the database failed while the jobs were committed") from exc
+    if not rows:
+        return None
+    by_key = {key: job_id for job_id, key, _ in rows}
+    return jobs.Created(rows[0].batch_id, [by_key[key] for key in keys])
+
+
+def check_callback(res: Resources, tenant: str, url: str) -> None:
+    """422 naming the problem unless the tenant can sign webhooks and ``url`` may be
+    called (the worker checks it again at every attempt)."""
+    if not webhooks.has_secret(res.engine, res.settings, tenant):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"callback_url: tenant {tenant!r} has no webhook signing secret "
+            f"(`hepato keys rotate-webhook-secret {tenant}` makes one; in the open mode, "
+            "HEPATO_WEBHOOK_SECRET signs for the tenant 'public')",
+        )
+    try:
+        egress.check(url, res.settings)
+    except CallbackRefused as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"callback_url refused: {exc}"
+        ) from None

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis
@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from hepato.common import dispatch, jobs, metrics
 from hepato.common.claim import claim as claim_jobs
 from hepato.common.claim import pending_among
-from hepato.common.constants import queue_keys
+from hepato.common.constants import PUBLIC_TENANT, queue_keys
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.manifest import ModelManifest
 from hepato.common.settings import Settings
@@ -35,18 +35,21 @@ from hepato.worker.recovery import db_retry
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class ModelQueue:
-    """One model's queues and how its microbatches are formed."""
+    """One model's queues of one tenant, and how the model's microbatches are formed."""
 
     model: str
     max_batch: int
     max_wait_s: float
+    tenant: str = PUBLIC_TENANT
 
     @property
     def keys(self) -> list[str]:
-        return queue_keys(self.model)
+        return queue_keys(self.model, self.tenant)
 
 
 def model_queue(name: str, manifest: ModelManifest, settings: Settings) -> ModelQueue:
@@ -110,7 +113,9 @@ def collect_any(
 ) -> tuple[ModelQueue, list[str]] | None:
     """A microbatch of one model, from whichever of ``queues`` has work: every model's
     urgent queue before any routine one, and among equals the first in ``queues``. The
-    caller rotates ``queues`` between calls so that no model starves another."""
+    caller rotates ``queues`` between calls so that no model, and no tenant, starves
+    another. The batch is filled from the first queue's tenant, then from the other
+    tenants' queues of the same model (urgent first)."""
     by_key = {key: q for q in queues for key in q.keys}
     urgent = [q.keys[0] for q in queues]
     routine = [q.keys[1] for q in queues]
@@ -119,7 +124,9 @@ def collect_any(
         return None
     key, value = first
     owner = by_key[_text(key)]
-    return owner, _fill(client, owner.keys, [_text(value)], owner.max_batch, owner.max_wait_s)
+    same = [q for q in queues if q.model == owner.model and q != owner]
+    keys = [owner.keys[0], *(q.keys[0] for q in same), owner.keys[1], *(q.keys[1] for q in same)]
+    return owner, _fill(client, keys, [_text(value)], owner.max_batch, owner.max_wait_s)
 
 
 def _fill(
@@ -154,16 +161,30 @@ def _text(value: bytes | str) -> str:
 class Rotation:
     """The worker's models in this turn's order. Each turn starts with the next model:
     BLPOP serves the first non-empty key it is given, so a fixed order would let a busy
-    first model starve the rest."""
+    first model starve the rest. With ``tenants``, each model's queues of every tenant,
+    the tenants taking turns the same way, so that one tenant's 100,000 queued tiles
+    wait behind another's ten images for at most one microbatch."""
 
     def __init__(self, queues: Sequence[ModelQueue]) -> None:
         self.queues = list(queues)
         self.turn = 0
 
-    def next(self) -> list[ModelQueue]:
-        k = self.turn % len(self.queues)
+    def next(self, tenants: Mapping[str, Sequence[str]] | None = None) -> list[ModelQueue]:
+        turn = self.turn
         self.turn += 1
-        return self.queues[k:] + self.queues[:k]
+        models = _turned(self.queues, turn)
+        if tenants is None:
+            return models
+        return [
+            replace(q, tenant=tenant)
+            for q in models
+            for tenant in _turned(tenants.get(q.model) or [PUBLIC_TENANT], turn)
+        ]
+
+
+def _turned(items: Sequence[T], turn: int) -> list[T]:
+    k = turn % len(items)
+    return [*items[k:], *items[:k]]
 
 
 # --- claim ------------------------------------------------------------------------------
@@ -188,14 +209,27 @@ class Batcher:
         self.lease_s = settings.lease_s
         self.poll_timeout_s = settings.poll_timeout_s
         self.requeue = requeue
+        # The BLPOP that waits for work also bounds how late a due retry is released, and
+        # a new tenant's first ids are seen.
+        self.refresh_every_s = min(settings.poll_timeout_s, 0.5)
+        self._next_refresh = 0.0
+        self._tenants: dict[str, list[str]] = {}
 
     @property
     def queues(self) -> list[ModelQueue]:
         return self.rotation.queues
 
     def collect(self) -> tuple[ModelQueue, list[str]] | None:
-        """Ids of one model, or None when no queue had work within the poll timeout."""
-        return collect_any(self.client, self.rotation.next(), self.poll_timeout_s)
+        """Ids of one model, or None when no queue had work within the poll timeout.
+        Every ``refresh_every_s`` (a retry's wait is seconds, not milliseconds), retries
+        whose backoff has passed go back on their queues and the tenants with queues
+        are read again."""
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._next_refresh = now + self.refresh_every_s
+            dispatch.release_due(self.client)
+            self._tenants = {q.model: dispatch.tenants(self.client, q.model) for q in self.queues}
+        return collect_any(self.client, self.rotation.next(self._tenants), self.poll_timeout_s)
 
     def claim(self, popped: tuple[ModelQueue, list[str]], *, stopping: bool) -> MicroBatch | None:
         """The popped ids as a claimed microbatch; None if none was still pending."""
@@ -219,14 +253,11 @@ class Batcher:
         return MicroBatch(model, token, claimed)
 
     def _to_front(self, left: Sequence[jobs.Requeue]) -> None:
-        """Jobs the claim left for a microbatch of their own: next in line, not behind
-        the backlog. Should Redis fail here they are still pending, and the sweeper
-        finds them."""
-        by_queue: dict[tuple[str, str], list[str]] = {}
-        for r in left:
-            by_queue.setdefault((r.model, r.priority), []).append(str(r.id))
-        for (model, priority), ids in by_queue.items():
-            try:
-                dispatch.push_front(self.client, model, priority, ids)
-            except redis.RedisError:
-                log.warning("could not hand back %d jobs; the sweeper will", len(ids))
+        """Jobs the claim left: a retry still in its backoff back to the delayed set, the
+        others to a microbatch of their own, next in line rather than behind the
+        backlog. Should Redis fail here they are still pending, and the sweeper finds
+        them."""
+        try:
+            dispatch.requeue(self.client, left, front=True)
+        except redis.RedisError:
+            log.warning("could not hand back %d jobs; the sweeper will", len(left))

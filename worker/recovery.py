@@ -1,6 +1,7 @@
 """How a worker gets work back after a fault: the sweeper that finds jobs lost to dead
-workers or dropped ids and pushes them again, the heartbeat that says this worker is
-alive, the re-push of requeued ids, and the retry that rides out a Postgres restart."""
+workers or ids Redis lost, pushes them again and expires the overdue ones; the heartbeat
+that says this worker is alive, the re-push of requeued ids, and the retry that rides
+out a Postgres restart."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from collections.abc import Callable, Sequence
 import redis
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
-from hepato.common import dispatch, jobs, metrics, webhooks
+from hepato.common import dispatch, jobs, lost_ids, metrics
 from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, worker_key
 from hepato.common.settings import Settings
 from hepato.common.sweep import sweep
@@ -24,13 +31,21 @@ log = logging.getLogger(__name__)
 
 
 def db_retry(seconds: float) -> Callable:
-    """Ride out a Postgres restart: retry with backoff for up to ``seconds``."""
+    """Ride out a Postgres restart: retry with backoff for up to ``seconds``, saying so
+    (an operator, and the chaos suite, can see which write met the outage)."""
     return retry(
         retry=retry_if_exception_type(OperationalError),
         wait=wait_exponential(multiplier=0.1, max=5),
         stop=stop_after_delay(seconds),
         reraise=True,
+        before_sleep=_say_retrying,
     )
+
+
+def _say_retrying(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    name = getattr(state.fn, "__name__", "a database call")
+    log.warning("Postgres unavailable in %s (%s); retrying", name, type(error).__name__)
 
 
 class Recovery:
@@ -85,25 +100,26 @@ class Recovery:
             )
 
     def sweep_once(self) -> None:
-        swept = sweep(self.engine, self.settings.requeue_pending_after_s)
-        if swept.requeue or swept.failed:
+        swept = sweep(self.engine)
+        if swept.requeue or swept.failed or swept.expired:
             log.info(
-                "sweeper: re-pushed %d jobs (%d from lost workers), failed %d out of attempts",
-                len(swept.requeue),
+                "sweeper: %d jobs back from lost workers, %d failed out of attempts, "
+                "%d expired waiting",
                 swept.reclaimed,
                 swept.failed,
+                swept.expired,
             )
         metrics.LEASES_RECLAIMED.inc(swept.reclaimed + swept.failed)
         self.push(swept.requeue)
-        webhooks.deliver_due(self.engine, self.settings)
+        try:
+            lost_ids.recover(self.engine, self.redis, self.settings.requeue_pending_after_s)
+        except redis.RedisError:
+            log.warning("could not look for ids Redis lost; the next sweep will", exc_info=True)
 
     def push(self, requeue: Sequence[jobs.Requeue]) -> None:
-        """Put requeued jobs back on their own model's and priority's queue."""
-        by_queue: dict[tuple[str, str], list[str]] = {}
-        for r in requeue:
-            by_queue.setdefault((r.model, r.priority), []).append(str(r.id))
-        for (model, priority), ids in by_queue.items():
-            try:
-                dispatch.push(self.redis, model, priority, ids)
-            except redis.RedisError:
-                log.warning("could not re-push %d jobs; the sweeper will retry", len(ids))
+        """Put requeued jobs back on their own model's and priority's queue (a retry in
+        its backoff into the delayed set)."""
+        try:
+            dispatch.requeue(self.redis, requeue)
+        except redis.RedisError:
+            log.warning("could not re-push %d jobs; the sweeper will retry", len(requeue))

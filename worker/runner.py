@@ -12,7 +12,8 @@ a worker are jobs no other worker can take. A stopping worker claims nothing mor
 finishes what it has claimed (at most ``prefetch_batches`` + 1 microbatches).
 
 How a microbatch is formed (collect, rotation across models, claim) is in
-worker.microbatch; the sweeper, heartbeat and re-pushes in worker.recovery."""
+worker.microbatch; the sweeper, heartbeat and re-pushes in worker.recovery; webhooks in
+worker.webhook_sender, a thread of their own."""
 
 from __future__ import annotations
 
@@ -34,18 +35,18 @@ from sqlalchemy.exc import OperationalError
 
 from hepato.common import event_log, jobs, metrics
 from hepato.common.db import get_engine
-from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing, UnknownModel
-from hepato.common.job_counts import count_unfinished
+from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing
+from hepato.common.job_counts import count_failed_by, count_unfinished
 from hepato.common.jobs import ClaimedJob
-from hepato.common.manifest import load_registry
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
 from hepato.worker import inference
-from hepato.worker.backends.base import Model, Runtime, load_model
+from hepato.worker.backends.base import Model, load_models
 from hepato.worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
 from hepato.worker.microbatch import Batcher, MicroBatch, model_queue
 from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper
 from hepato.worker.recovery import Recovery, db_retry
+from hepato.worker.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class Worker:
         self.to_model: Handoff[MicroBatch] = Handoff(ahead + 1, self.abort)
         self.to_write: Handoff[MicroBatch] = Handoff(1, self.abort)
         self.leases = LeaseKeeper(settings.lease_extend_every_s, self._extend)
+        self.webhooks = WebhookSender(settings, self.engine)
+        self.backoff = jobs.Backoff(settings.retry_backoff_s, settings.retry_backoff_max_s)
         self.batches = 0
         self.jobs_done = 0
 
@@ -101,6 +104,9 @@ class Worker:
         # Decoder processes start before the heartbeat that tells hepato up we are ready.
         self.decoder.warm()
         self.recovery.start()
+        # Not in burst mode: it leaves once drained, and would cut its deliveries short.
+        if not self.burst:
+            self.webhooks.start()
         self.leases.start()
         for q in self.batcher.queues:
             log.info(
@@ -129,6 +135,7 @@ class Worker:
                 stage.join()
             self.leases.stop()
             self.recovery.stop()
+            self.webhooks.stop()
             self.fetch_pool.shutdown(wait=False)
             self.decoder.close()
         log.info(
@@ -305,7 +312,9 @@ class Worker:
                 self.engine, batch.token, batch.results, model.manifest.version
             )
             write(jobs.fail)(self.engine, batch.token, batch.permanent, retry=False)
-            retried = write(jobs.fail)(self.engine, batch.token, batch.transient, retry=True)
+            retried = write(jobs.fail)(
+                self.engine, batch.token, batch.transient, retry=True, backoff=self.backoff
+            )
         self.recovery.push(retried)
         lost = len(batch.results) - len(written)
         if lost:
@@ -321,7 +330,9 @@ class Worker:
         for job in batch.claimed:
             if job.id in written and job.created_at is not None:
                 metrics.LATENCY_SECONDS.labels(name).observe((now - job.created_at).total_seconds())
-        dead = len(batch.permanent) + len(batch.transient) - len(retried)
+        # Only the failures this batch's lease wrote: a fenced-out worker failed nothing.
+        errored = [*batch.permanent, *batch.transient]
+        dead = count_failed_by(self.engine, batch.token, errored) if errored else 0
         metrics.JOBS.labels(name, "done").inc(len(written))
         metrics.JOBS.labels(name, "retried").inc(len(retried))
         metrics.JOBS.labels(name, "failed").inc(dead)
@@ -333,9 +344,16 @@ class Worker:
         lease. The attempt counts, so an input that breaks the model ends failed after
         max_attempts, not in a loop."""
         log.exception("batch of %d failed", len(batch.claimed), exc_info=exc)
-        errors = {job.id: f"batch failed: {exc!r}" for job in batch.claimed}
+        # A job already known bad (its object gone, its image undecodable) fails for good:
+        # another attempt would only find the same.
+        errors = {
+            j.id: f"batch failed: {exc!r}" for j in batch.claimed if j.id not in batch.permanent
+        }
         try:
-            self.recovery.push(jobs.fail(self.engine, batch.token, errors, retry=True))
+            jobs.fail(self.engine, batch.token, batch.permanent, retry=False)
+            self.recovery.push(
+                jobs.fail(self.engine, batch.token, errors, retry=True, backoff=self.backoff)
+            )
         except Exception:
             log.exception("could not return the batch; the sweeper will recover it")
         finally:
@@ -353,26 +371,6 @@ def _timed(model: str, stage: str) -> Iterator[None]:
         yield
     finally:
         metrics.STAGE_SECONDS.labels(model, stage).observe(time.perf_counter() - started)
-
-
-def load_models(settings: Settings, names: Sequence[str] = ()) -> dict[str, Model]:
-    """Load the named models (else the settings' worker_models, else the default model)
-    from the manifests, each once."""
-    registry = load_registry(settings.models_dir)
-    names = list(dict.fromkeys(names or settings.worker_models or [settings.default_model]))
-    unknown = [n for n in names if n not in registry]
-    if unknown:
-        raise UnknownModel(
-            f"no manifest for {', '.join(map(repr, unknown))} in {settings.models_dir}; "
-            f"available: {', '.join(sorted(registry)) or 'none'}"
-        )
-    runtime = Runtime(settings.device, settings.cpu_threads, settings.ultralytics_dir)
-    loaded = {}
-    for name in names:
-        started = time.perf_counter()
-        loaded[name] = load_model(registry[name], runtime)
-        log.info("model %s ready in %.1fs", name, time.perf_counter() - started)
-    return loaded
 
 
 def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:

@@ -47,7 +47,6 @@ def job_out(request: Request, res: Resources, job: Job) -> schemas.JobOut:
             inferred=job.inferred_at,
             written=job.finished_at,
         ),
-        worker_id=job.worker_id,
         result=TASK_RESULT.validate_python(job.result) if job.result is not None else None,
         error=job.error,
         status_url=public_url(request, res, "get_job", job_id=jid),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Depends, Header
 from sqlalchemy import Engine
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -26,9 +26,11 @@ from hepato.common.job_counts import all_finished, state_counts
 from hepato.gateway.auth import TenantDep
 from hepato.gateway.deps import Resources, ResourcesDep
 from hepato.gateway.lookups import batch_or_404, job_or_404
-from hepato.gateway.wakeups import Wakeups
+from hepato.gateway.wakeups import WakeupHub, get_hub
 
 router = APIRouter(prefix="/v1", tags=["events"])
+
+HubDep = Annotated[WakeupHub, Depends(get_hub)]
 
 # Events read per query; a longer backlog is sent page by page.
 PAGE = 500
@@ -92,18 +94,22 @@ def _read(engine: Engine, scope: Scope, after: int, with_counts: bool) -> Page:
     return Page(found, counts)
 
 
-async def _stream(res: Resources, scope: Scope, after: int) -> AsyncIterator[ServerSentEvent]:
+async def _stream(
+    res: Resources, hub: WakeupHub, scope: Scope, after: int
+) -> AsyncIterator[ServerSentEvent]:
     # A batch's jobs change in bursts: one re-read per burst, not one per job.
     coalesce_s = COALESCE_S if scope.batch_id is not None else 0.0
-    wakeups = Wakeups(res.settings.redis_url, scope.channel, coalesce_s)
     first = True
-    try:
-        await wakeups.subscribe()
+    # Subscribed before the first read: a change committed between that read and the
+    # first wait still wakes the stream.
+    async with hub.wakeup(scope.channel, coalesce_s) as wake:
         while True:
             page = await anyio.to_thread.run_sync(_read, res.engine, scope, after, first)
             first = False
             for event in page.events:
-                yield ServerSentEvent(json.dumps(event.data()), event="job", id=str(event.id))
+                data = event.data()
+                data["error"] = schemas.public_error(event.error)
+                yield ServerSentEvent(json.dumps(data), event="job", id=str(event.id))
                 after = event.id
             counts = page.counts
             if counts is not None and all_finished(counts):
@@ -119,14 +125,14 @@ async def _stream(res: Resources, scope: Scope, after: int) -> AsyncIterator[Ser
                 return
             if counts is None and page.events:
                 continue  # a full page: more are waiting
-            await wakeups.wait(res.settings.events_poll_interval_s)
-    finally:
-        await wakeups.close()
+            await wake.wait(res.settings.events_poll_interval_s)
 
 
-def _response(res: Resources, scope: Scope, last_event_id: int | None) -> EventSourceResponse:
+def _response(
+    res: Resources, hub: WakeupHub, scope: Scope, last_event_id: int | None
+) -> EventSourceResponse:
     return EventSourceResponse(
-        _stream(res, scope, last_event_id or 0),
+        _stream(res, hub, scope, last_event_id or 0),
         ping=res.settings.events_keepalive_s,
         # Proxies such as nginx would otherwise buffer the stream.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -142,11 +148,15 @@ def _response(res: Resources, scope: Scope, last_event_id: int | None) -> EventS
     summary="Live state changes of a batch's jobs (Server-Sent Events)",
 )
 def batch_events(
-    batch_id: str, res: ResourcesDep, tenant: TenantDep, last_event_id: LastEventId = None
+    batch_id: str,
+    res: ResourcesDep,
+    hub: HubDep,
+    tenant: TenantDep,
+    last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     with res.sessions() as session:
         batch = batch_or_404(session, batch_id, tenant)
-    return _response(res, Scope(batch_id=batch.id), last_event_id)
+    return _response(res, hub, Scope(batch_id=batch.id), last_event_id)
 
 
 @router.get(
@@ -156,8 +166,12 @@ def batch_events(
     summary="Live state changes of a job (Server-Sent Events)",
 )
 def job_events(
-    job_id: str, res: ResourcesDep, tenant: TenantDep, last_event_id: LastEventId = None
+    job_id: str,
+    res: ResourcesDep,
+    hub: HubDep,
+    tenant: TenantDep,
+    last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     with res.sessions() as session:
         job = job_or_404(session, job_id, tenant)
-    return _response(res, Scope(job_id=job.id), last_event_id)
+    return _response(res, hub, Scope(job_id=job.id), last_event_id)

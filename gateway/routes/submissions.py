@@ -14,24 +14,20 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Uplo
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import AnyHttpUrl
-from sqlalchemy import select
 
 from hepato.common import schemas
-from hepato.common.constants import TERMINAL_STATES, JobState, Priority, job_events_channel
+from hepato.common.constants import JobState, Priority
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TASK_RESULT
 from hepato.common.tables import Job
 from hepato.gateway.auth import TenantDep
 from hepato.gateway.deps import Resources, ResourcesDep
+from hepato.gateway.finish_watch import FinishWatch, get_finish_watch
 from hepato.gateway.idempotency import IdempotencyDep
 from hepato.gateway.lookups import public_url
 from hepato.gateway.submit import Submission, Upload, submit
-from hepato.gateway.wakeups import Wakeups
 
 router = APIRouter(prefix="/v1")
-
-# A lost wake-up (Redis restarted) costs a waiting /v1/predict at most this, not its answer.
-PREDICT_REREAD_S = 1.0
 
 FilesField = Annotated[list[UploadFile], File(description="Images (JPEG, PNG, TIFF, BMP, WebP)")]
 FileField = Annotated[UploadFile, File(description="One image")]
@@ -110,11 +106,7 @@ async def _store(
     *,
     as_batch: bool,
 ) -> Submission:
-    if form.callback_url is not None and not res.settings.webhook_secret:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            "callback_url: webhooks are not configured on this server (HEPATO_WEBHOOK_SECRET)",
-        )
+    # submit() checks a callback_url (the tenant's signing secret, where it resolves to).
     # The files as the multipart parser spooled them (to disk past 1 MiB): submit() reads
     # and stores them in a worker thread, a chunk at a time, never the whole on the loop.
     uploads = [Upload(f.filename or "unnamed", f.file) for f in files]
@@ -266,12 +258,15 @@ async def predict(
     tenant: TenantDep,
     file: FileField,
     form: Annotated[SubmissionForm, Depends(predict_form)],
+    watch: Annotated[FinishWatch, Depends(get_finish_watch)],
 ) -> schemas.PredictOut | JSONResponse:
     started = time.perf_counter()
     accepted = await _submit_one(request, res, tenant, file, form)
     job_id = accepted.job_id
-    state = await _wait_finished(res, job_id, res.settings.detect_timeout_s)
-    if state not in TERMINAL_STATES:
+    # Waiting costs no thread: the watch reads the states of every waiting caller's job
+    # in one query per round.
+    state = await watch.wait(job_id, res.settings.detect_timeout_s)
+    if state is None:
         # Still queued or running: the job goes on; the caller polls the status URL.
         return JSONResponse(
             status_code=status.HTTP_202_ACCEPTED,
@@ -280,10 +275,12 @@ async def predict(
         )
     # A route that awaits runs on the event loop: the read goes to a worker thread.
     job = await run_in_threadpool(_finished_job, res, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
     if job.state != JobState.done:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"job {job.state}: {job.error or 'no result'}",
+            f"job {job.state}: {schemas.public_error(job.error) or 'no result'}",
         )
     return schemas.PredictOut(
         job_id=job_id,
@@ -300,29 +297,6 @@ async def predict(
     )
 
 
-def _finished_job(res: Resources, job_id: uuid.UUID) -> Job:
+def _finished_job(res: Resources, job_id: uuid.UUID) -> Job | None:
     with res.sessions() as session:
-        return session.get_one(Job, job_id)
-
-
-def _job_state(res: Resources, job_id: uuid.UUID) -> str | None:
-    with res.sessions() as session:
-        return session.scalar(select(Job.state).where(Job.id == job_id))
-
-
-async def _wait_finished(res: Resources, job_id: uuid.UUID, timeout_s: float) -> str:
-    """Wait for the job's terminal state in Postgres, woken by the job event published
-    after each commit of the job (as the SSE streams are), and re-reading at least every
-    ``PREDICT_REREAD_S`` so a lost wake-up costs latency, not the answer."""
-    deadline = time.monotonic() + timeout_s
-    wakeups = Wakeups(res.settings.redis_url, job_events_channel(str(job_id)))
-    try:
-        await wakeups.subscribe()
-        while True:
-            state = await run_in_threadpool(_job_state, res, job_id)
-            remaining = deadline - time.monotonic()
-            if state in TERMINAL_STATES or remaining <= 0 or state is None:
-                return state or JobState.failed
-            await wakeups.wait(min(PREDICT_REREAD_S, remaining))
-    finally:
-        await wakeups.close()
+        return session.get(Job, job_id)

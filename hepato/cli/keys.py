@@ -1,4 +1,5 @@
-"""``hepato keys``: create, list and revoke tenants' API keys (in HEPATO_DATABASE_URL)."""
+"""``hepato keys``: create, list and revoke tenants' API keys, and rotate their webhook
+signing secrets (in HEPATO_DATABASE_URL)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,17 @@ def create(
     typer.echo(f"key id:  {created.key_id}")
     typer.echo(f"tenant:  {created.tenant}")
     typer.echo(f"api key: {created.key}")
+    if created.webhook_secret is not None:
+        typer.echo(f"webhook secret: {created.webhook_secret}")
     typer.echo(
         "store the key now: it is shown only this once (the database keeps a hash)", err=True
     )
+    if created.webhook_secret is not None:
+        typer.echo(
+            "the webhook secret verifies this tenant's webhooks; it is shown only now "
+            f"(`hepato keys rotate-webhook-secret {created.tenant}` replaces it)",
+            err=True,
+        )
 
 
 @app.command("list")
@@ -71,3 +80,18 @@ def revoke(
         typer.echo(f"no key with id {key_id!r}", err=True)
         raise typer.Exit(1)
     typer.echo(f"key {key_id} revoked at {revoked_at.isoformat(timespec='seconds')}")
+
+
+@app.command("rotate-webhook-secret")
+def rotate_webhook_secret(
+    tenant: Annotated[str, typer.Argument(help="Tenant whose webhooks the secret signs")],
+) -> None:
+    """Give TENANT a new webhook signing secret and print it, once. Webhooks carry a
+    signature by the previous secret too for HEPATO_WEBHOOK_SECRET_OVERLAP_S."""
+    try:
+        secret = tenants.rotate_webhook_secret(_engine(), tenant)
+    except tenants.InvalidTenant as exc:
+        raise typer.BadParameter(str(exc), param_hint="TENANT") from None
+    typer.echo(f"tenant:         {tenant}")
+    typer.echo(f"webhook secret: {secret}")
+    typer.echo("store the secret now: it is shown only this once", err=True)

@@ -5,9 +5,12 @@ newcomer runs. Data lives under one directory that a second run reuses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -90,6 +93,8 @@ class LocalStack:
     # Services and the apps that use them are stopped in two rounds, apps first.
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     apps: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    # How each app was started, so that a supervisor can start it again.
+    app_specs: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     _pg: Any = None
     _s3_ports: dict[str, int] = field(default_factory=dict)
 
@@ -271,7 +276,12 @@ class LocalStack:
         app: bool = False,
     ) -> subprocess.Popen:
         out = logfile.open("ab")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # An app gets a process group of its own, so that the children a killed worker
+        # leaves behind (its decoder processes) can be ended with it: reap_group.
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=app
+        )
+        out.close()
         (self.apps if app else self.procs).append((name, proc))
         return proc
 
@@ -279,12 +289,32 @@ class LocalStack:
         """Start an app process (gateway, worker) that is stopped before the services."""
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
+        self.app_specs[name] = (cmd, env)
         return self._spawn(name, cmd, logs / f"{name}.log", env, app=True)
+
+    def restart_app(self, name: str) -> subprocess.Popen:
+        """Start app ``name`` again as it was first started, in place of its exited
+        process (same log file, appended to)."""
+        cmd, env = self.app_specs[name]
+        old = [p for n, p in self.apps if n == name]
+        self.apps[:] = [(n, p) for n, p in self.apps if n != name]
+        for proc in old:
+            self.reap_group(proc)
+        return self.spawn(name, cmd, env)
+
+    @staticmethod
+    def reap_group(proc: subprocess.Popen) -> None:
+        """SIGKILL whatever is left of an exited app's process group, and collect it."""
+        proc.poll()
+        # No group once every member is gone; a live app is left alone.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if proc.returncode is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop every child: apps first (a worker finishes its batch against live
         services), then the services."""
-        _terminate(self.apps, timeout_s)
+        _terminate(self.apps, timeout_s, groups=True)
         # SeaweedFS takes its time over SIGTERM; its data is safe to kill after a grace.
         _terminate(self.procs, 5.0, quiet=True)
         if self._pg is not None:
@@ -303,8 +333,14 @@ class LocalStack:
 
 
 def _terminate(
-    procs: list[tuple[str, subprocess.Popen]], timeout_s: float, *, quiet: bool = False
+    procs: list[tuple[str, subprocess.Popen]],
+    timeout_s: float,
+    *,
+    quiet: bool = False,
+    groups: bool = False,
 ) -> None:
+    """SIGTERM every process, wait up to ``timeout_s``, then SIGKILL what is left (and
+    what is left of each app's process group)."""
     for _, proc in procs:
         if proc.poll() is None:
             proc.terminate()
@@ -321,4 +357,6 @@ def _terminate(
             )
             proc.kill()
             proc.wait()
+        if groups:
+            LocalStack.reap_group(proc)
     procs.clear()

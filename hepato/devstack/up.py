@@ -22,6 +22,7 @@ from hepato.common.images import MIME_TYPES, sniff_format
 from hepato.common.migrate import run_migrations
 from hepato.common.settings import get_settings
 from hepato.devstack.localstack import LocalStack
+from hepato.devstack.supervise import Supervisor
 
 # Piped output gets a table wide enough for its links instead of 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -39,6 +40,7 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
     settings = get_settings()
     stack = LocalStack(settings.data_dir / "stack")
     console.print(f"[bold]HepatoAI[/] local stack, data in {stack.root}")
+    supervisor: Supervisor | None = None
     try:
         with console.status("starting Postgres, Redis and SeaweedFS S3..."):
             stack.start()
@@ -71,21 +73,23 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
             "submit and cancel every job[/]; run `hepato gateway` with API keys "
             "(`hepato keys create TENANT`) anywhere else"
         )
-        code = _main_job(base, sample_files(samples), repeat, workers)
-        if keep_running:
+        # From here on a dead gateway or worker is started again, as compose would.
+        supervisor = Supervisor(stack, lambda line: console.print(f"[yellow]{line}[/]")).start()
+        code = _main_job(base, sample_files(samples), repeat, workers, supervisor)
+        if keep_running and supervisor.fatal is None:
             console.print("[bold green]stack is running[/]; press Ctrl-C to stop it")
             stopped = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stopped.set())
             try:
                 while not stopped.wait(1.0):
-                    for name, proc in stack.apps:
-                        if proc.poll() is not None:
-                            console.print(f"[red]{name} exited ({proc.returncode})[/]")
-                            return 1
+                    if supervisor.fatal:
+                        return 1
             except KeyboardInterrupt:
                 pass
         return code
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         with console.status("stopping every process the stack started..."):
             stack.stop()
         console.print("stack stopped")
@@ -110,7 +114,9 @@ def _wait_ready(base: str, stack: LocalStack, workers: int, timeout_s: float = 1
     raise SystemExit(f"gateway not ready after {timeout_s:.0f}s")
 
 
-def _main_job(base: str, files: list[Path], repeat: int, workers: int) -> int:
+def _main_job(
+    base: str, files: list[Path], repeat: int, workers: int, supervisor: Supervisor
+) -> int:
     payload = [
         ("files", (p.name, p.read_bytes(), MIME_TYPES[sniff_format(p.read_bytes()) or "png"]))
         for _ in range(repeat)
@@ -138,7 +144,15 @@ def _main_job(base: str, files: list[Path], repeat: int, workers: int) -> int:
         ) as progress:
             task = progress.add_task("batch", total=total, counts="")
             while True:
-                batch = client.get(status_url, params={"page_size": 1}).json()
+                if supervisor.fatal:
+                    console.print(f"[red]{supervisor.fatal}; the batch cannot finish")
+                    return 1
+                try:
+                    batch = client.get(status_url, params={"page_size": 1}).json()
+                except httpx.TransportError:
+                    # The gateway died and is being restarted; the jobs are in Postgres.
+                    time.sleep(0.5)
+                    continue
                 counts = batch["counts"]
                 finished = sum(n for s, n in counts.items() if s not in ("pending", "processing"))
                 shown = " ".join(f"{s}={n}" for s, n in counts.items() if n)

@@ -7,6 +7,7 @@ with every accepted job done or explicitly failed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from tests.e2e.test_pipeline import db_jobs, slow_models_dir, submit, thirty_two
 pytestmark = pytest.mark.slow
 
 TERMINAL = {"done", "failed"}
+# worker.recovery's line when a write of results (complete, or fail) meets a Postgres outage.
+MID_WRITE = re.compile(r"Postgres unavailable in (complete|fail) ")
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +172,14 @@ def test_postgres_restarted_during_worker_writes(
             jobs = wait_for(cs, lambda js: any(j.state == "done" for j in js), 120, "results")
             flying = in_flight(jobs)
             stack.stop_postgres()
+            log = tmp_path / "pg-restart.log"
             try:
                 refused_while_down(gateway, cs, "database")
-                time.sleep(2)  # the outage itself: the worker meets it mid-write and retries
+                # The outage lasts until the worker has met it in a write of its results.
+                deadline = time.monotonic() + 60
+                while not MID_WRITE.search(log.read_text(errors="replace")):
+                    assert time.monotonic() < deadline, "the worker never met the outage"
+                    time.sleep(0.1)
             finally:
                 stack.start_postgres_again()
             finish(cs, len(accepted), proc)

@@ -7,7 +7,6 @@ and every result equal to what the model gives the image on its own."""
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from hepato.common.settings import Settings
 from hepato.worker.backends.base import Model
 from hepato.worker.decode import decode_rgb
 from tests.chaos.conftest import Completion, record, verdict, wait_for
+from tests.chaos.redis_watch import blocked_in_blpop, monitored
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
 from tests.e2e.test_pipeline import db_jobs, slow_models_dir, submit
@@ -265,14 +265,32 @@ def test_sigterm_while_waiting_hands_back_what_it_pops_after(
 ) -> None:
     """The signal lands while the worker blocks on an empty queue; work that arrives
     before that wait ends must not be started: it goes back to Redis, still pending."""
-    idle = spawn_worker("idle", HEPATO_POLL_TIMEOUT_S="5")
+    server = redis.Redis.from_url(settings.redis_url)
+    idle = spawn_worker("idle", HEPATO_POLL_TIMEOUT_S="30")
     idle.wait_ready(settings.redis_url)
-    time.sleep(0.3)  # inside its 5 s BLPOP
+    # The server holds the worker's BLPOP (nothing else here blocks on a queue).
+    wait_for("the worker blocked in BLPOP", lambda: blocked_in_blpop(server), 30, 0.02)
     idle.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    ids = accepted_ids(submit(client, stream(8)))
-    assert idle.proc.wait(timeout=10) == 0, idle.log_text()
-
+    wait_for(
+        "the worker to take the signal",
+        lambda: "finishing the batch in hand" in idle.log_text(),
+        timeout_s=10,
+    )
+    # Signalled, and still inside the same wait: what arrives now is what it pops.
+    assert blocked_in_blpop(server), "the wait ended before the jobs arrived"
+    with monitored(settings.redis_url) as seen:
+        ids = accepted_ids(submit(client, stream(8)))
+        assert idle.proc.wait(timeout=10) == 0, idle.log_text()
+    # Each id went onto the queue twice: pushed by the gateway, then handed back by the
+    # worker that popped it (from its own connection, which also took the rest by LPOP).
+    pushes = [(who, args) for name in ("RPUSH", "LPUSH") for who, args in seen.sent(name)]
+    wanted = {str(i) for i in ids}
+    pushed = Counter(i for _, args in pushes for i in args[2:] if i in wanted)
+    assert pushed == dict.fromkeys(wanted, 2), pushes
+    gateway = next(who for who, args in pushes if wanted & set(args[2:]))
+    handed_back = {who for who, args in pushes if wanted & set(args[2:])} - {gateway}
+    assert len(handed_back) == 1, pushes
+    assert any(who in handed_back for who, _ in seen.sent("LPOP")) or len(ids) == 1
     jobs = db_jobs(settings)
     assert all(j.state == "pending" and j.attempts == 0 for j in jobs), "it took no job"
     waiting = dispatch.depth(redis.Redis.from_url(settings.redis_url), settings.default_model)

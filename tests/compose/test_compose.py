@@ -3,17 +3,14 @@
 No Docker engine is needed. docker-compose.yml is validated against the vendored Compose
 Specification schema (tests/compose/compose-spec.json, from compose-spec/compose-spec), and
 the deployment contract is asserted: scalable GPU workers, a one-shot migration the gateway
-waits for, pinned base images, and no model stack in the gateway image. When the `docker
-compose` CLI plugin is installed, `docker compose config -q` is run as well (it needs no
-engine either).
+waits for, pinned base images, and no model stack in the gateway image. `docker compose
+config -q` is in test_compose_cli.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -162,29 +159,6 @@ def test_schema_rejects_a_broken_compose_file() -> None:
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
     broken = {"services": {"worker": {"image": "x:1.0", "conatiner_name": "oops"}}}
     assert not jsonschema.Draft7Validator(schema).is_valid(broken)
-
-
-def test_docker_compose_config_when_cli_available() -> None:
-    """`docker compose config -q` (no engine needed); only where the plugin is installed."""
-    docker = shutil.which("docker")
-    if docker is None:
-        return
-    try:
-        version = subprocess.run(
-            [docker, "compose", "version"], capture_output=True, text=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return
-    if version.returncode != 0:
-        return
-    result = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr or result.stdout
 
 
 # --------------------------------------------------------------------------- services

@@ -50,7 +50,10 @@ def reset(settings: Settings) -> None:
     """Empty every table a test writes, and Redis (as arq flushes per test)."""
     with get_engine(settings.database_url).begin() as conn:
         conn.execute(
-            text("TRUNCATE jobs, batches, api_keys, idempotency_keys, webhook_deliveries CASCADE")
+            text(
+                "TRUNCATE jobs, batches, api_keys, idempotency_keys, webhook_deliveries, "
+                "webhook_secrets CASCADE"
+            )
         )
     redis.Redis.from_url(settings.redis_url).flushall()
 
@@ -72,7 +75,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def models(base_settings: Settings) -> dict[str, Model]:
     """The default model (the demo detector on ONNX Runtime), loaded once."""
-    from hepato.worker.runner import load_models
+    from hepato.worker.backends.base import load_models
 
     return load_models(base_settings)
 

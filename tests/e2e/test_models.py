@@ -3,7 +3,7 @@ microbatch one model, each result typed by its task and stamped with the model v
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def all_models(registry_dir: Path, base_settings: Settings) -> dict[str, Model]:
-    from hepato.worker.runner import load_models
+    from hepato.worker.backends.base import load_models
 
     settings = base_settings.model_copy(update={"models_dir": registry_dir})
     return load_models(settings, sorted(load_registry(registry_dir)))
@@ -81,9 +81,19 @@ def test_one_worker_serves_every_task_with_typed_results(
         for job in client.get(asked["status_url"]).json()["jobs"]:
             assert "Is there ballooning?" in job["result"]["question"]
     jobs = db_jobs(settings)
-    # Every microbatch held one model: the jobs of one call share the model and the call's
-    # size never exceeds the cap.
-    assert all(1 <= (j.batch_size or 0) <= 4 for j in jobs)
+    # Every microbatch held one model: the jobs one claim took (they share its lease
+    # token, and the model call's inferred_at) are of one model, they are the whole call
+    # (its size is theirs) and the call's size never exceeds the cap.
+    microbatches: dict[object, list] = defaultdict(list)  # type: ignore[type-arg]
+    for job in jobs:
+        assert job.state == "done" and job.lease_token is not None, job
+        microbatches[job.lease_token].append(job)
+    for members in microbatches.values():
+        assert len({j.model for j in members}) == 1, [(j.model, j.filename) for j in members]
+        assert len({j.inferred_at for j in members}) == 1
+        assert {j.batch_size for j in members} == {len(members)}
+        assert 1 <= len(members) <= 4
+    assert sum(map(len, microbatches.values())) == len(jobs)
     per_model = Counter(j.model for j in jobs if j.question is None)
     assert set(per_model.values()) == {len(paths)}
     assert worker.batches >= len(all_models) * 2
@@ -106,7 +116,7 @@ def test_a_job_for_a_model_without_manifest_is_refused_at_submission(
 
 def test_a_worker_refuses_to_start_for_an_unknown_model(settings: Settings) -> None:
     from hepato.common.exceptions import UnknownModel
-    from hepato.worker.runner import load_models
+    from hepato.worker.backends.base import load_models
 
     with pytest.raises(UnknownModel, match="no manifest for 'nope'"):
         load_models(settings, ["nope"])

@@ -64,7 +64,14 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def hook_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"webhook_secret": SECRET, "webhook_backoff_s": 0.2})
+    # The receiver listens on loopback, which callbacks may reach only when listed.
+    return settings.model_copy(
+        update={
+            "webhook_secret": SECRET,
+            "webhook_backoff_s": 0.2,
+            "webhook_allowed_hosts": ["127.0.0.1"],
+        }
+    )
 
 
 def deliveries(settings: Settings) -> list[WebhookDelivery]:
@@ -73,10 +80,11 @@ def deliveries(settings: Settings) -> list[WebhookDelivery]:
 
 
 def sweep_until_delivered(worker: Worker, receiver: Receiver, timeout_s: float = 20) -> None:
+    """Run the worker's webhook rounds (what its sender thread does) until one settles."""
     deadline = time.monotonic() + timeout_s
     while not any(d.state != "pending" for d in deliveries(worker.settings)):
         assert time.monotonic() < deadline, receiver.requests
-        worker.sweep_once()
+        worker.webhooks.deliver_once()
         time.sleep(0.05)
 
 

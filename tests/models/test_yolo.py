@@ -5,6 +5,7 @@ gives alone; `hepato models export` makes the ONNX model and its manifest."""
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -95,7 +96,24 @@ def test_a_mixed_size_batch_equals_each_image_alone(backend: str) -> None:
     model = load_model(manifest, RUNTIME)
     names, imgs = sample_images()
     assert len({im.shape for im in imgs}) >= 3
-    batched, _, _ = model.predict(imgs)
+    forwards: list[int] = []  # the batch axis of each forward pass of the network
+    if backend == "ultralytics":
+        # The network itself, under ultralytics' predictor: what ran, not what was asked.
+        net = model.model.predictor.model.model  # type: ignore[attr-defined]
+        hook = net.register_forward_hook(lambda _m, x, _o: forwards.append(int(x[0].shape[0])))
+    try:
+        batched, sizes, _ = model.predict(imgs)
+    finally:
+        if backend == "ultralytics":
+            hook.remove()
+    # Each image reports the size of the call it ran in; equal sizes ran together.
+    calls = sorted(n for n, count in Counter(sizes).items() for _ in range(count // n))
+    assert max(sizes) > 1 and sum(calls) == len(imgs), sizes
+    assert Counter(sizes) == Counter(
+        n for shape, n in Counter(im.shape for im in imgs).items() for _ in range(n)
+    ), "one call per image size"
+    if backend == "ultralytics":
+        assert sorted(forwards) == calls, f"ultralytics ran {forwards}, not batches {calls}"
     for name, image, result in zip(names, imgs, batched, strict=True):
         alone, sizes, _ = model.predict([image])
         assert sizes == [1]

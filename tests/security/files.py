@@ -14,15 +14,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
-import httpx2
 import numpy as np
 import psutil
 from fastapi.testclient import TestClient
 from PIL import Image
+from starlette import testclient
 
 from hepato.common.storage import ObjectStore
 
 MiB = 1024 * 1024
+# TestClient answers with httpx2's Response where that package happens to be installed
+# (huggingface_hub brings it; no extra of ours declares it), else with httpx's: name
+# whichever starlette chose rather than import a package the project does not declare.
+Response = testclient.httpx.Response
 
 
 # --- files -------------------------------------------------------------------------------
@@ -115,11 +119,11 @@ def garbled(data: bytes, marker: bytes, offset: int, junk: bytes) -> bytes:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def post_one(client: TestClient, name: str, data: bytes) -> httpx2.Response:
+def post_one(client: TestClient, name: str, data: bytes) -> Response:
     return client.post("/v1/jobs", files={"file": (name, data, "image/png")})
 
 
-def post_batch(client: TestClient, files: list[tuple[str, bytes]]) -> httpx2.Response:
+def post_batch(client: TestClient, files: list[tuple[str, bytes]]) -> Response:
     return client.post("/v1/batches", files=[("files", (n, d, "image/png")) for n, d in files])
 
 

@@ -20,8 +20,8 @@ def test_an_onnx_worker_imports_no_torch() -> None:
     only hepato[worker,onnx-cpu] installed it must load and predict without torch."""
     code = (
         "import sys, numpy as np; "
-        "from common.settings import Settings; "
-        "from worker.runner import load_models; "
+        "from hepato.common.settings import Settings; "
+        "from hepato.worker.backends.base import load_models; "
         "models = load_models(Settings()); "
         "[m.predict([np.zeros((300, 200, 3), np.uint8)]) for m in models.values()]; "
         "bad = [m for m in ('torch', 'ultralytics', 'transformers') if m in sys.modules]; "

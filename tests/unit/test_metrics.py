@@ -96,10 +96,10 @@ def test_submissions_are_counted() -> None:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
     before = value("hepato_submitted_total", model="unit-model")
-    rejected = value("hepato_rejected_files_total")
+    rejected = value("hepato_rejected_files_total", model="unit-model")
     metrics.count_submission("unit-model", 3, 2)
     assert value("hepato_submitted_total", model="unit-model") == before + 3
-    assert value("hepato_rejected_files_total") == rejected + 2
+    assert value("hepato_rejected_files_total", model="unit-model") == rejected + 2
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,10 @@ from typing import Protocol
 
 import numpy as np
 
-from hepato.common.exceptions import BackendError, ModelWeightsNotFound
-from hepato.common.manifest import ModelManifest
+from hepato.common.exceptions import BackendError, ModelWeightsNotFound, UnknownModel
+from hepato.common.manifest import ModelManifest, load_registry
 from hepato.common.results import TaskResult
+from hepato.common.settings import Settings
 from hepato.worker.backends.calls import Prediction
 
 log = logging.getLogger(__name__)
@@ -90,3 +92,23 @@ def load_model(manifest: ModelManifest, runtime: Runtime) -> Model:
         ) from exc
     model: Model = getattr(module, class_name)(manifest, runtime)
     return model
+
+
+def load_models(settings: Settings, names: Sequence[str] = ()) -> dict[str, Model]:
+    """Load the named models (else the settings' worker_models, else the default model)
+    from the manifests, each once."""
+    registry = load_registry(settings.models_dir)
+    names = list(dict.fromkeys(names or settings.worker_models or [settings.default_model]))
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise UnknownModel(
+            f"no manifest for {', '.join(map(repr, unknown))} in {settings.models_dir}; "
+            f"available: {', '.join(sorted(registry)) or 'none'}"
+        )
+    runtime = Runtime(settings.device, settings.cpu_threads, settings.ultralytics_dir)
+    loaded = {}
+    for name in names:
+        started = time.perf_counter()
+        loaded[name] = load_model(registry[name], runtime)
+        log.info("model %s ready in %.1fs", name, time.perf_counter() - started)
+    return loaded

@@ -1,0 +1,61 @@
+"""Queue bounds: how many pending jobs one model may hold, and each tenant's share of
+them, so that one tenant's backlog cannot take a model's whole queue. Counted in
+Postgres, the source of truth, so a Redis restart cannot reset them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, func, select, text
+
+from hepato.common.constants import JobState
+from hepato.common.exceptions import QueueFull
+from hepato.common.tables import Job
+
+
+@dataclass(frozen=True)
+class Room:
+    """The bounds a submission must fit in, in pending jobs, and the Retry-After of a
+    refusal, s."""
+
+    per_model: int
+    per_tenant: int
+    retry_after_s: int
+
+
+def check_room(engine: Engine, model: str, tenant: str, adding: int, room: Room) -> None:
+    """Refuse the whole request up front when it would not fit: before its objects are
+    stored, so a refused request costs the store nothing. Concurrent requests may all
+    pass here; ``hold_room``, in the transaction that inserts, is the one that holds."""
+    # Autocommit: one statement needs no BEGIN and ROLLBACK around it (two round trips).
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        _refuse_past(conn, model, tenant, adding, room)
+
+
+def hold_room(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> None:
+    """The same check inside the inserting transaction, under a lock per model: the
+    submissions of one model count and insert one after another, so together they never
+    pass a bound (the lock is held only for this transaction's few statements)."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"room:{model}"})
+    _refuse_past(conn, model, tenant, adding, room)
+
+
+def _refuse_past(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> None:
+    everyone, mine = conn.execute(
+        select(func.count(), func.count().filter(Job.tenant == tenant)).where(
+            Job.model == model, Job.state == JobState.pending
+        )
+    ).one()
+    if everyone + adding > room.per_model:
+        raise QueueFull(
+            f"the queue of model {model!r} is full ({everyone} of {room.per_model} jobs "
+            f"pending; this request adds {adding}); nothing was accepted, retry later",
+            room.retry_after_s,
+        )
+    if mine + adding > room.per_tenant:
+        raise QueueFull(
+            f"tenant {tenant!r} holds {mine} of its share of {room.per_tenant} pending jobs "
+            f"of model {model!r} (this request adds {adding}); nothing was accepted, "
+            "retry later",
+            room.retry_after_s,
+        )

@@ -1,0 +1,122 @@
+"""Waiting for jobs to finish on behalf of every ``/v1/predict`` caller of one gateway
+process, at the cost of one Postgres read per round however many callers wait.
+
+A caller costs a future and a callback on the process's wake-up hub (gateway.wakeups),
+never a thread or a connection. A wake-up of its job marks the job due; one task reads
+the states of every due job in one query (in a worker thread) and resolves the callers
+whose job has finished. Every ``reread_s`` every watched job is due, so a lost wake-up
+(Redis restarted, flushed) costs a caller at most that, never its answer; a Postgres
+outage costs it the wait (it gets the 202 at its timeout), never a 5xx for a job that
+was accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import anyio
+from sqlalchemy import Engine, select
+from starlette.requests import HTTPConnection
+
+from hepato.common.constants import TERMINAL_STATES, JobState, job_events_channel
+from hepato.common.tables import Job
+from hepato.gateway.wakeups import WakeupHub
+
+log = logging.getLogger(__name__)
+
+# Every waited-for job is read again at least this often, s.
+REREAD_S = 1.0
+# Ids per query: a few rounds cover thousands of callers.
+CHUNK = 1000
+# After a failed read (Postgres down), the next round waits this long, s.
+ERROR_PAUSE_S = 1.0
+
+
+def _states(engine: Engine, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    found: dict[uuid.UUID, str] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(ids), CHUNK):
+            rows = conn.execute(
+                select(Job.id, Job.state).where(Job.id.in_(ids[start : start + CHUNK]))
+            )
+            found.update({job_id: state for job_id, state in rows})
+    return found
+
+
+class FinishWatch:
+    """The terminal states of the jobs callers are waiting for."""
+
+    def __init__(self, engine: Engine, hub: WakeupHub, reread_s: float = REREAD_S) -> None:
+        self.engine = engine
+        self.hub = hub
+        self.reread_s = reread_s
+        self._waiters: dict[uuid.UUID, set[asyncio.Future[str]]] = {}
+        self._due: set[uuid.UUID] = set()
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="finish-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait(self, job_id: uuid.UUID, timeout_s: float) -> str | None:
+        """The job's terminal state (``failed`` if its row is gone), or None if it has not
+        finished within ``timeout_s``."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(job_id, set())
+        waiters.add(future)
+        try:
+            async with self.hub.listen(job_events_channel(str(job_id)), lambda: self._mark(job_id)):
+                self._mark(job_id)  # the first read, once subscribed
+                with anyio.move_on_after(timeout_s):
+                    return await future
+                return None
+        finally:
+            waiters.discard(future)
+            if not waiters and self._waiters.get(job_id) is waiters:
+                del self._waiters[job_id]
+
+    def _mark(self, job_id: uuid.UUID) -> None:
+        self._due.add(job_id)
+        self._kick.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        everyone_at = loop.time() + self.reread_s
+        while True:
+            with anyio.move_on_after(max(0.0, everyone_at - loop.time())):
+                await self._kick.wait()
+            self._kick.clear()
+            due, self._due = self._due, set()
+            if loop.time() >= everyone_at:
+                due.update(self._waiters)
+                everyone_at = loop.time() + self.reread_s
+            due.intersection_update(self._waiters)
+            if not due:
+                continue
+            try:
+                states = await anyio.to_thread.run_sync(_states, self.engine, list(due))
+            except Exception:
+                log.warning("could not read the states of %d waited-for jobs", len(due))
+                self._due |= due
+                await anyio.sleep(ERROR_PAUSE_S)
+                continue
+            for job_id in due:
+                state = states.get(job_id, JobState.failed)
+                if state in TERMINAL_STATES:
+                    for future in self._waiters.get(job_id, ()):
+                        if not future.done():
+                            future.set_result(state)
+
+
+# Async, so that FastAPI calls it on the event loop, not in the thread pool.
+async def get_finish_watch(conn: HTTPConnection) -> FinishWatch:
+    watch: FinishWatch = conn.app.state.finish_watch
+    return watch
