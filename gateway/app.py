@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from hepato.common import event_log, metrics
 from hepato.common.db import get_engine, session_factory
-from hepato.common.exceptions import ObjectFetchError, QueueFull, UnknownModel
+from hepato.common.exceptions import ObjectFetchError, ObjectMissing, QueueFull, UnknownModel
 from hepato.common.manifest import load_registry
 from hepato.common.settings import Settings, get_settings
 from hepato.common.storage import ObjectStore
@@ -141,6 +141,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(redis.TimeoutError)
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return _unavailable("the queue (Redis)")
+
+    # Before store_down: a handler is chosen by the exception's class first, then its bases.
+    @app.exception_handler(ObjectMissing)
+    async def object_gone(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "the uploaded image is gone from the object store"}, status_code=404
+        )
 
     # MinioException: S3Error, and the InvalidResponseError / ServerError a store behind
     # a failing proxy or restarting answers with.

@@ -161,3 +161,21 @@ def test_a_fenced_out_worker_counts_no_failures_it_did_not_write(
     dead = REGISTRY.get_sample_value("hepato_dead_lettered_total", {"model": model}) or 0.0
     assert dead == dead_before
     judge(settings, "worker fenced out mid-batch (its failures refused)", accepted, completions)
+
+
+def test_an_image_gone_from_the_store_is_a_404_not_a_503(
+    client: TestClient, settings: Settings
+) -> None:
+    """A deleted object is not an outage: retrying after Retry-After would never help."""
+    from hepato.common.storage import ObjectStore
+
+    with (SAMPLES / "synthetic_00.png").open("rb") as image:
+        accepted = client.post("/v1/jobs", files={"file": ("a.png", image, "image/png")})
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["job_id"]
+    with get_engine(settings.database_url).connect() as conn:
+        key = conn.execute(select(Job.object_key).where(Job.id == uuid.UUID(job_id))).scalar_one()
+    ObjectStore(settings).client.remove_object(settings.s3_bucket, key)
+    gone = client.get(f"/v1/jobs/{job_id}/image")
+    assert gone.status_code == 404, gone.text
+    assert gone.json()["detail"] == "the uploaded image is gone from the object store"
