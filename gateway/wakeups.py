@@ -34,6 +34,10 @@ CONFIRM_S = 2.0
 RECONNECT_S = (0.2, 5.0)
 # Channels left without listeners are unsubscribed in one command at most this often.
 UNSUBSCRIBE_EVERY_S = 1.0
+# The longest one command (SUBSCRIBE, UNSUBSCRIBE, closing the connection) may take: the
+# commands are shielded from cancellation, and a shield with no deadline would let one
+# stuck socket hold the gateway's shutdown for ever.
+COMMAND_S = 5.0
 
 Callback = Callable[[], None]
 
@@ -62,10 +66,11 @@ class WakeupHub:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Bounded: shutdown goes on even if the reader is stuck in a command.
+            with anyio.move_on_after(COMMAND_S), contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._drop()
-        with contextlib.suppress(redis.RedisError, OSError):
+        with anyio.move_on_after(COMMAND_S), contextlib.suppress(redis.RedisError, OSError):
             await self.client.aclose()
 
     @asynccontextmanager
@@ -117,8 +122,10 @@ class WakeupHub:
             self._pending.setdefault(channel, collections.deque()).append(future)
         try:
             # Shielded: a cancelled waiter must not leave half a command on the socket.
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(COMMAND_S, shield=True) as scope:
                 await pubsub.execute_command("SUBSCRIBE", *channels)
+            if scope.cancelled_caught:
+                raise redis.TimeoutError(f"SUBSCRIBE took over {COMMAND_S:g}s")
         except (redis.RedisError, OSError):
             log.debug("subscribe failed; the hub reconnects", exc_info=True)
             await self._break(pubsub)
@@ -132,7 +139,7 @@ class WakeupHub:
                 return
             for channel in idle:
                 del self._subscribed[channel]
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(COMMAND_S, shield=True):
                 await pubsub.execute_command("UNSUBSCRIBE", *idle)
 
     async def _run(self) -> None:
@@ -216,7 +223,8 @@ class WakeupHub:
             pubsub, self._pubsub = self._pubsub, None
             self._release_pending()
         if pubsub is not None:
-            with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError, OSError):
+            shielded = anyio.move_on_after(COMMAND_S, shield=True)
+            with shielded, contextlib.suppress(redis.RedisError, OSError):
                 await pubsub.aclose()
 
 
