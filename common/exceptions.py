@@ -69,3 +69,20 @@ class BenchFailed(HepatoError):
     def __init__(self, scenario: str, message: str) -> None:
         super().__init__(f"scenario {scenario}: {message}")
         self.scenario = scenario
+
+
+class InvalidSlide(HepatoError):
+    """A file is not a whole-slide image we can read; the message names the reason."""
+
+    status_code = 422
+
+
+class UnsupportedSlideFormat(InvalidSlide):
+    """Not a pyramidal slide: an ordinary image, a single-level or stripped TIFF, a
+    DICOM file that is not a whole-slide image, or no format we know."""
+
+    status_code = 415
+
+
+class TruncatedSlide(InvalidSlide):
+    """The file ends before the structure it declares (an interrupted upload or copy)."""
