@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine, extract, func, select, update
 
 from hepato.common import event_log
 from hepato.common.constants import JobState
-from hepato.common.jobs import ClaimedJob, Requeue
+from hepato.common.jobs import ClaimedJob, Requeue, expire_overdue
 from hepato.common.tables import Job
 
 
@@ -29,18 +29,7 @@ def claim(
         return token, [], []
     now = func.now()
     with event_log.transaction(engine) as conn:
-        expired = (
-            conn.execute(
-                update(Job)
-                .where(Job.id.in_(job_ids), Job.state == JobState.pending, Job.deadline_at < now)
-                .values(
-                    state=JobState.expired, finished_at=now, error="deadline passed before it ran"
-                )
-                .returning(Job.id)
-            )
-            .scalars()
-            .all()
-        )
+        expired = expire_overdue(conn, job_ids)
         chosen, left = _isolate(conn, job_ids)
         rows = conn.execute(
             update(Job)

@@ -16,15 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    Engine,
-    and_,
-    bindparam,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
 from hepato.common import event_log
@@ -272,6 +264,21 @@ def fail(
             conn.execute(update(Job).where(Job.id == job_id).values(**values))
         event_log.record(conn, [row[0] for row in owned])
     return requeue
+
+
+def expire_overdue(conn: Connection, among: Any) -> list[uuid.UUID]:
+    """End the pending jobs among ``among`` (ids, or a subquery of them) whose deadline
+    has passed, as ``expired``; the ids, for the caller's event_log.record. The claim does
+    it for what it popped, the sweeper for what waits."""
+    now = func.now()
+    return list(
+        conn.execute(
+            update(Job)
+            .where(Job.id.in_(among), Job.state == JobState.pending, Job.deadline_at < now)
+            .values(state=JobState.expired, finished_at=now, error="deadline passed before it ran")
+            .returning(Job.id)
+        ).scalars()
+    )
 
 
 def pending_values() -> dict[str, object]:

@@ -6,12 +6,13 @@ common.lost_ids for ids Redis lost."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
 from hepato.common import event_log
 from hepato.common.constants import JobState
-from hepato.common.jobs import Requeue, pending_values
+from hepato.common.jobs import Requeue, expire_overdue, pending_values
 from hepato.common.tables import Job
 
 
@@ -34,32 +35,10 @@ def sweep(engine: Engine, limit: int = 1000, expire_limit: int = 5000) -> Swept:
         # A deadline fires while its job waits (behind a backlog, or for a model no
         # worker serves), not only when a worker claims it; its event, and its webhook,
         # are written in this transaction.
-        overdue = (
-            select(Job.id)
-            .where(Job.state == JobState.pending, Job.deadline_at < now)
-            .limit(expire_limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
+        expired = expire_overdue(
+            conn, _take(Job.state == JobState.pending, Job.deadline_at < now, limit=expire_limit)
         )
-        expired = (
-            conn.execute(
-                update(Job)
-                .where(Job.id.in_(overdue), Job.state == JobState.pending)
-                .values(
-                    state=JobState.expired, finished_at=now, error="deadline passed before it ran"
-                )
-                .returning(Job.id)
-            )
-            .scalars()
-            .all()
-        )
-        leased_out = (
-            select(Job.id)
-            .where(Job.state == JobState.processing, Job.lease_until < now)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
+        leased_out = _take(Job.state == JobState.processing, Job.lease_until < now, limit=limit)
         # A lease that ran out with attempts left: back to the queue.
         requeued = conn.execute(
             update(Job)
@@ -84,3 +63,11 @@ def sweep(engine: Engine, limit: int = 1000, expire_limit: int = 5000) -> Swept:
         )
         event_log.record(conn, [*(row[0] for row in requeued), *failed, *expired])
     return Swept([Requeue(*row) for row in requeued], len(requeued), len(failed), len(expired))
+
+
+def _take(*where: Any, limit: int) -> Any:
+    """Up to ``limit`` ids of the rows matching ``where``, locked; rows another sweeper
+    holds are skipped, so many sweepers never handle one row twice."""
+    return (
+        select(Job.id).where(*where).limit(limit).with_for_update(skip_locked=True)
+    ).scalar_subquery()
