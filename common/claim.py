@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine, extract, func, select, update
 
 from hepato.common import event_log
 from hepato.common.constants import JobState
-from hepato.common.jobs import ClaimedJob, Requeue, expire_overdue
+from hepato.common.jobs import CLAIMED_COLUMNS, ClaimedJob, Requeue, claimed_job, expire_overdue
 from hepato.common.tables import Job
 
 
@@ -43,18 +43,10 @@ def claim(
                 started_at=now,
                 queue_wait_ms=extract("epoch", now - Job.created_at) * 1000.0,
             )
-            .returning(
-                Job.id,
-                Job.object_key,
-                Job.attempts,
-                Job.max_attempts,
-                Job.question,
-                Job.created_at,
-                Job.queue_wait_ms,
-            )
+            .returning(*CLAIMED_COLUMNS)
         ).all()
         event_log.record(conn, [*expired, *(row[0] for row in rows)])
-    return token, [ClaimedJob(*row) for row in rows], left
+    return token, [claimed_job(row) for row in rows], left
 
 
 def _isolate(conn: Connection, ids: list[uuid.UUID]) -> tuple[list[uuid.UUID], list[Requeue]]:

@@ -22,9 +22,9 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Connection, Engine, func, insert, select, text
+from sqlalchemy import ColumnElement, Connection, Engine, func, insert, select, text
 
-from hepato.common import webhooks
+from hepato.common import slide_finish, webhooks
 from hepato.common.constants import batch_events_channel, job_events_channel
 from hepato.common.tables import Job, JobEvent
 
@@ -44,31 +44,40 @@ def attach(engine: Engine, client: redis.Redis) -> None:
     _publishers[engine] = client
 
 
-def record(conn: Connection, job_ids: Collection[uuid.UUID]) -> None:
+def record(
+    conn: Connection, job_ids: Collection[uuid.UUID], *, where: ColumnElement[bool] | None = None
+) -> None:
     """Log the current state of ``job_ids`` (as this transaction left them) as one event
-    each. Call once per transition, after its writes, inside ``transaction``."""
-    if not job_ids:
-        return
+    each. Call once per transition, after its writes, inside ``transaction``. ``where``
+    instead of ids names a set too large for a parameter list (a slide's tiles, created
+    together); their wake-ups go to their batch's channel only, as no one can be
+    watching jobs whose ids were never published."""
+    if where is None:
+        if not job_ids:
+            return
+        where = Job.id.in_(list(job_ids))
+        per_job = True
+    else:
+        per_job = False
     conn.execute(_LOG_LOCK)
     rows = conn.execute(
         insert(JobEvent)
         .from_select(
             ["job_id", "batch_id", "tenant", "state", "error", "at"],
             select(Job.id, Job.batch_id, Job.tenant, Job.state, Job.error, func.now())
-            .where(Job.id.in_(list(job_ids)))
+            .where(where)
             .order_by(Job.id),
         )
         .returning(JobEvent.job_id, JobEvent.batch_id, JobEvent.state)
     ).all()
-    webhooks.enqueue_finished(conn, [(job, batch, state) for job, batch, state in rows])
-    conn.info.setdefault(_WAKE, set()).update(
-        channel
-        for job_id, batch_id, _ in rows
-        for channel in (
-            job_events_channel(str(job_id)),
-            *((batch_events_channel(str(batch_id)),) if batch_id else ()),
-        )
-    )
+    recorded = [(job, batch, state) for job, batch, state in rows]
+    webhooks.enqueue_finished(conn, recorded)
+    # Under the same lock: the last tile of a slide is seen ending by exactly one writer.
+    slide_finish.finish_slides(conn, recorded)
+    wake = conn.info.setdefault(_WAKE, set())
+    wake.update(batch_events_channel(str(batch_id)) for _, batch_id, _ in rows if batch_id)
+    if per_job:
+        wake.update(job_events_channel(str(job_id)) for job_id, _, _ in rows)
 
 
 @contextmanager

@@ -39,6 +39,51 @@ class ClaimedJob:
     # When the job was accepted (the database's clock): the start of its end-to-end time.
     created_at: datetime | None = None
     queue_wait_ms: float | None = None
+    # 'image', or a whole slide's 'plan' or 'tile' (batch_id is then the slide's id).
+    kind: str = "image"
+    batch_id: uuid.UUID | None = None
+    # A tile's level-0 rectangle (x, y, w, h) and core (x0, y0, x1, y1).
+    tile: tuple[int, int, int, int] | None = None
+    core: tuple[int, int, int, int] | None = None
+
+
+# What a claim reads back of each job it took, in ClaimedJob's order (see claimed_job).
+CLAIMED_COLUMNS = (
+    Job.id,
+    Job.object_key,
+    Job.attempts,
+    Job.max_attempts,
+    Job.question,
+    Job.created_at,
+    Job.queue_wait_ms,
+    Job.kind,
+    Job.batch_id,
+    Job.tile_x,
+    Job.tile_y,
+    Job.tile_w,
+    Job.tile_h,
+    Job.core_x0,
+    Job.core_y0,
+    Job.core_x1,
+    Job.core_y1,
+)
+
+
+def claimed_job(row: Sequence[Any]) -> ClaimedJob:
+    tile, core = tuple(row[9:13]), tuple(row[13:17])
+    return ClaimedJob(
+        id=row[0],
+        object_key=row[1],
+        attempts=row[2],
+        max_attempts=row[3],
+        question=row[4],
+        created_at=row[5],
+        queue_wait_ms=row[6],
+        kind=row[7],
+        batch_id=row[8],
+        tile=tile if tile[0] is not None else None,
+        core=core if core[0] is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -76,6 +121,8 @@ class JobResult:
     # Wall-clock times (timezone-aware) of the image's download and the model call's end.
     fetched_at: datetime | None = None
     inferred_at: datetime | None = None
+    # A slide tile's per-class statistics (common.slide_finish sums them).
+    tile_stats: dict[str, Any] | None = None
 
 
 # --- create ---------------------------------------------------------------------------
@@ -207,6 +254,7 @@ def complete(
                 result=bindparam("result", type_=JSONB),
                 fetched_at=bindparam("fetched"),
                 inferred_at=bindparam("inferred"),
+                tile_stats=bindparam("stats", type_=JSONB(none_as_null=True)),
             ),
             [
                 {
@@ -217,6 +265,7 @@ def complete(
                     "fetched": r.fetched_at,
                     "inferred": r.inferred_at,
                     "result": r.result.model_dump(mode="json"),
+                    "stats": r.tile_stats,
                 }
                 for r in mine
             ],

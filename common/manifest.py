@@ -73,6 +73,13 @@ class _Manifest(_Strict):
     max_batch_size: int = Field(16, ge=1, le=4096, description="Most images per model call.")
     max_wait_ms: float = Field(10.0, ge=0, le=60_000, description="Wait for stragglers, ms.")
     fp16: bool = Field(False, description="Half precision on a GPU; ignored on the CPU.")
+    # Whole slides: a model takes them only when it names the resolution it was trained at.
+    mpp: float | None = Field(
+        None, gt=0, le=100, description="µm per pixel of its training images; slides need it."
+    )
+    tile_overlap: int = Field(
+        0, ge=0, description="Overlap of neighbouring slide tiles, model input px."
+    )
     # Where the manifest was read from; set by the loader, not written in the file.
     source: Path | None = Field(None, exclude=True)
 
@@ -87,6 +94,15 @@ class _Manifest(_Strict):
         if self.weights is None and not self.needs_no_weights:
             raise ValueError(
                 "weights: Field required (a file or directory; only backend 'null' has none)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> _Manifest:
+        if self.tile_overlap >= self.input_size:
+            raise ValueError(
+                f"tile_overlap ({self.tile_overlap}) must be smaller than input_size "
+                f"({self.input_size})"
             )
         return self
 

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         178_956_970, description="Largest decoded image, pixels (Pillow's own bomb limit)."
     )
+    max_slide_bytes: int = Field(
+        20 * 1024**3,
+        ge=1,
+        description="Largest accepted whole-slide file, bytes (POST /v1/slides; its own limit, "
+        "not max_request_bytes).",
+    )
+    max_slide_pixels: int = Field(
+        40_000_000_000,
+        ge=1,
+        description="Largest whole slide, level-0 pixels; a larger one fails at planning.",
+    )
     detect_timeout_s: float = Field(30.0, description="How long /v1/detect waits for a result, s.")
     max_queued_per_model: int = Field(
         100_000,
@@ -183,6 +194,15 @@ class Settings(BaseSettings):
         description="Microbatches a worker claims, downloads and decodes ahead of the one on "
         "the model; 0 runs the stages one after another.",
     )
+    slide_cache_bytes: int = Field(
+        20 * 1024**3,
+        ge=0,
+        description="Disk a worker's local copies of slides may take, bytes; the least "
+        "recently read are deleted past it (a slide being read is never deleted).",
+    )
+    slide_cache_dir: Path | None = Field(
+        None, description="Where a worker keeps local copies of slides; empty = data_dir/slides."
+    )
     worker_id: str = Field("", description="Worker name in the job rows; empty = host:pid.")
     worker_metrics_port: int = Field(
         9464,
@@ -200,6 +220,10 @@ class Settings(BaseSettings):
     @property
     def ultralytics_dir(self) -> Path:
         return self.data_dir / "ultralytics"
+
+    @property
+    def slide_cache_path(self) -> Path:
+        return self.slide_cache_dir or self.data_dir / "slides"
 
 
 @lru_cache

@@ -6,6 +6,7 @@ import io
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import BinaryIO
 
 import urllib3
@@ -69,6 +70,56 @@ class ObjectStore:
             content_type=content_type,
             num_parallel_uploads=1,
         )
+
+    def put_path(self, key: str, path: Path, content_type: str) -> None:
+        """Store the file at ``path`` (a slide's de-identified copy), streamed."""
+        with open(path, "rb") as f:
+            self.put_file(key, f, path.stat().st_size, content_type)
+
+    def download_to(self, key: str, path: Path, chunk_bytes: int = 64 * 1024 * 1024) -> int:
+        """Copy the object to ``path`` with ranged reads of ``chunk_bytes``, so a slide of
+        several GB is never in memory and a broken connection costs one range, not the
+        whole file. Errors as for ``get``; returns the size."""
+        size = self._stat_size(key)
+        with open(path, "wb") as out:
+            offset = 0
+            while offset < size:
+                length = min(chunk_bytes, size - offset)
+                out.write(self._range(key, offset, length))
+                offset += length
+        return size
+
+    def _stat_size(self, key: str) -> int:
+        try:
+            return int(self.client.stat_object(self.bucket, key).size or 0)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "ResourceNotFound"):
+                raise ObjectMissing(
+                    f"the uploaded slide is gone from the object store ({exc.code}: {key})"
+                ) from exc
+            raise ObjectFetchError(f"object {key!r}: {exc.code}") from exc
+        except (urllib3.exceptions.HTTPError, MinioException) as exc:
+            raise ObjectFetchError(f"object {key!r}: object store unreachable ({exc})") from exc
+
+    def _range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, key, offset=offset, length=length)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectMissing(f"the object is gone ({exc.code}: {key})") from exc
+            raise ObjectFetchError(f"object {key!r}: {exc.code}") from exc
+        except (urllib3.exceptions.HTTPError, MinioException) as exc:
+            raise ObjectFetchError(f"object {key!r}: object store unreachable ({exc})") from exc
+        try:
+            data = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ObjectFetchError(f"object {key!r}: its download broke off ({exc})") from exc
+        finally:
+            response.close()
+            response.release_conn()
+        if len(data) != length:
+            raise ObjectFetchError(f"object {key!r}: a range read returned {len(data)} bytes")
+        return data
 
     def get(self, key: str) -> bytes:
         """The object's bytes. A missing object is ObjectMissing (permanent: its job

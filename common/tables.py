@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -94,6 +95,22 @@ class Job(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)
     # A common.results.TaskResult as JSON; its "task" field says which shape.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # 'image' (an upload), or a whole slide's 'plan' (one per slide) or 'tile' job; a
+    # slide's jobs carry the slide's id as their batch_id (common.slides.jobs).
+    kind: Mapped[str] = mapped_column(String(8), default="image", server_default="image")
+    # A tile's level-0 rectangle, read for the model, and its core: the part whose
+    # detections it keeps (common.slides.grid). Null for images and plans.
+    tile_x: Mapped[int | None] = mapped_column(Integer)
+    tile_y: Mapped[int | None] = mapped_column(Integer)
+    tile_w: Mapped[int | None] = mapped_column(Integer)
+    tile_h: Mapped[int | None] = mapped_column(Integer)
+    core_x0: Mapped[int | None] = mapped_column(Integer)
+    core_y0: Mapped[int | None] = mapped_column(Integer)
+    core_x1: Mapped[int | None] = mapped_column(Integer)
+    core_y1: Mapped[int | None] = mapped_column(Integer)
+    # A done tile's detections per class in its core, and the level-0 area (px²) their
+    # boxes cover there: summed into the slide's summary when its last tile ends.
+    tile_stats: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     __table_args__ = (
         Index("ix_jobs_batch_state", "batch_id", "state"),
@@ -102,6 +119,55 @@ class Job(Base):
         # The queue bound counts a model's pending jobs at every submission.
         Index("ix_jobs_model_state", "model", "state"),
     )
+
+
+class Slide(Base):
+    """One whole-slide image: stored as uploaded, planned by a worker into tile jobs
+    (whose batch_id is this id: a slide is also a row of ``batches``), finished with a
+    summary by the transaction that ends its last tile. Holds nothing read from the
+    slide's label, macro or scanner metadata (see common.slides.reader)."""
+
+    __tablename__ = "slides"
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    tenant: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str] = mapped_column(Text)
+    object_key: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(24), default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    deidentify: Mapped[bool] = mapped_column(Boolean, default=False)
+    deidentified: Mapped[bool] = mapped_column(Boolean, default=False)
+    # µm per pixel given with the submission: used only when the slide names none.
+    submitted_mpp: Mapped[float | None] = mapped_column(Float)
+    # Read at planning.
+    mpp_x: Mapped[float | None] = mapped_column(Float)
+    mpp_y: Mapped[float | None] = mapped_column(Float)
+    mpp_source: Mapped[str | None] = mapped_column(String(16))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    levels: Mapped[int | None] = mapped_column(Integer)
+    objective_power: Mapped[float | None] = mapped_column(Float)
+    tile_size: Mapped[int | None] = mapped_column(Integer)
+    tile_overlap: Mapped[int | None] = mapped_column(Integer)
+    tissue_area_mm2: Mapped[float | None] = mapped_column(Float)
+    tiles_total: Mapped[int] = mapped_column(Integer, default=0)
+    thumbnail_key: Mapped[str | None] = mapped_column(Text)
+    mask_key: Mapped[str | None] = mapped_column(Text)
+    # A common.slide_schemas.SlideSummary as JSON, once finished.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    planned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_slides_tenant_created", "tenant", "created_at"),)
 
 
 class JobEvent(Base):

@@ -61,7 +61,7 @@ def enqueue_finished(
                 "state": state,
                 "error": public_error(error),
             }
-            rows.append(_row(job_id, tenant, url, "job.finished", now, data))
+            rows.append(delivery_row(job_id, tenant, url, "job.finished", now, data))
     batches = {batch for _, batch in finished if batch is not None}
     if batches:
         for batch_id, tenant, url in conn.execute(
@@ -73,13 +73,13 @@ def enqueue_finished(
             if not all_finished(counts):
                 continue
             summary = {"batch_id": str(batch_id), "state": batch_state(counts).value}
-            rows.append(_row(batch_id, tenant, url, "batch.finished", now, summary, counts))
+            rows.append(delivery_row(batch_id, tenant, url, "batch.finished", now, summary, counts))
     if rows:
         # The id is per job or batch: a second enqueue of the same one is a no-op.
         conn.execute(insert(WebhookDelivery).on_conflict_do_nothing(), rows)
 
 
-def _row(
+def delivery_row(
     subject: uuid.UUID,
     tenant: str,
     url: str | None,
@@ -88,6 +88,7 @@ def _row(
     data: dict[str, Any],
     counts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """A webhook_deliveries row; its id is fixed per ``subject`` (job, batch or slide)."""
     if counts is not None:
         data = {**data, "counts": counts}
     body = json.dumps({"type": kind, "timestamp": at, "data": data}, separators=(",", ":"))

@@ -30,7 +30,7 @@ from hepato.gateway.auth import KeyBeforeBody
 from hepato.gateway.deps import Resources, ResourcesDep
 from hepato.gateway.finish_watch import FinishWatch
 from hepato.gateway.limits import install_limits
-from hepato.gateway.routes import batches, exports, jobs, live, submissions
+from hepato.gateway.routes import batches, exports, jobs, live, slide_results, slides, submissions
 from hepato.gateway.routes import models as model_list
 from hepato.gateway.submit import CommitUnknown
 from hepato.gateway.viewer import router as viewer_router
@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         form_limits={"max_files": settings.max_files_per_request, "max_fields": 100},
     )
     # In this order the paths stand in /openapi.json as they always have.
-    for routes in (submissions, model_list, jobs, batches, live, exports):
+    for routes in (submissions, model_list, jobs, batches, live, exports, slides, slide_results):
         app.include_router(routes.router)
     app.include_router(viewer_router)
     install_limits(app, settings)

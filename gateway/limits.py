@@ -27,15 +27,23 @@ _FORM_LIMIT_HINTS = {
 }
 
 
+# Routes with a body limit of their own (a whole slide is one file of several GB).
+SLIDE_UPLOAD_PATH = "/v1/slides"
+
+
 class BodyTooLarge(HTTPException):
     """An HTTPException, so that FastAPI passes it through its body parsing untouched
     (any other error there becomes a generic 400)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, setting: str = "HEPATO_MAX_REQUEST_BYTES") -> None:
+        hint = (
+            "send fewer files per request"
+            if setting == "HEPATO_MAX_REQUEST_BYTES"
+            else "the slide is larger than this service accepts"
+        )
         super().__init__(
             status.HTTP_413_CONTENT_TOO_LARGE,
-            f"request body is larger than {limit} bytes (HEPATO_MAX_REQUEST_BYTES); "
-            "send fewer files per request",
+            f"request body is larger than {limit} bytes ({setting}); {hint}",
         )
 
 
@@ -57,17 +65,25 @@ def _content_length(scope: Scope) -> int | None:
 class RequestSizeLimit:
     """Pure ASGI middleware (no body buffering, unlike BaseHTTPMiddleware)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_slide_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_slide_bytes = max_slide_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # A slide upload (POST /v1/slides; its file field adds a few hundred bytes of
+        # multipart framing) has its own limit; every other body the request limit.
+        if scope.get("path", "").rstrip("/") == SLIDE_UPLOAD_PATH:
+            limit = self.max_slide_bytes + 64 * 1024
+            too_large = BodyTooLarge(self.max_slide_bytes, "HEPATO_MAX_SLIDE_BYTES")
+        else:
+            limit, too_large = self.max_bytes, BodyTooLarge(self.max_bytes)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await _too_large(BodyTooLarge(self.max_bytes))(scope, receive, send)
+        if declared is not None and declared > limit:
+            await _too_large(too_large)(scope, receive, send)
             return
 
         received = 0
@@ -78,8 +94,8 @@ class RequestSizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if received > limit:
+                    raise too_large
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -111,5 +127,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def install_limits(app: FastAPI, settings: Settings) -> None:
-    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestSizeLimit,
+        max_bytes=settings.max_request_bytes,
+        max_slide_bytes=settings.max_slide_bytes,
+    )
     app.add_exception_handler(HTTPException, _http_error)

@@ -71,7 +71,9 @@ class LeaseKeeper:
     def __init__(self, every_s: float, extend: Callable[[uuid.UUID, list[uuid.UUID]], object]):
         self._every_s = every_s
         self._extend = extend
-        self._held: dict[uuid.UUID, list[uuid.UUID]] = {}
+        # key -> (token, ids): a microbatch is held under its token; a slide's plan job,
+        # which outlives its microbatch in the planner, under a key of its own.
+        self._held: dict[object, tuple[uuid.UUID, list[uuid.UUID]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
@@ -83,18 +85,18 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def hold(self, token: uuid.UUID, ids: list[uuid.UUID]) -> None:
+    def hold(self, token: uuid.UUID, ids: list[uuid.UUID], key: object = None) -> None:
         with self._lock:
-            self._held[token] = ids
+            self._held[token if key is None else key] = (token, ids)
 
-    def drop(self, token: uuid.UUID) -> None:
+    def drop(self, key: object) -> None:
         with self._lock:
-            self._held.pop(token, None)
+            self._held.pop(key, None)
 
     def _run(self) -> None:
         while not self._stop.wait(self._every_s):
             with self._lock:
-                held = list(self._held.items())
+                held = list(self._held.values())
             for token, ids in held:
                 try:
                     self._extend(token, ids)

@@ -23,9 +23,8 @@ import os
 import signal
 import socket
 import threading
-import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -36,16 +35,19 @@ from sqlalchemy.exc import OperationalError
 from hepato.common import event_log, jobs, metrics
 from hepato.common.db import get_engine
 from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing
-from hepato.common.job_counts import count_failed_by, count_unfinished
+from hepato.common.job_counts import count_unfinished
 from hepato.common.jobs import ClaimedJob
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
 from hepato.worker import inference
+from hepato.worker.accounting import count_outcome, timed
 from hepato.worker.backends.base import Model, load_models
 from hepato.worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
 from hepato.worker.microbatch import Batcher, MicroBatch, model_queue
 from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper
 from hepato.worker.recovery import Recovery, db_retry
+from hepato.worker.slide_cache import SlideCache
+from hepato.worker.slides import Planner, place, read_tile, split_kinds, tile_error
 from hepato.worker.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,18 @@ class Worker:
         self.leases = LeaseKeeper(settings.lease_extend_every_s, self._extend)
         self.webhooks = WebhookSender(settings, self.engine)
         self.backoff = jobs.Backoff(settings.retry_backoff_s, settings.retry_backoff_max_s)
+        self.slide_cache = SlideCache.for_worker(
+            settings.slide_cache_path, self.id, settings.slide_cache_bytes, self.store
+        )
+        self.planner = Planner(
+            settings,
+            self.engine,
+            self.store,
+            self.slide_cache,
+            self.leases,
+            self.recovery.push,
+            self.backoff,
+        )
         self.batches = 0
         self.jobs_done = 0
 
@@ -133,6 +147,8 @@ class Worker:
             self.stopping.set()
             for stage in stages:
                 stage.join()
+            self.planner.close()
+            self.slide_cache.close()
             self.leases.stop()
             self.recovery.stop()
             self.webhooks.stop()
@@ -204,19 +220,36 @@ class Worker:
         return True
 
     def _prepare(self, batch: MicroBatch) -> None:
-        """Download concurrently, then decode in the isolated decoder processes."""
-        with _timed(batch.model, "download"):
-            datas = list(self.fetch_pool.map(self._fetch, batch.claimed))
+        """Download concurrently (a slide's tiles: read from its local copy), then decode
+        in the isolated decoder processes. A slide's plan job goes to the planner."""
+        model = self.models[batch.model]
+        kinds = split_kinds(batch.claimed)
+        for job in kinds["plan"]:
+            self.planner.submit(batch.token, job, model.manifest)
+        batch.claimed = [*kinds["image"], *kinds["tile"]]
+        size = model.manifest.input_size
+        with timed(batch.model, "download"):
+            tiles = [
+                self.fetch_pool.submit(read_tile, self.slide_cache, j, size) for j in kinds["tile"]
+            ]
+            datas = list(self.fetch_pool.map(self._fetch, kinds["image"]))
+            for job, future in zip(kinds["tile"], tiles, strict=True):
+                if (exc := future.exception()) is None:
+                    batch.ready.append(job)
+                    batch.images.append(future.result())
+                else:
+                    permanent, reason = tile_error(exc)  # type: ignore[arg-type]
+                    (batch.permanent if permanent else batch.transient)[job.id] = reason
         batch.fetched_at = datetime.now(UTC)
         fetched: list[tuple[ClaimedJob, bytes]] = []
-        for job, data in zip(batch.claimed, datas, strict=True):
+        for job, data in zip(kinds["image"], datas, strict=True):
             if isinstance(data, ObjectMissing):
                 batch.permanent[job.id] = str(data)
             elif isinstance(data, ObjectFetchError):
                 batch.transient[job.id] = str(data)
             else:
                 fetched.append((job, data))
-        with _timed(batch.model, "decode"):
+        with timed(batch.model, "decode"):
             decoded = self.decoder.decode_all([data for _, data in fetched])
         for (job, _), image in zip(fetched, decoded, strict=True):
             if isinstance(image, InvalidImage):
@@ -226,9 +259,8 @@ class Worker:
             else:
                 batch.ready.append(job)
                 batch.images.append(image)
-        model = self.models[batch.model]
         if inference.phases(model):
-            with _timed(batch.model, "preprocess"):
+            with timed(batch.model, "preprocess"):
                 batch.prepared = inference.prepare(model, batch.ready, batch.images)
 
     def _fetch(self, job: ClaimedJob) -> bytes | ObjectFetchError:
@@ -260,7 +292,7 @@ class Worker:
     def _infer(self, batch: MicroBatch) -> None:
         model, timeout_s = self.models[batch.model], self.settings.model_timeout_s
         errors: dict[uuid.UUID, str] = {}
-        with _timed(batch.model, "inference"):
+        with timed(batch.model, "inference"):
             if batch.prepared is not None:
                 batch.raws, batch.infer_ms, errors = inference.run_prepared(
                     model, batch.ready, batch.prepared, timeout_s
@@ -291,7 +323,7 @@ class Worker:
     def _write(self, batch: MicroBatch) -> None:
         model = self.models[batch.model]
         if batch.raws is not None and batch.prepared is not None:
-            with _timed(batch.model, "postprocess"):
+            with timed(batch.model, "postprocess"):
                 batch.results, errors = inference.finish(
                     model,
                     batch.ready,
@@ -302,12 +334,19 @@ class Worker:
                     self.settings.model_timeout_s,
                 )
             batch.transient.update(errors)
+        tiles = {j.id: j for j in batch.ready if j.kind == "tile"}
         batch.results = [
-            replace(r, fetched_at=batch.fetched_at, inferred_at=batch.inferred_at)
+            replace(
+                place(r, tiles[r.id], model.manifest.input_size, model.manifest.labels)
+                if r.id in tiles
+                else r,
+                fetched_at=batch.fetched_at,
+                inferred_at=batch.inferred_at,
+            )
             for r in batch.results
         ]
         write = db_retry(self.settings.lease_s)
-        with _timed(batch.model, "write"):
+        with timed(batch.model, "write"):
             written = write(jobs.complete)(
                 self.engine, batch.token, batch.results, model.manifest.version
             )
@@ -320,24 +359,7 @@ class Worker:
         if lost:
             log.warning("%d results refused: their lease passed to another worker", lost)
         self.jobs_done += len(written)
-        self._count(batch, written, retried)
-
-    def _count(
-        self, batch: MicroBatch, written: set[uuid.UUID], retried: Sequence[jobs.Requeue]
-    ) -> None:
-        name = batch.model
-        now = datetime.now(UTC)
-        for job in batch.claimed:
-            if job.id in written and job.created_at is not None:
-                metrics.LATENCY_SECONDS.labels(name).observe((now - job.created_at).total_seconds())
-        # Only the failures this batch's lease wrote: a fenced-out worker failed nothing.
-        errored = [*batch.permanent, *batch.transient]
-        dead = count_failed_by(self.engine, batch.token, errored) if errored else 0
-        metrics.JOBS.labels(name, "done").inc(len(written))
-        metrics.JOBS.labels(name, "retried").inc(len(retried))
-        metrics.JOBS.labels(name, "failed").inc(dead)
-        metrics.RETRIES.labels(name).inc(len(retried))
-        metrics.DEAD_LETTERED.labels(name).inc(dead)
+        count_outcome(self.engine, batch, written, retried)
 
     def _give_up(self, batch: MicroBatch, exc: Exception) -> None:
         """A stage failed on the whole batch: back to the queue now rather than after the
@@ -362,15 +384,6 @@ class Worker:
     # --- leases ---------------------------------------------------------------------
     def _extend(self, token: uuid.UUID, ids: list[uuid.UUID]) -> None:
         jobs.extend_leases(self.engine, token, ids, self.settings.lease_s)
-
-
-@contextlib.contextmanager
-def _timed(model: str, stage: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        metrics.STAGE_SECONDS.labels(model, stage).observe(time.perf_counter() - started)
 
 
 def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:

@@ -48,6 +48,12 @@ class SlideReader:
         self.mpp: tuple[float, float] | None = mpp or _library_mpp(slide.properties)
 
     @property
+    def thread_safe(self) -> bool:
+        """Whether threads may read regions at once: OpenSlide's reads are, tiffslide's
+        (one file handle, zarr stores) are not to be trusted so."""
+        return not isinstance(self._slide, tiffslide.TiffSlide)
+
+    @property
     def level_count(self) -> int:
         return len(self.level_dimensions)
 

@@ -15,7 +15,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import tifffile
 
@@ -52,28 +52,42 @@ class Sniffed:
     backend: Backend
 
 
-def sniff_slide(path: str | os.PathLike[str]) -> Sniffed:
-    """The slide format of the file at ``path``; raises InvalidSlide (or a subclass)
+def sniff_slide(source: str | os.PathLike[str] | BinaryIO) -> Sniffed:
+    """The slide format of the file at ``source`` (a path, or a seekable binary file such
+    as an upload's spooled copy, left where it was); raises InvalidSlide (or a subclass)
     naming why the file is not a slide we can read."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(132)
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:
+            return _sniff(f)
+    position = source.tell()
+    try:
+        return _sniff(source)
+    finally:
+        source.seek(position)
+
+
+def _sniff(f: BinaryIO) -> Sniffed:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    head = f.read(132)
     if size == 0:
         raise UnsupportedSlideFormat("the file is empty")
     if head[128:132] == b"DICM":
-        _check_dicom(path, size)
+        _check_dicom(f, size)
         return Sniffed(SlideFormat.DICOM, "openslide")
     if head[:4] in _TIFF_MAGIC:
-        return _sniff_tiff(path, size)
+        f.seek(0)
+        return _sniff_tiff(f, size)
     for magic, name in _IMAGE_MAGIC:
         if head.startswith(magic):
             raise UnsupportedSlideFormat(f"{name}, not a pyramidal whole-slide image")
     raise UnsupportedSlideFormat("not a whole-slide format (neither TIFF-based nor DICOM)")
 
 
-def _sniff_tiff(path: str | os.PathLike[str], size: int) -> Sniffed:
+def _sniff_tiff(f: BinaryIO, size: int) -> Sniffed:
     try:
-        with tifffile.TiffFile(path) as tif:
+        # tifffile leaves a file object it was given open.
+        with tifffile.TiffFile(f, name="slide.tif") as tif:
             return _classify(tif, size)
     except InvalidSlide:
         raise
@@ -131,11 +145,10 @@ def _check_extent(pages: Sequence[object], size: int) -> None:
             )
 
 
-def _check_dicom(path: str | os.PathLike[str], size: int) -> None:
+def _check_dicom(f: BinaryIO, size: int) -> None:
     """Read the file meta group (always explicit VR little endian) for the SOP class."""
-    with open(path, "rb") as f:
-        f.seek(132)
-        meta = f.read(64 * 1024)
+    f.seek(132)
+    meta = f.read(64 * 1024)
     pos, sop_class = 0, None
     while True:
         if pos + 8 > len(meta):
