@@ -1,7 +1,9 @@
-"""``hepato submit | status | results``: the Python client from the command line.
+"""``hepato submit | status | results``: the Python client from the command line, for
+images (batches) and whole slides (hepato.cli.slides).
 
-Exit codes: 0 every job done, 1 some job failed (or a file was refused), 2 a usage or
-connection error, or an error answer from the gateway, with its message."""
+Exit codes: 0 every job done, 1 some job failed (or a file was refused, or a slide
+finished with failed tiles, failed or was canceled), 2 a usage or connection error, or an
+error answer from the gateway, with its message."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from hepato.cli import slides as slide_cli
 from hepato.client import (
     BatchEvent,
     BatchOut,
@@ -36,6 +39,7 @@ from hepato.client import (
     HepatoClient,
     HepatoClientError,
     JobEvent,
+    SlideFormats,
     find_images,
 )
 from hepato.common.constants import TERMINAL_STATES, JobState, Priority
@@ -157,28 +161,72 @@ def _summary(batches: list[BatchOut]) -> tuple[int, dict[str, int]]:
 
 def submit(
     paths: Annotated[
-        list[Path], typer.Argument(help="Image files and directories (walked for images)")
+        list[Path],
+        typer.Argument(help="Image files, directories (walked for images) and whole-slide files"),
     ],
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Model (default: the gateway's)")
     ] = None,
     priority: Annotated[Priority, typer.Option(help="Queue priority")] = Priority.routine,
     question: Annotated[str | None, typer.Option(help="vqa models: the question")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Files per request")] = 500,
+    batch_size: Annotated[int, typer.Option(min=1, help="Image files per request")] = 500,
     wait: Annotated[bool, typer.Option(help="Wait until every job is finished")] = False,
+    deidentify: Annotated[
+        bool, typer.Option(help="Slides: keep no label, macro or scanner metadata")
+    ] = False,
+    mpp: Annotated[
+        float | None,
+        typer.Option(help="Slides: µm per pixel (> 0), used where a slide names none"),
+    ] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
     """Submit images as batches (one per request of --batch-size files); print each batch
-    id. With --wait, follow them until every job is finished."""
+    id. A file named here that is a whole slide (SVS, NDPI, OME-TIFF, tiled TIFF, DICOM:
+    told by its bytes) is submitted as a slide, streamed from disk; its id is printed with
+    the word "slide". Directories are walked for images only. With --wait, follow them
+    until every job is finished (slides: a bar of tiles, then the summary table)."""
+    if mpp is not None and mpp <= 0:
+        _fail("--mpp must be more than 0")
     try:
-        total = len(find_images(paths))
-    except FileNotFoundError as exc:
+        slides, others = slide_cli.split_slides(paths)
+        total = len(find_images(others)) if others else 0
+    except OSError as exc:  # a path that is not there, or a file that cannot be read
         _fail(str(exc))
-    if not total:
-        _fail("no image files in " + " ".join(map(str, paths)))
+    if not total and not slides:
+        _fail("no image files or slides in " + " ".join(map(str, paths)))
+    code = OK
+    with _client(url, api_key) as client:
+        if total:
+            code = _submit_images(
+                client, others, total, model, priority, question, batch_size, wait
+            )
+        if slides:
+            slide_code = slide_cli.submit_slides(
+                client,
+                slides,
+                model=model,
+                priority=priority,
+                deidentify=deidentify,
+                mpp=mpp,
+                wait=wait,
+            )
+            code = max(code, slide_code)
+    raise typer.Exit(code)
+
+
+def _submit_images(
+    client: HepatoClient,
+    paths: list[Path],
+    total: int,
+    model: str | None,
+    priority: Priority,
+    question: str | None,
+    batch_size: int,
+    wait: bool,
+) -> int:
     finals: list[BatchOut] = []
-    with _client(url, api_key) as client, _progress() as progress:
+    with _progress() as progress:
         tracker = Tracker(progress, total)
         refs = client.submit(
             paths,
@@ -198,24 +246,31 @@ def submit(
         for bad in ref.rejected:
             err.print(f"  refused {bad.filename}: {bad.error}", highlight=False, markup=False)
     if not wait:
-        raise typer.Exit(SOME_FAILED if refused else OK)
+        return SOME_FAILED if refused else OK
     jobs, counts = _summary(finals)
     typer.echo(f"{jobs} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    raise typer.Exit(OK if counts.get(JobState.done, 0) == jobs and not refused else SOME_FAILED)
+    return OK if counts.get(JobState.done, 0) == jobs and not refused else SOME_FAILED
 
 
 def status(
-    batch_id: Annotated[str, typer.Argument(help="Batch id")],
+    target_id: Annotated[str, typer.Argument(metavar="ID", help="Slide id or batch id")],
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
-    """A batch's state and counts per job state, with the error of every failed job.
-    Exit 1 if a job failed, expired or was canceled."""
+    """A slide's state, tiles and summary table; or a batch's state and counts per job
+    state, with the error of every failed job (ID is looked up as a slide first, then as
+    a batch). Exit 1 if a slide did not finish whole, or a job failed, expired or was
+    canceled."""
+    bad = []
     with _client(url, api_key) as client:
-        batch = client.batch(batch_id, page_size=1)
-        bad = []
-        if any(batch.counts.get(s, 0) for s in NOT_DONE):
-            bad = [j for j in client.results(batch_id) if j.state in NOT_DONE]
+        slide = slide_cli.find_slide(client, target_id)
+        if slide is None:
+            batch = slide_cli.or_neither(lambda: client.batch(target_id, page_size=1), target_id)
+            if any(batch.counts.get(s, 0) for s in NOT_DONE):
+                bad = [j for j in client.results(target_id) if j.state in NOT_DONE]
+    if slide is not None:
+        slide_cli.show(slide)
+        raise typer.Exit(slide_cli.exit_code(slide))
     typer.echo(f"batch {batch.id}: {batch.state} ({batch.total} jobs, model {batch.model})")
     typer.echo("  " + ", ".join(f"{n} {s}" for s, n in batch.counts.items() if n))
     for job in bad:
@@ -224,17 +279,36 @@ def status(
 
 
 def results(
-    batch_id: Annotated[str, typer.Argument(help="Batch id")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="File to write", dir_okay=False)],
-    format: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.csv,
+    target_id: Annotated[str, typer.Argument(metavar="ID", help="Slide id or batch id")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="File to write (default: ID.FORMAT here)", dir_okay=False),
+    ] = None,
+    format: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="A slide's: geojson or csv")
+    ] = ExportFormat.csv,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
-    """Write a batch's results as GeoJSON, COCO or CSV (the gateway's export, streamed)."""
+    """Write a slide's detections (level-0 coordinates) as GeoJSON or CSV, or a batch's
+    results as GeoJSON, COCO or CSV: the gateway's export, streamed (ID is looked up as a
+    slide first, then as a batch)."""
+    target = out or Path(f"{target_id}.{format.value}")
     with _client(url, api_key) as client:
-        client.export(batch_id, format.value, out)
-        batch = client.batch(batch_id, page_size=1)
-    typer.echo(json.dumps({"batch_id": str(batch.id), "format": format.value, "out": str(out)}))
+        slide = slide_cli.find_slide(client, target_id)
+        if slide is not None:
+            if format is ExportFormat.coco:
+                _fail("a slide exports as geojson or csv, not coco")
+            fmt: SlideFormats = "geojson" if format is ExportFormat.geojson else "csv"
+            client.download_slide_export(target_id, target, fmt)
+        else:
+            slide_cli.or_neither(lambda: client.export(target_id, format.value, target), target_id)
+            batch = client.batch(target_id, page_size=1)
+    if slide is not None:
+        line = {"slide_id": str(slide.id), "format": format.value, "out": str(target)}
+        typer.echo(json.dumps(line))
+        raise typer.Exit(slide_cli.exit_code(slide))
+    typer.echo(json.dumps({"batch_id": str(batch.id), "format": format.value, "out": str(target)}))
     raise typer.Exit(SOME_FAILED if any(batch.counts.get(s, 0) for s in NOT_DONE) else OK)
 
 

@@ -1,4 +1,5 @@
-"""``AsyncHepatoClient``: submission, reads, exports and live status over ``Transport``.
+"""``AsyncHepatoClient``: submission, reads, exports and live status over ``Transport``
+(images and batches here; whole slides in ``hepato.client.slides``).
 
 Each submit request carries an ``Idempotency-Key`` that its retries reuse, so a retried
 request never submits twice. Event streams resume a dropped connection with
@@ -10,14 +11,13 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
 from pathlib import Path
 
 import anyio
-import httpx
-from httpx_sse import EventSource, SSEError
 from pydantic import TypeAdapter
 
-from hepato.client.transport import Transport
+from hepato.client.slides import SlideMethods
 from hepato.client.types import (
     BatchEvent,
     BatchRef,
@@ -25,17 +25,12 @@ from hepato.client.types import (
     Formats,
     HepatoAPIError,
     HepatoClientError,
-    HepatoConnectionError,
     JobEvent,
     OnEvent,
 )
 from hepato.client.uploads import OnUploaded, chunked, find_images
 from hepato.common.constants import TERMINAL_STATES, JobState, Priority
 from hepato.common.schemas import BatchOut, JobOut, ModelOut
-
-# sse-starlette pings an idle stream every 15 s: a minute of silence is a dead connection.
-EVENTS_READ_TIMEOUT_S = 60.0
-EXPORT_CHUNK_BYTES = 1 << 16
 
 _MODELS = TypeAdapter(list[ModelOut])
 
@@ -44,9 +39,10 @@ def _batch_finished(counts: dict[str, int]) -> bool:
     return not counts.get(JobState.pending, 0) and not counts.get(JobState.processing, 0)
 
 
-class AsyncHepatoClient(Transport):
+class AsyncHepatoClient(SlideMethods):
     """The API over httpx.AsyncClient, with bounded retries on 429, 503 and connection
-    errors (honouring Retry-After, up to ``max_retry_after_s``)."""
+    errors (honouring Retry-After, up to ``max_retry_after_s``). The whole-slide methods
+    (``submit_slide``, ``wait_slide``, ...) come from ``SlideMethods``."""
 
     async def __aenter__(self) -> AsyncHepatoClient:
         return self
@@ -135,22 +131,7 @@ class AsyncHepatoClient(Transport):
     ) -> Path:
         """GET /v1/batches/{id}/export, streamed to ``out_path`` (written whole or not at
         all: a part file is renamed at the end)."""
-        target = Path(out_path)
-        part = target.with_name(target.name + ".part")
-        response = await self._send(
-            "GET", f"/v1/batches/{batch_id}/export", params={"format": format}, stream=True
-        )
-        try:
-            with part.open("wb") as sink:
-                async for chunk in response.aiter_raw(EXPORT_CHUNK_BYTES):
-                    sink.write(chunk)
-            part.replace(target)
-        except httpx.TransportError as exc:
-            raise HepatoConnectionError(f"export of {batch_id} cut off: {exc!r}") from exc
-        finally:
-            await response.aclose()
-            part.unlink(missing_ok=True)
-        return target
+        return await self._download(f"/v1/batches/{batch_id}/export", out_path, {"format": format})
 
     # --- live status ------------------------------------------------------------------
     def events(self, batch_id: uuid.UUID | str) -> AsyncIterator[Event]:
@@ -163,41 +144,17 @@ class AsyncHepatoClient(Transport):
         return self._events(f"/v1/jobs/{job_id}/events", batch=False)
 
     async def _events(self, path: str, *, batch: bool) -> AsyncIterator[Event]:
-        last_id: str | None = None
-        fruitless = 0
-        timeout = httpx.Timeout(self._http.timeout.connect, read=EVENTS_READ_TIMEOUT_S)
-        while True:
-            headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
-            if last_id is not None:
-                headers["Last-Event-ID"] = last_id
-            response = await self._send("GET", path, headers=headers, timeout=timeout, stream=True)
-            try:
-                async for sse in EventSource(response).aiter_sse():
-                    if sse.event not in ("job", "batch") or not sse.data:
-                        continue
-                    fruitless = 0
-                    if sse.id:
-                        last_id = sse.id
-                    event_id = int(sse.id) if sse.id.isdigit() else None
-                    data = {**json.loads(sse.data), "event_id": event_id}
-                    if sse.event == "batch":
-                        yield BatchEvent.model_validate(data)
-                        return
-                    job = JobEvent.model_validate(data)
-                    yield job
-                    if not batch and job.state in TERMINAL_STATES:
-                        return
-            except SSEError as exc:
-                raise HepatoAPIError(response.status_code, f"not an event stream: {exc}") from exc
-            except httpx.TransportError:
-                pass  # dropped: resume below
-            finally:
-                await response.aclose()
-            # The stream ended before its last event: the connection dropped.
-            fruitless += 1
-            if fruitless > self.retries:
-                raise HepatoConnectionError(f"{self.url}{path}: the event stream keeps dropping")
-            await anyio.sleep(self._backoff(fruitless))
+        async with aclosing(self._sse(path, ("job", "batch"))) as stream:
+            async for sse in stream:
+                event_id = int(sse.id) if sse.id.isdigit() else None
+                data = {**json.loads(sse.data), "event_id": event_id}
+                if sse.event == "batch":
+                    yield BatchEvent.model_validate(data)
+                    return
+                job = JobEvent.model_validate(data)
+                yield job
+                if not batch and job.state in TERMINAL_STATES:
+                    return
 
     async def wait(
         self,

@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from hepato.client.async_client import AsyncHepatoClient
-from hepato.client.types import BatchRef, Event, Formats, OnEvent
+from hepato.client.types import BatchRef, Event, Formats, OnEvent, OnSlideProgress, SlideFormats
+from hepato.client.uploads import OnUploaded
 from hepato.common.constants import Priority
 from hepato.common.schemas import BatchOut, JobOut, ModelOut
+from hepato.common.slide_schemas import SlideAccepted, SlideOut
 
 T = TypeVar("T")
 
@@ -119,6 +121,79 @@ class HepatoClient:
         async def call() -> BatchOut:
             return await self._async.wait(
                 batch_id, on_event, timeout=timeout, poll_max_s=poll_max_s
+            )
+
+        return self._portal.call(call)
+
+    # --- whole slides (see hepato.client.slides) -------------------------------------------
+    def submit_slide(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        priority: Priority | str = Priority.routine,
+        deadline_s: float | None = None,
+        callback_url: str | None = None,
+        deidentify: bool = False,
+        mpp: float | None = None,
+        on_uploaded: OnUploaded | None = None,
+    ) -> SlideAccepted:
+        """See ``AsyncHepatoClient.submit_slide``: the file is streamed from disk."""
+
+        async def call() -> SlideAccepted:
+            return await self._async.submit_slide(
+                path,
+                model=model,
+                priority=priority,
+                deadline_s=deadline_s,
+                callback_url=callback_url,
+                deidentify=deidentify,
+                mpp=mpp,
+                on_uploaded=on_uploaded,
+            )
+
+        return self._portal.call(call)
+
+    def slide(self, slide_id: uuid.UUID | str) -> SlideOut:
+        return self._portal.call(self._async.slide, slide_id)
+
+    def slides(self) -> list[SlideOut]:
+        return self._portal.call(self._async.slides)
+
+    def cancel_slide(self, slide_id: uuid.UUID | str) -> int:
+        return self._portal.call(self._async.cancel_slide, slide_id)
+
+    def slide_thumbnail(self, slide_id: uuid.UUID | str) -> bytes:
+        return self._portal.call(self._async.slide_thumbnail, slide_id)
+
+    def slide_tissue_mask(self, slide_id: uuid.UUID | str) -> bytes:
+        return self._portal.call(self._async.slide_tissue_mask, slide_id)
+
+    def download_slide_export(
+        self,
+        slide_id: uuid.UUID | str,
+        path: str | os.PathLike[str],
+        format: SlideFormats = "geojson",
+    ) -> Path:
+        return self._portal.call(self._async.download_slide_export, slide_id, path, format)
+
+    def slide_events(self, slide_id: uuid.UUID | str) -> Iterator[SlideOut]:
+        return self._iterate(self._async.slide_events(slide_id))
+
+    def wait_slide(
+        self,
+        slide_id: uuid.UUID | str,
+        *,
+        timeout: float | None = None,
+        on_progress: OnSlideProgress | None = None,
+        poll_max_s: float = 5.0,
+    ) -> SlideOut:
+        """See ``AsyncHepatoClient.wait_slide``; ``on_progress`` runs on the portal's
+        thread."""
+
+        async def call() -> SlideOut:
+            return await self._async.wait_slide(
+                slide_id, timeout=timeout, on_progress=on_progress, poll_max_s=poll_max_s
             )
 
         return self._portal.call(call)

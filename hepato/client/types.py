@@ -13,11 +13,16 @@ from pydantic import BaseModel
 
 from hepato.common.constants import BatchState, JobState
 from hepato.common.schemas import BatchAccepted
+from hepato.common.slide_schemas import SlideOut
 
 # What POST /v1/batches answers: the batch, its jobs and the files it refused by name.
 BatchRef = BatchAccepted
 # The formats of GET /v1/batches/{id}/export.
 Formats = Literal["geojson", "coco", "csv"]
+# The formats of GET /v1/slides/{id}/export.
+SlideFormats = Literal["geojson", "csv"]
+# wait_slide's callback: the slide each time it changes (its tiles, its state).
+OnSlideProgress = Callable[[SlideOut], object]
 
 
 class HepatoClientError(Exception):

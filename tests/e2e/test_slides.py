@@ -10,13 +10,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
@@ -27,54 +25,6 @@ from hepato.common.tables import Job, Slide
 from tests.slides import make, planted
 
 TOLERANCE_PX = 4.0
-
-
-@pytest.fixture
-def slide_settings(settings: Settings, tmp_path: Path) -> Settings:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "blobs.yaml").write_text(yaml.safe_dump(planted.MANIFEST))
-    return settings.model_copy(
-        update={
-            "models_dir": models,
-            "default_model": "blobs",
-            "slide_cache_dir": tmp_path / "cache",
-        }
-    )
-
-
-@pytest.fixture
-def slide_client(slide_settings: Settings) -> Iterator[TestClient]:
-    from hepato.gateway.app import create_app
-
-    with TestClient(create_app(slide_settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def run_slide_workers(slide_settings: Settings) -> Callable[..., None]:
-    """Run ``n`` burst workers of the blob model side by side until the queue is empty."""
-    from hepato.worker.runner import Worker
-
-    def run(n: int = 1, **overrides: object) -> None:
-        workers = [
-            Worker(
-                slide_settings.model_copy(update={"worker_id": f"slide-w{i}", **overrides}),
-                {"blobs": planted.BlobDetector(planted.manifest())},
-                burst=True,
-            )
-            for i in range(n)
-        ]
-        threads = [
-            threading.Thread(target=w.run, kwargs={"install_signals": False}) for w in workers
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-            assert not t.is_alive(), "a worker did not drain the queue"
-
-    return run
 
 
 def submit(client: TestClient, path: Path, **form: str) -> str:
