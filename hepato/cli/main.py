@@ -93,15 +93,23 @@ def up(
     keep_running: Annotated[
         bool, typer.Option(help="Leave the stack up until Ctrl-C after the run")
     ] = True,
+    slide: Annotated[
+        bool, typer.Option(help="After the images, run a small synthetic whole slide")
+    ] = True,
 ) -> None:
     """Start the whole stack locally (Postgres, Redis, S3, gateway, workers), run the
-    sample images through it and show the detections."""
+    sample images and one small synthetic whole slide through it and show the results."""
     from hepato.devstack.up import run_stack
 
     _logging("WARNING")
     raise typer.Exit(
         run_stack(
-            workers=workers, port=port, samples=samples, repeat=repeat, keep_running=keep_running
+            workers=workers,
+            port=port,
+            samples=samples,
+            repeat=repeat,
+            keep_running=keep_running,
+            slide=slide,
         )
     )
 

@@ -1,4 +1,5 @@
-"""``hepato up``: the one-command local stack and its main job on the sample images."""
+"""``hepato up``: the one-command local stack and its main job on the sample images, then
+on one small synthetic whole slide (hepato.devstack.sample_slide)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from hepato.common.images import MIME_TYPES, sniff_format
 from hepato.common.migrate import run_migrations
 from hepato.common.settings import get_settings
 from hepato.devstack.localstack import LocalStack
+from hepato.devstack.sample_slide import run_slide_job
 from hepato.devstack.supervise import Supervisor
 
 # Piped output gets a table wide enough for its links instead of 80 columns.
@@ -36,7 +38,15 @@ def sample_files(folder: Path) -> list[Path]:
     return files
 
 
-def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_running: bool) -> int:
+def run_stack(
+    *,
+    workers: int,
+    port: int,
+    samples: Path,
+    repeat: int,
+    keep_running: bool,
+    slide: bool = True,
+) -> int:
     settings = get_settings()
     stack = LocalStack(settings.data_dir / "stack")
     console.print(f"[bold]HepatoAI[/] local stack, data in {stack.root}")
@@ -76,6 +86,8 @@ def run_stack(*, workers: int, port: int, samples: Path, repeat: int, keep_runni
         # From here on a dead gateway or worker is started again, as compose would.
         supervisor = Supervisor(stack, lambda line: console.print(f"[yellow]{line}[/]")).start()
         code = _main_job(base, sample_files(samples), repeat, workers, supervisor)
+        if code == 0 and slide:
+            code = run_slide_job(base, stack.root, console)
         if keep_running and supervisor.fatal is None:
             console.print("[bold green]stack is running[/]; press Ctrl-C to stop it")
             stopped = threading.Event()

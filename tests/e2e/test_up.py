@@ -44,11 +44,18 @@ def test_up_runs_the_samples_and_stops_everything(data_dir: Path) -> None:
         "--no-keep-running",
     ]
     for run in range(2):  # the second run reuses the data directory
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        # The synthetic slide once: its path is tested in depth by tests/e2e/test_slides.py.
+        args = cmd if run == 0 else [*cmd, "--no-slide"]
+        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=420)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "images/s end to end with 2 worker(s)" in result.stdout
         assert "batch state done" in result.stdout
         assert "ihc_colon.png" in result.stdout
+        if run == 0:
+            assert "sample-slide.svs" in result.stdout
+            assert ": done (sample-slide.svs, aperio-svs" in result.stdout
+            assert "steatosis band (NASH CRN)" in result.stdout
+            assert "/export?format=geojson" in result.stdout
         assert "stack stopped" in result.stdout
         left = [
             p.info["cmdline"]
