@@ -46,9 +46,11 @@ def requeue(client: redis.Redis, jobs: Sequence[Requeue], *, front: bool = False
     now = time.time()
     pipe = client.pipeline(transaction=False)
     by_queue: dict[str, list[str]] = {}
+    # One SADD per model and tenant: a slide's plan requeues its 100,000 tiles at once.
+    for model, tenant in {(job.model, job.tenant) for job in jobs}:
+        pipe.sadd(tenants_key(model), tenant)
     for job in jobs:
         key = queue_key(job.model, job.priority, job.tenant)
-        pipe.sadd(tenants_key(job.model), job.tenant)
         if job.delay_s > 0:
             pipe.zadd(DELAYED_KEY, {f"{key} {job.id}": now + job.delay_s})
         else:

@@ -74,6 +74,16 @@ class SlideCache:
                 with entry.lock:
                     yield entry.reader
 
+    def reopen(self, key: str) -> None:
+        """Open a fresh reader for ``key`` at its next use. After a read error OpenSlide's
+        handle refuses every later read, so one bad tile would fail the slide's others;
+        the old reader is dropped, not closed (a thread may still be reading it), and
+        goes when the last of them lets go."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.reader = None
+
     def adopt(self, key: str, path: Path) -> None:
         """Take the file at ``path`` as the copy of ``key`` (a de-identified slide this
         worker made and stored)."""

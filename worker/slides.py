@@ -49,10 +49,14 @@ def read_tile(cache: SlideCache, job: ClaimedJob, size: int) -> np.ndarray:
     """The tile's RGB pixels at the model's input size (``size`` x ``size``)."""
     assert job.tile is not None
     x, y, w, h = job.tile
-    with cache.reader(job.object_key) as reader:
-        level = reader.best_level_for_downsample(max(w, h) / size)
-        ds = reader.level_downsamples[level]
-        region = reader.read_region(level, x, y, math.ceil(w / ds), math.ceil(h / ds))
+    try:
+        with cache.reader(job.object_key) as reader:
+            level = reader.best_level_for_downsample(max(w, h) / size)
+            ds = reader.level_downsamples[level]
+            region = reader.read_region(level, x, y, math.ceil(w / ds), math.ceil(h / ds))
+    except InvalidSlide:
+        cache.reopen(job.object_key)
+        raise
     if region.shape[:2] == (size, size):
         return region
     return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
@@ -240,7 +244,9 @@ def split_kinds(claimed: Sequence[ClaimedJob]) -> dict[str, list[ClaimedJob]]:
 
 
 def tile_error(exc: Exception) -> tuple[bool, str]:
-    """(permanent, reason) of a tile read that failed."""
-    if isinstance(exc, InvalidSlide | ObjectMissing):
+    """(permanent, reason) of a tile read that failed. A slide gone from the store is
+    permanent; a read error is retried (with a fresh reader: see SlideCache.reopen), so a
+    tile that is really damaged fails after its attempts and its neighbours do not."""
+    if isinstance(exc, ObjectMissing):
         return True, str(exc)
     return False, f"reading the tile failed: {exc}"
