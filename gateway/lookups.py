@@ -9,11 +9,11 @@ from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
 from hepato.common import schemas
-from hepato.common.tables import Batch, Job
+from hepato.common.tables import Batch, Job, Slide
 from hepato.gateway.auth import TenantDep
 from hepato.gateway.deps import Resources, SessionDep
 
-T = TypeVar("T", Job, Batch)
+T = TypeVar("T", Job, Batch, Slide)
 
 # What a route that looks a row up by its id adds to its OpenAPI `responses`: the lookup's 404.
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": schemas.ErrorOut}}
@@ -31,6 +31,10 @@ def job_or_404(session: Session, raw: str, tenant: str) -> Job:
 
 def batch_or_404(session: Session, raw: str, tenant: str) -> Batch:
     return _row_or_404(session, Batch, raw, tenant, "batch")
+
+
+def slide_or_404(session: Session, raw: str, tenant: str) -> Slide:
+    return _row_or_404(session, Slide, raw, tenant, "slide")
 
 
 def _row_or_404(session: Session, model: type[T], raw: str, tenant: str, kind: str) -> T:

@@ -128,15 +128,20 @@ async def _stream(
             await wake.wait(res.settings.events_poll_interval_s)
 
 
-def _response(
-    res: Resources, hub: WakeupHub, scope: Scope, last_event_id: int | None
-) -> EventSourceResponse:
+def event_stream(res: Resources, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """``events`` as a Server-Sent Events response, kept alive by pings."""
     return EventSourceResponse(
-        _stream(res, hub, scope, last_event_id or 0),
+        events,
         ping=res.settings.events_keepalive_s,
         # Proxies such as nginx would otherwise buffer the stream.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _response(
+    res: Resources, hub: WakeupHub, scope: Scope, last_event_id: int | None
+) -> EventSourceResponse:
+    return event_stream(res, _stream(res, hub, scope, last_event_id or 0))
 
 
 # Plain sessions, not SessionDep: a yield dependency would hold its connection for as long

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile, status
+from fastapi import APIRouter, File, Form, Request, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy import func, select
@@ -33,27 +33,20 @@ from hepato.common.tables import JobEvent, Slide
 from hepato.gateway.auth import TenantDep
 from hepato.gateway.deps import ResourcesDep, SessionDep
 from hepato.gateway.idempotency import IdempotencyDep
-from hepato.gateway.lookups import NOT_FOUND, public_url
-from hepato.gateway.routes.live import HubDep, LastEventId
-from hepato.gateway.routes.submissions import CallbackField, DeadlineField, ModelField
+from hepato.gateway.lookups import NOT_FOUND, public_url, slide_or_404
+from hepato.gateway.routes.live import HubDep, LastEventId, event_stream
+from hepato.gateway.routes.submissions import (
+    CallbackField,
+    DeadlineField,
+    ModelField,
+    model_or_422,
+)
 from hepato.gateway.slide_submit import SlideUpload, submit_slide
 
 router = APIRouter(prefix="/v1", tags=["slides"])
 
 # Progress of a slide's tiles comes in bursts (one per microbatch): one read per this long.
 COALESCE_S = 0.25
-
-
-def slide_or_404(session: Session, raw: str, tenant: str) -> Slide:
-    """The tenant's slide; a malformed id, a missing one and another tenant's are one
-    answer, so ids cannot be probed."""
-    try:
-        row = session.get(Slide, uuid.UUID(raw))
-    except ValueError:
-        row = None
-    if row is None or row.tenant != tenant:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no slide with id {raw!r}")
-    return row
 
 
 def slide_out(session: Session, slide: Slide) -> SlideOut:
@@ -115,18 +108,13 @@ async def submit(
     mpp: MppField = None,
 ) -> SlideAccepted | Response:
     async def run() -> SlideAccepted:
-        name = model or res.settings.default_model
-        if name not in res.models:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                f"unknown model {name!r}; available: {', '.join(sorted(res.models))}",
-            )
+        manifest = model_or_422(res, model)
         sub = await run_in_threadpool(
             submit_slide,
             res,
             SlideUpload(file.filename or "unnamed", file.file),
             tenant=tenant,
-            model=res.models[name],
+            model=manifest,
             priority=priority,
             deadline_s=deadline_s,
             callback_url=str(callback_url) if callback_url else None,
@@ -224,8 +212,5 @@ def slide_events(
 ) -> EventSourceResponse:
     with res.sessions() as session:
         slide = slide_or_404(session, slide_id, tenant)
-    return EventSourceResponse(
-        _stream(res, hub, slide.id, tenant, last_event_id if last_event_id is not None else -1),
-        ping=res.settings.events_keepalive_s,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    after = last_event_id if last_event_id is not None else -1
+    return event_stream(res, _stream(res, hub, slide.id, tenant, after))

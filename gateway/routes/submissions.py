@@ -81,14 +81,20 @@ def predict_form(
     return SubmissionForm(model=model, priority=priority, question=question)
 
 
-def _model(res: Resources, form: SubmissionForm) -> ModelManifest:
-    name = form.model or res.settings.default_model
+def model_or_422(res: Resources, name: str | None) -> ModelManifest:
+    """The named model's manifest (None: the default model); 422 listing the models."""
+    name = name or res.settings.default_model
     if name not in res.models:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"unknown model {name!r}; available: {', '.join(sorted(res.models))}",
         )
-    manifest = res.models[name]
+    return res.models[name]
+
+
+def _model(res: Resources, form: SubmissionForm) -> ModelManifest:
+    manifest = model_or_422(res, form.model)
+    name = manifest.name
     if form.question is not None and manifest.task != "vqa":
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
