@@ -197,11 +197,14 @@ class Settings(BaseSettings):
     slide_cache_bytes: int = Field(
         20 * 1024**3,
         ge=0,
-        description="Disk a worker's local copies of slides may take, bytes; the least "
+        description="Disk the local copies of slides may take per process (a worker's, for "
+        "its tiles; a gateway's, for deep-zoom tiles), bytes; the least "
         "recently read are deleted past it (a slide being read is never deleted).",
     )
     slide_cache_dir: Path | None = Field(
-        None, description="Where a worker keeps local copies of slides; empty = data_dir/slides."
+        None,
+        description="Where workers and gateways keep local copies of slides (a folder "
+        "each); empty = data_dir/slides.",
     )
     worker_id: str = Field("", description="Worker name in the job rows; empty = host:pid.")
     worker_metrics_port: int = Field(

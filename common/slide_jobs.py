@@ -28,7 +28,7 @@ from hepato.common.jobs import Requeue, _owned
 from hepato.common.manifest import ModelManifest
 from hepato.common.room import Room, hold_room
 from hepato.common.slide_schemas import SlideState
-from hepato.common.slides.grid import Tile
+from hepato.common.slides.grid import Tile, TileGeometry
 from hepato.common.tables import Batch, Job, Slide
 
 
@@ -170,6 +170,9 @@ class Plan:
     # The slide's object now: a de-identified copy's key replaces the upload's.
     object_key: str
     deidentified: bool = False
+    # The grid's level-0 tile size and stride (common.slides.grid.tile_geometry); None
+    # leaves the slide's grid columns null.
+    geometry: TileGeometry | None = None
 
 
 def commit_plan(
@@ -179,11 +182,10 @@ def commit_plan(
     transaction, if this lease still owns the plan job; None if it does not (another
     worker took it over). Returns the tile jobs to push after the commit."""
     tile_ids = [uuid.uuid4() for _ in plan.tiles]
+    geo = plan.geometry
     with event_log.transaction(engine) as conn:
         owner = conn.execute(
-            select(
-                Job.tenant, Job.model, Job.task, Job.priority, Job.max_attempts, Job.deadline_at
-            )
+            select(Job.tenant, Job.model, Job.task, Job.priority, Job.max_attempts, Job.deadline_at)
             .where(_owned(token, [plan_job_id]))
             .with_for_update()
         ).first()
@@ -210,6 +212,10 @@ def commit_plan(
                 objective_power=plan.objective_power,
                 tile_size=plan.tile_size,
                 tile_overlap=plan.tile_overlap,
+                tile_w0=geo.w if geo else None,
+                tile_h0=geo.h if geo else None,
+                tile_stride_x=geo.stride_x if geo else None,
+                tile_stride_y=geo.stride_y if geo else None,
                 tissue_area_mm2=plan.tissue_area_mm2,
                 thumbnail_key=plan.thumbnail_key,
                 mask_key=plan.mask_key,
@@ -230,14 +236,10 @@ def commit_plan(
             )
         )
         if tile_ids:
-            event_log.record(
-                conn, (), where=and_(Job.batch_id == slide_id, Job.kind == "tile")
-            )
+            event_log.record(conn, (), where=and_(Job.batch_id == slide_id, Job.kind == "tile"))
         # Last: with no tile of tissue, this ends the slide (common.slide_finish).
         event_log.record(conn, [plan_job_id])
-    return [
-        Requeue(tile_id, owner.model, owner.priority, owner.tenant) for tile_id in tile_ids
-    ]
+    return [Requeue(tile_id, owner.model, owner.priority, owner.tenant) for tile_id in tile_ids]
 
 
 def _insert_tiles(

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -118,6 +119,15 @@ class Job(Base):
         Index("ix_jobs_state_lease", "state", "lease_until"),
         # The queue bound counts a model's pending jobs at every submission.
         Index("ix_jobs_model_state", "model", "state"),
+        # A slide's tiles by place: a region query names the viewport's tile rows and a
+        # range of columns, and visits only those tiles (gateway.routes.slide_regions).
+        Index(
+            "ix_jobs_tile_grid",
+            "batch_id",
+            "tile_y",
+            "tile_x",
+            postgresql_where=text("kind = 'tile'"),
+        ),
     )
 
 
@@ -156,6 +166,12 @@ class Slide(Base):
     objective_power: Mapped[float | None] = mapped_column(Float)
     tile_size: Mapped[int | None] = mapped_column(Integer)
     tile_overlap: Mapped[int | None] = mapped_column(Integer)
+    # The tile grid in level-0 px (common.slides.grid.tile_geometry): every tile starts at
+    # a multiple of the stride. Null until planned, and for slides planned before 0009.
+    tile_w0: Mapped[int | None] = mapped_column(Integer)
+    tile_h0: Mapped[int | None] = mapped_column(Integer)
+    tile_stride_x: Mapped[int | None] = mapped_column(Integer)
+    tile_stride_y: Mapped[int | None] = mapped_column(Integer)
     tissue_area_mm2: Mapped[float | None] = mapped_column(Float)
     tiles_total: Mapped[int] = mapped_column(Integer, default=0)
     thumbnail_key: Mapped[str | None] = mapped_column(Text)

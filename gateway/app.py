@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,12 +27,24 @@ from hepato.common.db import get_engine, session_factory
 from hepato.common.exceptions import ObjectFetchError, ObjectMissing, QueueFull, UnknownModel
 from hepato.common.manifest import load_registry
 from hepato.common.settings import Settings, get_settings
+from hepato.common.slides.cache import SlideCache
 from hepato.common.storage import ObjectStore
 from hepato.gateway.auth import KeyBeforeBody
 from hepato.gateway.deps import Resources, ResourcesDep
 from hepato.gateway.finish_watch import FinishWatch
 from hepato.gateway.limits import install_limits
-from hepato.gateway.routes import batches, exports, jobs, live, slide_results, slides, submissions
+from hepato.gateway.routes import (
+    batches,
+    exports,
+    jobs,
+    live,
+    slide_regions,
+    slide_report,
+    slide_results,
+    slide_view,
+    slides,
+    submissions,
+)
 from hepato.gateway.routes import models as model_list
 from hepato.gateway.submit import CommitUnknown
 from hepato.gateway.viewer import router as viewer_router
@@ -78,6 +92,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis=redis.Redis.from_url(settings.redis_url, health_check_interval=30),
             store=store,
             models=models,
+            slide_cache=SlideCache.for_worker(
+                settings.slide_cache_path,
+                # Unique per app: two apps in one process (tests) must not share copies.
+                f"gateway-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                settings.slide_cache_bytes,
+                store,
+            ),
         )
         event_log.attach(app.state.resources.engine, app.state.resources.redis)
         # Every waiter of this process (SSE streams, /v1/predict) on one Redis connection.
@@ -93,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await watch.close()
         await hub.close()
         app.state.resources.redis.close()
+        app.state.resources.slide_cache.close()
 
     app = FastAPI(
         title="HepatoAI",
@@ -105,6 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # In this order the paths stand in /openapi.json as they always have.
     for routes in (submissions, model_list, jobs, batches, live, exports, slides, slide_results):
         app.include_router(routes.router)
+    app.include_router(slide_view.router)
+    app.include_router(slide_regions.router)
+    app.include_router(slide_report.router)
     app.include_router(viewer_router)
     install_limits(app, settings)
     if settings.auth == "required":

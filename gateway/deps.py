@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import redis
@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hepato.common.manifest import ModelManifest
 from hepato.common.settings import Settings
+from hepato.common.slides.cache import SlideCache
+from hepato.common.slides.deepzoom import TileCache
 from hepato.common.storage import ObjectStore
 
 
@@ -26,6 +28,9 @@ class Resources:
     redis: redis.Redis
     store: ObjectStore
     models: dict[str, ModelManifest]
+    # Local copies of the slides viewed through this gateway, and their rendered tiles.
+    slide_cache: SlideCache
+    tiles: TileCache = field(default_factory=TileCache)
 
 
 def get_resources(request: Request) -> Resources:

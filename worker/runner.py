@@ -38,6 +38,7 @@ from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissi
 from hepato.common.job_counts import count_unfinished
 from hepato.common.jobs import ClaimedJob
 from hepato.common.settings import Settings
+from hepato.common.slides.cache import SlideCache
 from hepato.common.storage import ObjectStore
 from hepato.worker import inference
 from hepato.worker.accounting import count_outcome, timed
@@ -46,7 +47,6 @@ from hepato.worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_r
 from hepato.worker.microbatch import Batcher, MicroBatch, model_queue
 from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper
 from hepato.worker.recovery import Recovery, db_retry
-from hepato.worker.slide_cache import SlideCache
 from hepato.worker.slides import Planner, place, read_tile, split_kinds, tile_error
 from hepato.worker.webhook_sender import WebhookSender
 

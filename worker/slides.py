@@ -28,13 +28,13 @@ from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import Box, DetectResult
 from hepato.common.settings import Settings
+from hepato.common.slides.cache import SlideCache
 from hepato.common.slides.deidentify import deidentify_slide
-from hepato.common.slides.grid import plan_tiles
+from hepato.common.slides.grid import plan_tiles, tile_geometry
 from hepato.common.slides.tissue import compute_tissue_mask, png_bytes, render_thumbnail
 from hepato.common.storage import ObjectStore, new_object_key
 from hepato.worker.pipeline import LeaseKeeper
 from hepato.worker.recovery import db_retry
-from hepato.worker.slide_cache import SlideCache
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ class Planner:
         tiles = plan_tiles(
             width, height, mpp, manifest.mpp, manifest.input_size, manifest.tile_overlap, mask
         )
+        geometry = tile_geometry(mpp, manifest.mpp, manifest.input_size, manifest.tile_overlap)
         prefix = f"slides/{slide.slide_id.hex}"
         self.store.put(f"{prefix}/thumbnail.png", png_bytes(thumbnail), "image/png")
         self.store.put(f"{prefix}/tissue_mask.png", png_bytes(mask.mask), "image/png")
@@ -210,6 +211,7 @@ class Planner:
             tiles=tiles,
             object_key=key,
             deidentified=deidentified,
+            geometry=geometry,
         )
         commit = db_retry(self.settings.lease_s)(slide_jobs.commit_plan)
         requeue = commit(self.engine, token, job.id, slide.slide_id, plan)

@@ -8,7 +8,10 @@ middle of their overlap, at one integer boundary both tiles share, and the outer
 to the slide's edges, so the cores of the whole grid partition the slide exactly: every
 level-0 point lies in one core, whichever tiles are kept. A tile is kept when its core
 touches tissue in the mask; the test is vectorised (one cumulative sum of the mask), so a
-grid of 100k tiles plans in a fraction of a second."""
+grid of 100k tiles plans in a fraction of a second.
+
+Tile starts are multiples of the level-0 stride along each axis (``tile_geometry``): what
+lets a region query name a viewport's tile rows exactly (gateway.routes.slide_regions)."""
 
 from __future__ import annotations
 
@@ -36,6 +39,26 @@ class Tile:
     core_y0: int
     core_x1: int
     core_y1: int
+
+
+@dataclass(frozen=True, slots=True)
+class TileGeometry:
+    """A grid's tile size and stride (start to start) in level-0 pixels, per axis."""
+
+    w: int
+    h: int
+    stride_x: int
+    stride_y: int
+
+
+def tile_geometry(
+    slide_mpp: tuple[float, float], model_mpp: float, tile_px: int, overlap_px: int
+) -> TileGeometry:
+    """The level-0 tile size and stride of the grid ``plan_tiles`` cuts: the one
+    rounding rule both use."""
+    w, sx = _size_stride(model_mpp / slide_mpp[0], tile_px, overlap_px, "x")
+    h, sy = _size_stride(model_mpp / slide_mpp[1], tile_px, overlap_px, "y")
+    return TileGeometry(w, h, sx, sy)
 
 
 def core_contains(tile: Tile, cx: float, cy: float) -> bool:
@@ -68,8 +91,10 @@ def plan_tiles(
     if not (math.isfinite(model_mpp) and model_mpp > 0):
         raise ValueError(f"model_mpp must be positive, not {model_mpp}")
 
-    xs, bx, w0 = _axis(width, model_mpp / slide_mpp[0], tile_px, overlap_px, "x")
-    ys, by, h0 = _axis(height, model_mpp / slide_mpp[1], tile_px, overlap_px, "y")
+    geo = tile_geometry(slide_mpp, model_mpp, tile_px, overlap_px)
+    w0, h0 = geo.w, geo.h
+    xs, bx = _axis(width, w0, geo.stride_x)
+    ys, by = _axis(height, h0, geo.stride_y)
     keep = np.ones((len(ys), len(xs)), bool) if mask is None else _touches_tissue(mask, bx, by)
     rows, cols = np.nonzero(keep)  # row-major, as nonzero walks C order
     x_l, y_l = xs.tolist(), ys.tolist()
@@ -80,11 +105,8 @@ def plan_tiles(
     ]
 
 
-def _axis(
-    length: int, ds: float, tile_px: int, overlap_px: int, name: str
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Along one axis: the tiles' starts, the n + 1 core boundaries, and the tile size,
-    all in level-0 pixels."""
+def _size_stride(ds: float, tile_px: int, overlap_px: int, name: str) -> tuple[int, int]:
+    """Along one axis at downsample ``ds``: the tile size and stride, level-0 pixels."""
     size = round(tile_px * ds)
     overlap = round(overlap_px * ds)
     stride = size - overlap
@@ -93,6 +115,13 @@ def _axis(
             f"in {name}, {tile_px} px tiles overlapping by {overlap_px} px at downsample "
             f"{ds:g} round to {size} level-0 px with a stride of {stride}: nothing to step by"
         )
+    return size, stride
+
+
+def _axis(length: int, size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis: the tiles' starts and the n + 1 core boundaries, in level-0
+    pixels, for tiles of ``size`` every ``stride``."""
+    overlap = size - stride
     # The fewest tiles whose last one reaches the edge: (n - 1) * stride + size >= length.
     n = 1 if length <= size else 1 + -(-(length - size) // stride)
     starts = np.arange(n, dtype=np.int64) * stride
@@ -101,7 +130,7 @@ def _axis(
     # Both neighbours use the same integer, so cores abut with no gap and no overlap.
     # Minimal n puts (n - 1) * stride + overlap below the length, so no core is empty.
     bounds[1:n] = starts[1:] + overlap // 2
-    return starts, bounds, size
+    return starts, bounds
 
 
 def _touches_tissue(mask: TissueMask, bx: np.ndarray, by: np.ndarray) -> np.ndarray:

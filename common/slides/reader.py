@@ -102,7 +102,10 @@ class SlideReader:
         except (openslide.OpenSlideError, ValueError, OSError) as e:
             raise InvalidSlide(f"reading a region of the slide failed: {e}") from e
         arr = np.asarray(region)
-        if arr.ndim == 3 and arr.shape[2] == 4:
+        if arr.ndim == 3 and arr.shape[2] == 4 and arr[:, :, 3].min() == 255:
+            # Opaque (every region inside the scanned area): no compositing to pay for.
+            arr = arr[:, :, :3]
+        elif arr.ndim == 3 and arr.shape[2] == 4:
             alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
             rgb = arr[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
             arr = np.rint(rgb).astype(np.uint8)

@@ -10,7 +10,7 @@ import pytest
 
 from hepato.common.exceptions import InvalidSlide
 from hepato.common.jobs import ClaimedJob
-from hepato.worker.slide_cache import SlideCache
+from hepato.common.slides.cache import SlideCache
 from hepato.worker.slides import read_tile, tile_error
 from tests.slides import make
 

@@ -2,33 +2,31 @@
 // Every API call goes through fetch (or XHR for upload progress) so that an API key can be
 // sent as a header; images therefore arrive as blobs, since <img src> cannot send one.
 
-const API = new URL("../v1/", location.href);
-const KEY_STORE = "hepato.apiKey";
+import {
+  $,
+  API,
+  ApiError,
+  AuthNeeded,
+  Classes,
+  COLORS,
+  Stale,
+  refused,
+  apiKey,
+  detailOf,
+  getJson,
+  api,
+  run,
+  showError,
+  sleep,
+  sseEvents,
+  wireKeyForm,
+} from "./common.js";
+
 const PAGE_SIZE = 500; // jobs per GET /v1/batches page (the server allows up to 1000)
 const CARDS_PER_STEP = 48;
 const FETCH_CONCURRENCY = 4;
 const TERMINAL = new Set(["done", "failed", "canceled", "expired"]);
-// Okabe-Ito colours: told apart with colour-blindness, and black text reads on each.
-const COLORS = {
-  fibrosis: "#56B4E9",
-  inflammation: "#E69F00",
-  steatosis: "#009E73",
-  ballooning: "#F0E442",
-};
-const EXTRA_COLORS = ["#FFFFFF", "#D55E00", "#CC79A7", "#0072B2", "#999999"];
 const IMAGE_NAME = /\.(jpe?g|png|tiff?|bmp|webp)$/i;
-
-const $ = (sel) => document.querySelector(sel);
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-class AuthNeeded extends Error {}
-class Stale extends Error {}
-class ApiError extends Error {
-  constructor(status, detail) {
-    super(`${status}: ${detail}`);
-    this.status = status;
-  }
-}
 
 const state = {
   gen: 0, // bumped when another batch is opened: older loops see it and stop
@@ -37,14 +35,10 @@ const state = {
   total: 0,
   jobs: new Map(), // job id -> job as GET /v1/jobs/{id} returns it, plus _v
   order: [],
-  labels: [],
-  colors: new Map(Object.entries(COLORS)),
-  hidden: new Set(),
   minScore: 0,
   onlyHits: false,
   limit: CARDS_PER_STEP,
   files: [],
-  lastAction: null,
   cards: new Map(),
   blobUrls: [],
   fetchQueue: [],
@@ -56,38 +50,6 @@ const state = {
 
 // --- API ------------------------------------------------------------------------------
 
-function authHeaders(extra = {}) {
-  const key = sessionStorage.getItem(KEY_STORE);
-  return key ? { ...extra, "X-API-Key": key } : extra;
-}
-
-async function api(path, options = {}) {
-  const res = await fetch(new URL(path, API), {
-    ...options,
-    headers: authHeaders(options.headers),
-  });
-  if (res.status === 401) {
-    askForKey(sessionStorage.getItem(KEY_STORE) ? "The API key was refused." : null);
-    throw new AuthNeeded("an API key is needed");
-  }
-  return res;
-}
-
-async function detailOf(res) {
-  try {
-    const body = await res.json();
-    return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
-  } catch {
-    return res.statusText;
-  }
-}
-
-async function getJson(path, options) {
-  const res = await api(path, options);
-  if (!res.ok) throw new ApiError(res.status, await detailOf(res));
-  return res.json();
-}
-
 function uploadBatch(files, model) {
   return new Promise((resolve, reject) => {
     const form = new FormData();
@@ -95,7 +57,7 @@ function uploadBatch(files, model) {
     for (const f of files) form.append("files", f, f.webkitRelativePath || f.name);
     const xhr = new XMLHttpRequest();
     xhr.open("POST", new URL("batches", API));
-    for (const [k, v] of Object.entries(authHeaders())) xhr.setRequestHeader(k, v);
+    if (apiKey()) xhr.setRequestHeader("X-API-Key", apiKey());
     xhr.responseType = "json";
     xhr.upload.onprogress = (e) => {
       if (e.lengthComputable) {
@@ -106,8 +68,7 @@ function uploadBatch(files, model) {
     xhr.onload = () => {
       const body = xhr.response || {};
       if (xhr.status === 401) {
-        askForKey(sessionStorage.getItem(KEY_STORE) ? "The API key was refused." : null);
-        reject(new AuthNeeded("an API key is needed"));
+        reject(refused());
       } else if (xhr.status === 202) {
         resolve(body);
       } else {
@@ -119,36 +80,6 @@ function uploadBatch(files, model) {
     xhr.onerror = () => reject(new Error("the upload failed (network error)"));
     xhr.send(form);
   });
-}
-
-// --- Server-sent events over fetch (EventSource cannot send the key header) ------------
-
-async function* sseEvents(body) {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  let event = { event: "message", data: [], id: null };
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value;
-    const lines = buffer.split(/\r\n|\r|\n/);
-    buffer = lines.pop();
-    for (const line of lines) {
-      if (line === "") {
-        if (event.data.length) yield { ...event, data: event.data.join("\n") };
-        event = { event: "message", data: [], id: null };
-        continue;
-      }
-      if (line.startsWith(":")) continue; // keep-alive comment
-      const colon = line.indexOf(":");
-      const field = colon < 0 ? line : line.slice(0, colon);
-      const raw = colon < 0 ? "" : line.slice(colon + 1);
-      const val = raw.startsWith(" ") ? raw.slice(1) : raw;
-      if (field === "event") event.event = val;
-      else if (field === "data") event.data.push(val);
-      else if (field === "id") event.id = val;
-    }
-  }
 }
 
 // --- Batch state -----------------------------------------------------------------------
@@ -167,7 +98,7 @@ function mergeJob(job) {
     Object.assign(old, job, { result: job.result ?? old.result });
     if (changed) old._v += 1;
   }
-  for (const box of state.jobs.get(job.id).result?.boxes || []) ensureLabel(box.label);
+  for (const box of state.jobs.get(job.id).result?.boxes || []) classes.ensure(box.label);
 }
 
 function stateCounts() {
@@ -337,43 +268,16 @@ async function openBatch(batchId) {
 
 // --- Rendering -------------------------------------------------------------------------
 
-function ensureLabel(label) {
-  if (state.labels.includes(label)) return;
-  state.labels.push(label);
-  if (!state.colors.has(label)) {
-    const extra = state.colors.size - Object.keys(COLORS).length;
-    state.colors.set(label, EXTRA_COLORS[extra % EXTRA_COLORS.length]);
-  }
-  const id = `class-${state.labels.length}`;
-  const wrap = document.createElement("label");
-  wrap.className = "inline class-toggle";
-  wrap.htmlFor = id;
-  const box = document.createElement("input");
-  box.type = "checkbox";
-  box.id = id;
-  box.value = label;
-  box.checked = !state.hidden.has(label);
-  box.addEventListener("change", () => {
-    if (box.checked) state.hidden.delete(label);
-    else state.hidden.add(label);
-    state.view += 1;
-    scheduleRender();
-  });
-  wrap.append(box, swatch(label), document.createTextNode(label));
-  $("#classes").append(wrap);
-}
+const classes = new Classes($("#classes"), () => {
+  state.view += 1;
+  scheduleRender();
+});
 
-function swatch(label) {
-  const s = document.createElement("span");
-  s.className = "swatch";
-  s.setAttribute("aria-hidden", "true");
-  s.style.backgroundColor = state.colors.get(label);
-  return s;
-}
+const swatch = (label) => classes.swatch(label);
 
 function shownBoxes(job) {
   const boxes = job.result?.task === "detect" ? job.result.boxes : [];
-  return boxes.filter((b) => b.score >= state.minScore && !state.hidden.has(b.label));
+  return boxes.filter((b) => b.score >= state.minScore && classes.shown(b.label));
 }
 
 function countBy(boxes) {
@@ -439,10 +343,10 @@ function renderBatchCounts() {
     shown += n;
     if (n) shownImages += 1;
   }
-  const rows = state.labels.map((label) => {
+  const rows = classes.labels.map((label) => {
     const tr = document.createElement("tr");
     tr.dataset.label = label;
-    if (state.hidden.has(label)) tr.className = "off";
+    if (!classes.shown(label)) tr.className = "off";
     const th = document.createElement("th");
     th.scope = "row";
     th.append(swatch(label), document.createTextNode(label));
@@ -522,7 +426,7 @@ function drawBoxes(card, job, boxes) {
   const size = Math.max(job.width, job.height);
   const font = Math.max(8, size / 28);
   const groups = boxes.map((b) => {
-    const color = state.colors.get(b.label);
+    const color = classes.colors.get(b.label);
     const g = svgEl("g", { class: "det", "data-label": b.label });
     const title = svgEl("title", {});
     title.textContent = `${b.label} ${b.score.toFixed(2)}`;
@@ -638,29 +542,6 @@ function setMode(text) {
 
 // --- Inputs ----------------------------------------------------------------------------
 
-function showError(e) {
-  const box = $("#error");
-  box.textContent = e instanceof ApiError ? `The server answered ${e.message}` : String(e.message || e);
-  box.hidden = false;
-}
-
-function run(action) {
-  state.lastAction = action;
-  $("#error").hidden = true;
-  action().catch((e) => {
-    if (!(e instanceof AuthNeeded) && !(e instanceof Stale) && e.name !== "AbortError") {
-      showError(e);
-    }
-  });
-}
-
-function askForKey(problem) {
-  const section = $("#key-section");
-  section.hidden = false;
-  if (problem) $("#key-why").textContent = `${problem} Enter a valid API key.`;
-  $("#api-key").focus();
-}
-
 function showRejected(rejected) {
   const items = rejected.map((r) => {
     const li = document.createElement("li");
@@ -724,11 +605,11 @@ async function loadModels() {
     }),
   );
   const chosen = select.selectedOptions[0];
-  if (chosen) JSON.parse(chosen.dataset.labels).forEach(ensureLabel);
+  if (chosen) JSON.parse(chosen.dataset.labels).forEach((l) => classes.ensure(l));
 }
 
 function wire() {
-  Object.keys(COLORS).forEach(ensureLabel);
+  Object.keys(COLORS).forEach((l) => classes.ensure(l));
   $("#files").addEventListener("change", (e) => chooseFiles(e.target.files));
   $("#folder").addEventListener("change", (e) => chooseFiles(e.target.files));
   const drop = $("#drop");
@@ -751,7 +632,7 @@ function wire() {
   });
   $("#model").addEventListener("change", (e) => {
     const o = e.target.selectedOptions[0];
-    if (o) JSON.parse(o.dataset.labels).forEach(ensureLabel);
+    if (o) JSON.parse(o.dataset.labels).forEach((l) => classes.ensure(l));
     scheduleRender();
   });
   $("#upload-form").addEventListener("submit", (e) => {
@@ -775,13 +656,7 @@ function wire() {
     const id = $("#batch-id").value.trim();
     run(() => openBatch(id));
   });
-  $("#key-form").addEventListener("submit", (e) => {
-    e.preventDefault();
-    sessionStorage.setItem(KEY_STORE, $("#api-key").value.trim());
-    $("#api-key").value = "";
-    $("#key-section").hidden = true;
-    if (state.lastAction) run(state.lastAction);
-  });
+  wireKeyForm();
   $("#min-score").addEventListener("input", (e) => {
     state.minScore = Number(e.target.value);
     $("#min-score-out").textContent = state.minScore.toFixed(2);

@@ -1,7 +1,8 @@
-"""A worker's local copies of whole slides, and the readers open on them.
+"""Local copies of whole slides, and the readers open on them: a worker's (its tiles)
+and a gateway's (deep-zoom tiles for the viewer).
 
 Tiles are regions of a slide that lives in the object store. Reading each region over
-the network would cost a request per tile; instead each worker copies a slide to its
+the network would cost a request per tile; instead each process copies a slide to its
 disk once (ranged reads, never the whole file in memory), keeps a reader open on it, and
 reads every tile it claims from there. The copies are bounded by a disk budget
 (``slide_cache_bytes``): past it the least recently used slide not being read is
@@ -105,6 +106,7 @@ class SlideCache:
             for entry in self._entries.values():
                 _discard(entry)
             self._entries.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     @contextlib.contextmanager
     def _use(self, key: str) -> Iterator[_Entry]:
