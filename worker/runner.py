@@ -71,6 +71,9 @@ class Worker:
         event_log.attach(self.engine, self.redis)
         self.store = ObjectStore(settings, pool_size=settings.fetch_concurrency)
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="fetch")
+        # Reading a slide's tiles is JPEG decoding, CPU work like decoding uploads: as many
+        # threads as decoder processes, not the download pool's 16.
+        self.tile_pool = ThreadPoolExecutor(settings.decode_processes, thread_name_prefix="tile")
         self.decoder = IsolatedDecoder(settings.decode_processes, settings.decode_timeout_s, decode)
         # stopping: finish what is in hand, take nothing new. abort: a stage died; every
         # wait gives up at once.
@@ -153,6 +156,7 @@ class Worker:
             self.recovery.stop()
             self.webhooks.stop()
             self.fetch_pool.shutdown(wait=False)
+            self.tile_pool.shutdown(wait=False)
             self.decoder.close()
         log.info(
             "worker %s stopped after %d batches, %d jobs", self.id, self.batches, self.jobs_done
@@ -230,7 +234,7 @@ class Worker:
         size = model.manifest.input_size
         with timed(batch.model, "download"):
             tiles = [
-                self.fetch_pool.submit(read_tile, self.slide_cache, j, size) for j in kinds["tile"]
+                self.tile_pool.submit(read_tile, self.slide_cache, j, size) for j in kinds["tile"]
             ]
             datas = list(self.fetch_pool.map(self._fetch, kinds["image"]))
             for job, future in zip(kinds["tile"], tiles, strict=True):

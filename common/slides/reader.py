@@ -19,9 +19,17 @@ from typing import Any
 import numpy as np
 import openslide
 import tiffslide
+from PIL import Image
 
 from hepato.common.exceptions import InvalidSlide
 from hepato.common.slides.sniff import SlideFormat, sniff_slide
+
+# Decoded pyramid tiles OpenSlide keeps, shared by every slide a process has open, bytes.
+# Neighbouring model tiles share the scanner's tiles (a 320 px read spans up to four 256 px
+# JPEG tiles), so a cache that holds a few rows of them decodes each JPEG once instead of
+# two or three times; it is one fixed amount whatever the number or size of the slides.
+OPENSLIDE_CACHE_BYTES = 256 * 1024 * 1024
+_shared_cache: openslide.OpenSlideCache | None = None
 
 # A region larger than this is a caller's bug (tiles are a few hundred px on a side);
 # refusing it keeps a wrong size from allocating gigabytes.
@@ -78,10 +86,13 @@ class SlideReader:
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The smallest level whose downsample does not exceed the one asked for, so
-        reading it and shrinking to the wanted resolution never upsamples."""
+        reading it and shrinking to the wanted resolution never upsamples. Level sizes are
+        whole pixels, so a level's downsample is a little off its nominal factor (16.007
+        for 16): within 1% counts as equal, or a read would take the level four times
+        larger."""
         best = 0
         for i, d in enumerate(self.level_downsamples):
-            if d <= downsample + 1e-6:
+            if d <= downsample * 1.01:
                 best = i
         return best
 
@@ -101,17 +112,7 @@ class SlideReader:
             region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
         except (openslide.OpenSlideError, ValueError, OSError) as e:
             raise InvalidSlide(f"reading a region of the slide failed: {e}") from e
-        arr = np.asarray(region)
-        if arr.ndim == 3 and arr.shape[2] == 4 and arr[:, :, 3].min() == 255:
-            # Opaque (every region inside the scanned area): no compositing to pay for.
-            arr = arr[:, :, :3]
-        elif arr.ndim == 3 and arr.shape[2] == 4:
-            alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
-            rgb = arr[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-            arr = np.rint(rgb).astype(np.uint8)
-        elif arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        return np.ascontiguousarray(arr[:, :, :3], dtype=np.uint8)
+        return _on_white(region)
 
     def _read_tiffslide(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         # tiffslide pads what lies outside the level with black (and warns); read only the
@@ -173,12 +174,35 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
             slide = tiffslide.TiffSlide(os.fspath(path))
             mpp = _ome_mpp(slide) if sniffed.format is SlideFormat.OME_TIFF else None
             return SlideReader(slide, sniffed.format, mpp)
-        return SlideReader(openslide.OpenSlide(os.fspath(path)), sniffed.format)
+        opened = openslide.OpenSlide(os.fspath(path))
+        opened.set_cache(_openslide_cache())
+        return SlideReader(opened, sniffed.format)
     except InvalidSlide:
         raise
     except (openslide.OpenSlideError, ValueError, OSError, KeyError, IndexError) as e:
         # OpenSlideUnsupportedFormatError is an OpenSlideError.
         raise InvalidSlide(f"the {sniffed.format.value} slide cannot be opened: {e}") from e
+
+
+def _on_white(region: Image.Image) -> np.ndarray:
+    """OpenSlide's RGBA region as RGB, what lies outside the scanned area (transparent)
+    laid on white like the glass. In Pillow's C code: an opaque region, the usual case,
+    costs one copy."""
+    if region.mode != "RGBA":
+        return np.ascontiguousarray(np.asarray(region.convert("RGB")), dtype=np.uint8)
+    alpha = region.getchannel("A")
+    if alpha.getextrema() != (255, 255):
+        white = Image.new("RGB", region.size, (255, 255, 255))
+        white.paste(region, mask=alpha)
+        region = white
+    return np.ascontiguousarray(np.asarray(region.convert("RGB")), dtype=np.uint8)
+
+
+def _openslide_cache() -> openslide.OpenSlideCache:
+    global _shared_cache
+    if _shared_cache is None:
+        _shared_cache = openslide.OpenSlideCache(OPENSLIDE_CACHE_BYTES)
+    return _shared_cache
 
 
 def _positive_float(value: object) -> float | None:

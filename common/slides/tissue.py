@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 TISSUE_MPP = 8.0
 # The most pixels of the read level that one read_region call asks for, per side: what
 # bounds memory on a slide of any size.
-READ_CHUNK_PX = 2048
+READ_CHUNK_PX = 1024
 # Saturation (0..255) below which nothing is tissue, whatever Otsu says: on a blank or
 # near-uniform slide Otsu splits noise, and glass with a colour cast stays under this.
 MIN_SATURATION = 15

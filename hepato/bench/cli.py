@@ -271,3 +271,63 @@ def e2e(
         raise typer.Exit(1) from None
     print_targets(result["targets"])
     Console(width=160).print(f"report and plots: {', '.join(result['files'])}")
+
+
+@app.command()
+def slides(
+    out: Annotated[Path, typer.Option(help="Where bench-slides.json goes")] = _D.out,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            min=512,
+            help="Level-0 side of the synthetic slide, px (the memory run adds one of twice "
+            "the area)",
+            show_default="20000; 4000 with --quick",
+        ),
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="A small slide, for the test suite")] = False,
+    model: Annotated[str, typer.Option(help="Detector the slide goes to (null: none)")] = (
+        _D.model
+    ),
+    batch: Annotated[
+        int, typer.Option(min=1, help="Worker microbatch cap and the bare model's batch")
+    ] = 16,
+    fmt: Annotated[str, typer.Option(help="Slide format: svs or tiff")] = "svs",
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic slide")] = 0,
+    timeout_s: Annotated[float, typer.Option(help="Longest one measurement may take, s")] = 1800.0,
+    samples: Annotated[Path, typer.Option(help="Folder of synthetic_*.png")] = _D.samples,
+) -> None:
+    """A synthetic whole slide through a local stack of its own: tiles/s end to end (1
+    worker) against the bare model on the same tiles and against the same tiles sent as
+    images, CPU ms per tile by part of the stack, and the worker's peak memory on the
+    slide and on one of twice the area. Writes bench-slides.json to --out."""
+    import sys
+
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter(
+            "the slide bench needs psutil: pip install 'hepato[bench]'"
+        ) from None
+    from hepato.bench.slides import QUICK_SIZE, SlideBenchOptions, run_slide_bench
+    from hepato.common.exceptions import BenchFailed
+
+    if fmt not in ("svs", "tiff"):
+        raise typer.BadParameter("--fmt takes svs or tiff")
+    opts = SlideBenchOptions(
+        out=out,
+        size=size or (QUICK_SIZE if quick else SlideBenchOptions.size),
+        model=model,
+        batch=batch,
+        fmt="svs" if fmt == "svs" else "tiff",
+        seed=seed,
+        timeout_s=timeout_s,
+        samples=samples,
+    )
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_slide_bench(opts, get_settings(), ["hepato", "bench", "slides", *sys.argv[3:]])
+    except BenchFailed as exc:
+        typer.echo(f"hepato bench slides failed: {exc}", err=True)
+        typer.echo(f"partial report in {out}", err=True)
+        raise typer.Exit(1) from None

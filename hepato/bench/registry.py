@@ -45,7 +45,8 @@ def write_models_dir(settings: Settings, opts: BenchOptions, folder: Path) -> No
         variant = base.model_copy(
             update={
                 "name": variant_name(opts.model, size),
-                "weights": base.weights_path,
+                # The null model has no weights to point at.
+                "weights": base.weights_path if base.weights is not None else None,
                 "input_size": size,
                 "max_batch_size": largest,
                 "description": f"{base.name} at {size} px for hepato bench",

@@ -77,3 +77,42 @@ def test_an_unknown_scenario_is_refused_before_anything_starts(data_dir: Path) -
     result = bench(data_dir, data_dir / "none", "--only", "speed")
     assert result.returncode == 2
     assert "unknown scenario speed" in result.stderr
+
+
+def test_the_slide_bench_reports_every_figure_of_one_run(data_dir: Path) -> None:
+    out = data_dir / "slides"
+    env = {**os.environ, "HEPATO_DATA_DIR": str(data_dir)}
+    cmd = [sys.executable, "-m", "hepato", "bench", "slides", "--quick", "--out", str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "bench-slides.json").read_text())
+    assert "error" not in report
+    single, double = report["slides"]["single"], report["slides"]["double"]
+    assert (single["width"], single["height"], single["format"]) == (4000, 4000, "svs")
+    assert double["width"] * double["height"] >= 2 * 4000 * 4000
+    service, images, bare = report["service"], report["images"], report["bare"]
+    tiles = service["tiles"]
+    assert tiles > 50 and service["failures"] == 0
+    # The same tiles on every path; twice the area, about twice the tiles.
+    assert images["images"] == bare["tiles"] == tiles and images["failures"] == 0
+    assert 1.5 * tiles <= report["service_double"]["tiles"] <= 2.6 * tiles
+    assert service["tiles_per_s"] > 0 and images["images_per_s"] > 0 and bare["tiles_per_s"] > 0
+    assert service["detections"] > 0  # the demo detector finds the synthetic tissue's objects
+    assert 1 <= service["model_batch_size"]["max"] <= bare["batch"] == 16
+    assert service["planning_seconds"] >= 0 and service["tiles_seconds"] > 0
+    cpu = service["cpu_ms_per_tile"]
+    assert set(cpu) >= {"gateway", "workers", "seaweedfs", "postgres", "total"}
+    assert cpu["workers"] > 0 and images["cpu_ms_per_image"]["gateway"] > 0
+    for slide in (single, double):
+        memory = slide["worker_memory"]
+        idle, peak = memory["after_warm_up"]["peak_rss_mb"], memory["after_slide"]["peak_rss_mb"]
+        assert 0 < idle <= peak
+    assert set(report["ratios"]) == {
+        "slide_over_bare",
+        "slide_over_images",
+        "memory_double_over_single",
+    }
+    assert all(v is not None and v > 0 for v in report["ratios"].values())
+    assert [t["goal"] for t in report["targets"]] == [">= 0.85", ">= 1", "<= 1.1"]
+    assert "whole-slide targets" in result.stdout
+    assert not left_behind(data_dir)
