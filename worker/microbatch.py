@@ -90,6 +90,10 @@ class MicroBatch:
     def ids(self) -> list[uuid.UUID]:
         return [job.id for job in self.claimed]
 
+    @property
+    def attempts(self) -> list[int]:
+        return [job.attempts for job in self.claimed]
+
 
 # --- pop and fill ---------------------------------------------------------------------
 def collect_batch(

@@ -102,3 +102,57 @@ class LeaseKeeper:
                     self._extend(token, ids)
                 except Exception:
                     log.warning("could not extend leases", exc_info=True)
+
+
+class Quarantine:
+    """Runs a microbatch that holds a job tried before with nothing else in the worker's
+    hands. Such a job may be what killed the last worker that held it (a segfault, the
+    OOM killer: a dead process names no culprit), and a death loses every batch the
+    worker holds unwritten. So its model call waits until every earlier batch is written,
+    and intake claims nothing more until that call has returned: a poison job's death then
+    costs no other job an attempt."""
+
+    def __init__(self, abort: threading.Event, tick_s: float = 0.2) -> None:
+        self._cond = threading.Condition()
+        self._abort = abort
+        self._tick_s = tick_s
+        self._unwritten = 0
+        self._suspect_in_hand = False
+
+    @staticmethod
+    def suspect(attempts: list[int]) -> bool:
+        return any(n > 1 for n in attempts)
+
+    def wait_to_claim(self) -> None:
+        """Intake, before it claims: not while a suspect batch is on its way to the model."""
+        with self._cond:
+            while self._suspect_in_hand and not self._abort.is_set():
+                self._cond.wait(self._tick_s)
+
+    def handing_on(self, attempts: list[int]) -> None:
+        """Intake, right before it hands a batch to the model stage."""
+        if self.suspect(attempts):
+            with self._cond:
+                self._suspect_in_hand = True
+
+    def before_model(self, attempts: list[int]) -> None:
+        """The model stage: a suspect batch waits until every earlier batch is written."""
+        if self.suspect(attempts):
+            with self._cond:
+                while self._unwritten and not self._abort.is_set():
+                    self._cond.wait(self._tick_s)
+
+    def after_model(self, attempts: list[int]) -> None:
+        if self.suspect(attempts):
+            with self._cond:
+                self._suspect_in_hand = False
+                self._cond.notify_all()
+
+    def to_write(self) -> None:
+        with self._cond:
+            self._unwritten += 1
+
+    def written(self) -> None:
+        with self._cond:
+            self._unwritten -= 1
+            self._cond.notify_all()

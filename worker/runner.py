@@ -38,14 +38,13 @@ from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissi
 from hepato.common.job_counts import count_unfinished
 from hepato.common.jobs import ClaimedJob
 from hepato.common.settings import Settings
-from hepato.common.slides.cache import SlideCache
 from hepato.common.storage import ObjectStore
 from hepato.worker import inference
 from hepato.worker.accounting import count_outcome, timed
 from hepato.worker.backends.base import Model, load_models
 from hepato.worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
 from hepato.worker.microbatch import Batcher, MicroBatch, model_queue
-from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper
+from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper, Quarantine
 from hepato.worker.recovery import Recovery, db_retry
 from hepato.worker.slides import Planner, place, read_tile, split_kinds, tile_error
 from hepato.worker.webhook_sender import WebhookSender
@@ -95,21 +94,17 @@ class Worker:
         self.slots = threading.Semaphore(ahead + 1)
         self.to_model: Handoff[MicroBatch] = Handoff(ahead + 1, self.abort)
         self.to_write: Handoff[MicroBatch] = Handoff(1, self.abort)
-        self.leases = LeaseKeeper(settings.lease_extend_every_s, self._extend)
+        self.leases = LeaseKeeper(
+            settings.lease_extend_every_s,
+            lambda token, ids: jobs.extend_leases(self.engine, token, ids, settings.lease_s),
+        )
+        self.quarantine = Quarantine(self.abort)
         self.webhooks = WebhookSender(settings, self.engine)
         self.backoff = jobs.Backoff(settings.retry_backoff_s, settings.retry_backoff_max_s)
-        self.slide_cache = SlideCache.for_worker(
-            settings.slide_cache_path, self.id, settings.slide_cache_bytes, self.store
-        )
         self.planner = Planner(
-            settings,
-            self.engine,
-            self.store,
-            self.slide_cache,
-            self.leases,
-            self.recovery.push,
-            self.backoff,
+            settings, self.engine, self.store, self.leases, self.recovery.push, self.id
         )
+        self.slide_cache = self.planner.cache
         self.batches = 0
         self.jobs_done = 0
 
@@ -205,6 +200,7 @@ class Worker:
 
     def _intake_one(self) -> bool:
         """Collect, claim and prepare one microbatch; True once it is handed to the model."""
+        self.quarantine.wait_to_claim()
         got = self.batcher.collect()
         if got is None:
             if self.burst and self._drained():
@@ -220,6 +216,7 @@ class Worker:
         except Exception as exc:
             self._give_up(batch, exc)
             return False
+        self.quarantine.handing_on(batch.attempts)
         self.to_model.put(batch)
         return True
 
@@ -282,12 +279,15 @@ class Worker:
                 except Closed:
                     return
                 try:
+                    self.quarantine.before_model(batch.attempts)
                     self._infer(batch)
                 except Exception as exc:
                     self._give_up(batch, exc)
                     continue
                 finally:
                     self.slots.release()
+                    self.quarantine.after_model(batch.attempts)
+                self.quarantine.to_write()
                 self.to_write.put(batch)
         finally:
             with contextlib.suppress(Closed):
@@ -323,6 +323,7 @@ class Worker:
                 self._give_up(batch, exc)
             finally:
                 self.leases.drop(batch.token)
+                self.quarantine.written()
 
     def _write(self, batch: MicroBatch) -> None:
         model = self.models[batch.model]
@@ -384,10 +385,6 @@ class Worker:
             log.exception("could not return the batch; the sweeper will recover it")
         finally:
             self.leases.drop(batch.token)
-
-    # --- leases ---------------------------------------------------------------------
-    def _extend(self, token: uuid.UUID, ids: list[uuid.UUID]) -> None:
-        jobs.extend_leases(self.engine, token, ids, self.settings.lease_s)
 
 
 def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:

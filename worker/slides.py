@@ -125,13 +125,17 @@ class Planner:
         settings: Settings,
         engine: Engine,
         store: ObjectStore,
-        cache: SlideCache,
         leases: LeaseKeeper,
         push: Callable[[Sequence[jobs.Requeue]], None],
-        backoff: jobs.Backoff,
+        worker_id: str,
     ) -> None:
-        self.settings, self.engine, self.store, self.cache = settings, engine, store, cache
-        self.leases, self.push, self.backoff = leases, push, backoff
+        self.settings, self.engine, self.store = settings, engine, store
+        self.leases, self.push = leases, push
+        self.backoff = jobs.Backoff(settings.retry_backoff_s, settings.retry_backoff_max_s)
+        # The worker's local copies of slides: its tile reads use them too.
+        self.cache = SlideCache.for_worker(
+            settings.slide_cache_path, worker_id, settings.slide_cache_bytes, store
+        )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="planner")
 
     def submit(self, token: uuid.UUID, job: ClaimedJob, manifest: ModelManifest) -> None:
