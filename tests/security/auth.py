@@ -4,10 +4,14 @@ test_idempotency.py share."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select, text
 
@@ -16,6 +20,7 @@ from hepato.common.db import get_engine
 from hepato.common.settings import Settings
 from hepato.common.tables import Batch, Job
 from tests.conftest import SAMPLES
+from tests.slides import planted
 
 PNG = SAMPLES / "synthetic_00.png"
 OTHER_PNG = SAMPLES / "synthetic_01.png"
@@ -76,3 +81,33 @@ def key_of(engine: Engine) -> Callable[[str], str]:
 def count(engine: Engine, model: type[Batch] | type[Job]) -> int:
     with engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(model)).scalar_one()
+
+
+@dataclass(frozen=True)
+class TenantSlide:
+    """A slide of tenant A submitted through a gateway that requires keys, with the blob
+    test model: what every slide access test starts from."""
+
+    client: TestClient
+    owner: dict[str, str]  # tenant A's headers
+    other: dict[str, str]  # tenant B's headers
+    slide_id: str
+    missing: str  # an id no slide has
+
+
+def tenant_slide(
+    make_client: MakeClient,
+    key_of: Callable[[str], str],
+    tmp_path: Path,
+    slide: Path,
+    **overrides: Any,
+) -> TenantSlide:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "blobs.yaml").write_text(yaml.safe_dump(planted.MANIFEST))
+    client = make_client(models_dir=models, default_model="blobs", **overrides)
+    a, b = bearer(key_of("tenant-a")), bearer(key_of("tenant-b"))
+    with slide.open("rb") as f:
+        r = client.post("/v1/slides", files={"file": (slide.name, f)}, headers=a)
+    assert r.status_code == 202, r.text
+    return TenantSlide(client, a, b, r.json()["slide_id"], str(uuid.uuid4()))

@@ -3,16 +3,14 @@ id, and nothing of it is listed, canceled or served."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
 from sqlalchemy import Engine, select
 
 from hepato.common.tables import Job
 from tests.security import auth
-from tests.security.auth import MakeClient, bearer
+from tests.security.auth import MakeClient, tenant_slide
 from tests.slides import planted
 
 engine = auth.engine
@@ -23,16 +21,9 @@ key_of = auth.key_of
 def test_a_tenant_cannot_see_cancel_or_export_another_tenants_slide(
     make_client: MakeClient, engine: Engine, key_of: Callable[[str], str], tmp_path: Path
 ) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "blobs.yaml").write_text(yaml.safe_dump(planted.MANIFEST))
-    client = make_client(models_dir=models, default_model="blobs")
-    a, b = bearer(key_of("tenant-a")), bearer(key_of("tenant-b"))
     path = planted.write_tiff(tmp_path / "biopsy.tiff")
-    with path.open("rb") as f:
-        r = client.post("/v1/slides", files={"file": (path.name, f)}, headers=a)
-    assert r.status_code == 202, r.text
-    slide_id, missing = r.json()["slide_id"], str(uuid.uuid4())
+    ts = tenant_slide(make_client, key_of, tmp_path, path)
+    client, a, b, slide_id, missing = ts.client, ts.owner, ts.other, ts.slide_id, ts.missing
 
     calls = [("GET", s) for s in ("", "/events", "/export", "/thumbnail", "/tissue_mask")]
     for method, suffix in [*calls, ("DELETE", "")]:

@@ -3,15 +3,12 @@ answer as for an id that does not exist, so slide ids cannot be probed through i
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.security import auth
-from tests.security.auth import MakeClient, bearer
+from tests.security.auth import MakeClient, tenant_slide
 from tests.slides import planted
 
 engine = auth.engine
@@ -24,16 +21,9 @@ VIEW: dict[str, Any] = {"x": 0, "y": 0, "w": planted.WIDTH, "h": planted.HEIGHT}
 def test_a_tenant_cannot_query_another_tenants_slide_regions(
     make_client: MakeClient, key_of: Callable[[str], str], tmp_path: Path
 ) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "blobs.yaml").write_text(yaml.safe_dump(planted.MANIFEST))
-    client = make_client(models_dir=models, default_model="blobs")
-    a, b = bearer(key_of("tenant-a")), bearer(key_of("tenant-b"))
     path = planted.write_tiff(tmp_path / "biopsy.tiff")
-    with path.open("rb") as f:
-        r = client.post("/v1/slides", files={"file": (path.name, f)}, headers=a)
-    assert r.status_code == 202, r.text
-    slide_id, missing = r.json()["slide_id"], str(uuid.uuid4())
+    ts = tenant_slide(make_client, key_of, tmp_path, path)
+    client, a, b, slide_id, missing = ts.client, ts.owner, ts.other, ts.slide_id, ts.missing
 
     params: dict[str, Any]
     for params in (VIEW, {**VIEW, "limit": 1, "labels": "steatosis", "min_score": 0.5}):

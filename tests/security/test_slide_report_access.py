@@ -3,14 +3,11 @@ unknown id (same status, same message), and shows nothing of it."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from tests.security import auth
-from tests.security.auth import MakeClient, bearer
+from tests.security.auth import MakeClient, tenant_slide
 from tests.slides import planted
 
 engine = auth.engine
@@ -21,16 +18,9 @@ key_of = auth.key_of
 def test_a_tenant_cannot_read_another_tenants_slide_report(
     make_client: MakeClient, key_of: Callable[[str], str], tmp_path: Path
 ) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "blobs.yaml").write_text(yaml.safe_dump(planted.MANIFEST))
-    client = make_client(models_dir=models, default_model="blobs")
-    a, b = bearer(key_of("tenant-a")), bearer(key_of("tenant-b"))
     path = planted.write_tiff(tmp_path / "secret-biopsy.tiff")
-    with path.open("rb") as f:
-        r = client.post("/v1/slides", files={"file": (path.name, f)}, headers=a)
-    assert r.status_code == 202, r.text
-    slide_id, missing = r.json()["slide_id"], str(uuid.uuid4())
+    ts = tenant_slide(make_client, key_of, tmp_path, path)
+    client, a, b, slide_id, missing = ts.client, ts.owner, ts.other, ts.slide_id, ts.missing
 
     theirs = client.get(f"/v1/slides/{slide_id}/report", headers=b)
     unknown = client.get(f"/v1/slides/{missing}/report", headers=b)

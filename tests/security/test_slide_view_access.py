@@ -3,17 +3,15 @@ unknown id's, and nothing of the slide is read for them."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from hepato.common.slides.reader import SlideReader
 from tests.security import auth
-from tests.security.auth import MakeClient, bearer
+from tests.security.auth import MakeClient, tenant_slide
 from tests.slides import planted
 
 engine = auth.engine
@@ -27,18 +25,9 @@ def test_a_tenant_cannot_view_another_tenants_slide(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "blobs.yaml").write_text(yaml.safe_dump(planted.MANIFEST))
-    client = make_client(
-        models_dir=models, default_model="blobs", slide_cache_dir=tmp_path / "cache"
-    )
-    a, b = bearer(key_of("tenant-a")), bearer(key_of("tenant-b"))
     path = planted.write_svs(tmp_path / "biopsy.svs")
-    with path.open("rb") as f:
-        r = client.post("/v1/slides", files={"file": (path.name, f)}, headers=a)
-    assert r.status_code == 202, r.text
-    slide_id, missing = r.json()["slide_id"], str(uuid.uuid4())
+    ts = tenant_slide(make_client, key_of, tmp_path, path, slide_cache_dir=tmp_path / "cache")
+    client, a, b, slide_id, missing = ts.client, ts.owner, ts.other, ts.slide_id, ts.missing
 
     reads: list[int] = []
     read_region = SlideReader.read_region
