@@ -122,6 +122,28 @@ export function askForKey(problem) {
   $("#api-key").focus();
 }
 
+// A drop zone that also opens `input`'s file chooser on click, Enter or Space; what is
+// dropped goes to `onDrop` (the DataTransfer).
+export function wireDropZone(drop, input, onDrop) {
+  drop.addEventListener("click", () => input.click());
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      input.click();
+    }
+  });
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    onDrop(e.dataTransfer);
+  });
+}
+
 export function wireKeyForm() {
   $("#key-form").addEventListener("submit", (e) => {
     e.preventDefault();

@@ -21,6 +21,7 @@ import {
   sleep,
   sseEvents,
   wireKeyForm,
+  wireDropZone,
 } from "./common.js";
 import { SlideOverlay, heatColor } from "./slide_overlay.js";
 
@@ -589,24 +590,7 @@ function wire() {
     if (id) run(() => openSlide(id));
   });
   $("#slide-file").addEventListener("change", (e) => chooseFile(e.target.files[0]));
-  const drop = $("#drop");
-  drop.addEventListener("click", () => $("#slide-file").click());
-  drop.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" || e.key === " ") {
-      e.preventDefault();
-      $("#slide-file").click();
-    }
-  });
-  drop.addEventListener("dragover", (e) => {
-    e.preventDefault();
-    drop.classList.add("over");
-  });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault();
-    drop.classList.remove("over");
-    chooseFile(e.dataTransfer.files[0]);
-  });
+  wireDropZone($("#drop"), $("#slide-file"), (dt) => chooseFile(dt.files[0]));
   $("#slide-upload-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const file = state.file;

@@ -20,6 +20,7 @@ import {
   sleep,
   sseEvents,
   wireKeyForm,
+  wireDropZone,
 } from "./common.js";
 
 const PAGE_SIZE = 500; // jobs per GET /v1/batches page (the server allows up to 1000)
@@ -612,24 +613,7 @@ function wire() {
   Object.keys(COLORS).forEach((l) => classes.ensure(l));
   $("#files").addEventListener("change", (e) => chooseFiles(e.target.files));
   $("#folder").addEventListener("change", (e) => chooseFiles(e.target.files));
-  const drop = $("#drop");
-  drop.addEventListener("click", () => $("#files").click());
-  drop.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" || e.key === " ") {
-      e.preventDefault();
-      $("#files").click();
-    }
-  });
-  drop.addEventListener("dragover", (e) => {
-    e.preventDefault();
-    drop.classList.add("over");
-  });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault();
-    drop.classList.remove("over");
-    droppedFiles(e.dataTransfer).then(chooseFiles, showError);
-  });
+  wireDropZone($("#drop"), $("#files"), (dt) => droppedFiles(dt).then(chooseFiles, showError));
   $("#model").addEventListener("change", (e) => {
     const o = e.target.selectedOptions[0];
     if (o) JSON.parse(o.dataset.labels).forEach((l) => classes.ensure(l));
