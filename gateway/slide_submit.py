@@ -24,14 +24,12 @@ from hepato.common.constants import Priority
 from hepato.common.exceptions import InvalidSlide, QueueFull
 from hepato.common.images import display_name
 from hepato.common.manifest import ModelManifest
-from hepato.common.slides.sniff import sniff_slide
+from hepato.common.slides.sniff import file_suffix, sniff_slide
 from hepato.common.storage import new_object_key
 from hepato.gateway.deps import Resources
 from hepato.gateway.submit import check_callback
 
 log = logging.getLogger(__name__)
-
-_SUFFIX = {"aperio-svs": "svs", "hamamatsu-ndpi": "ndpi", "dicom": "dcm"}
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ def submit_slide(
     )
     room.check_room(res.engine, model.name, tenant, 1, bounds)
     fmt = sniffed.format.value
-    key = new_object_key(_SUFFIX.get(fmt, "tiff"))
+    key = new_object_key(file_suffix(fmt))
     upload.file.seek(0)
     res.store.put_file(key, upload.file, size, "application/octet-stream")
     try:

@@ -31,6 +31,7 @@ from hepato.common.settings import Settings
 from hepato.common.slides.cache import SlideCache
 from hepato.common.slides.deidentify import deidentify_slide
 from hepato.common.slides.grid import plan_tiles, tile_geometry
+from hepato.common.slides.sniff import file_suffix
 from hepato.common.slides.tissue import compute_tissue_mask, png_bytes, render_thumbnail
 from hepato.common.storage import ObjectStore, new_object_key
 from hepato.worker.pipeline import LeaseKeeper
@@ -42,7 +43,6 @@ NO_MPP = (
     "the slide names no microns per pixel (MPP) in its metadata; submit it again with "
     "mpp=<µm per pixel at level 0>"
 )
-_SUFFIX = {"aperio-svs": "svs", "hamamatsu-ndpi": "ndpi", "dicom": "dcm"}
 
 
 def read_tile(cache: SlideCache, job: ClaimedJob, size: int) -> np.ndarray:
@@ -234,7 +234,7 @@ class Planner:
         scrubbed = Path(f"{original}.deid")
         try:
             deidentify_slide(original, scrubbed)
-            new_key = new_object_key(_SUFFIX.get(fmt, "tiff"))
+            new_key = new_object_key(file_suffix(fmt))
             self.store.put_path(new_key, scrubbed, "application/octet-stream")
             self.cache.adopt(new_key, scrubbed)
         finally:

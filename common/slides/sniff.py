@@ -41,6 +41,11 @@ class SlideFormat(enum.StrEnum):
     DICOM = "dicom"
 
 
+def file_suffix(fmt: str) -> str:
+    """The file name suffix of a slide stored in this format (its object key's)."""
+    return {"aperio-svs": "svs", "hamamatsu-ndpi": "ndpi", "dicom": "dcm"}.get(fmt, "tiff")
+
+
 Backend = Literal["openslide", "tiffslide"]
 
 
