@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, cast, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
 from hepato.common import event_log
@@ -123,6 +123,8 @@ class JobResult:
     inferred_at: datetime | None = None
     # A slide tile's per-class statistics (common.slide_finish sums them).
     tile_stats: dict[str, Any] | None = None
+    # The worker's steps of its microbatch, ms (common.stages).
+    stages: dict[str, float] | None = None
 
 
 # --- create ---------------------------------------------------------------------------
@@ -154,11 +156,12 @@ def create(
     question: str | None,
     callback_url: str | None,
     room: Room | None = None,
+    stages: dict[str, float] | None = None,
 ) -> Created:
     """Commit ``new`` as pending jobs (and, ``as_batch``, their batch) in one transaction
     of one statement per table; the caller pushes their ids only after this returns.
     With ``room``, the model's and the tenant's bounds are held (common.room): past them,
-    QueueFull and nothing is inserted."""
+    QueueFull and nothing is inserted. ``stages``: the gateway's steps (common.stages)."""
     batch_id = uuid.uuid4() if as_batch else None
     deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
     job_ids = [uuid.uuid4() for _ in new]
@@ -184,6 +187,7 @@ def create(
         "question": question,
         # A batch's jobs are reported together, by the batch's webhook.
         "callback_url": None if batch_id else callback_url,
+        "stages": stages or {},
     }
     with event_log.transaction(engine) as conn:
         if room is not None:
@@ -255,6 +259,10 @@ def complete(
                 fetched_at=bindparam("fetched"),
                 inferred_at=bindparam("inferred"),
                 tile_stats=bindparam("stats", type_=JSONB(none_as_null=True)),
+                # The gateway's steps stay; this run's replace an earlier run's.
+                stages=func.coalesce(Job.stages, cast({}, JSONB)).op("||")(
+                    bindparam("stages", type_=JSONB)
+                ),
             ),
             [
                 {
@@ -266,6 +274,7 @@ def complete(
                     "inferred": r.inferred_at,
                     "result": r.result.model_dump(mode="json"),
                     "stats": r.tile_stats,
+                    "stages": r.stages or {},
                 }
                 for r in mine
             ],

@@ -88,6 +88,13 @@ class JobOut(BaseModel):
     timeline: JobTimeline = Field(
         description="When it was queued, claimed, fetched, inferred and written"
     )
+    stages_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Where its last run's time went, ms, in order (a step not reached is "
+        "absent): upload (the gateway storing the image), queue (accepted to claimed), claim, "
+        "download, decode, preprocess, to_model (waiting for the model), inference, to_write, "
+        "postprocess, write (to the commit); steps of a microbatch are the microbatch's",
+    )
     # No worker_id: which host and process ran a job is the operator's, not the tenant's.
     result: TaskResult | None = Field(description="Present when state is done")
     error: str | None = Field(
@@ -156,6 +163,11 @@ class PredictOut(BaseModel):
     queue_wait_ms: float | None
     inference_ms: float | None
     batch_size: int | None
+    stages_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="As in GET /v1/jobs/{id}, and other: the rest of latency_ms (request "
+        "parsing, the wake-up after the commit, reading the result)",
+    )
 
 
 class ErrorOut(BaseModel):

@@ -112,6 +112,9 @@ class Job(Base):
     # A done tile's detections per class in its core, and the level-0 area (px²) their
     # boxes cover there: summed into the slide's summary when its last tile ends.
     tile_stats: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # Milliseconds per step of the last run that the gateway and the worker measured
+    # themselves (common.stages): the gateway's at submission, the worker's with the result.
+    stages: Mapped[dict[str, float] | None] = mapped_column(JSONB)
 
     __table_args__ = (
         Index("ix_jobs_batch_state", "batch_id", "state"),

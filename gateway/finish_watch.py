@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from dataclasses import dataclass
 
 import anyio
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
 
-from hepato.common.constants import TERMINAL_STATES, JobState, job_events_channel
+from hepato.common.constants import TERMINAL_STATES, job_events_channel
 from hepato.common.tables import Job
 from hepato.gateway.wakeups import WakeupHub
 
@@ -34,15 +36,22 @@ CHUNK = 1000
 ERROR_PAUSE_S = 1.0
 
 
-def _states(engine: Engine, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    found: dict[uuid.UUID, str] = {}
-    with engine.connect() as conn:
+def _jobs(engine: Engine, ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
+    """The rows of ``ids``: a caller whose job has finished gets its row from this read,
+    with no second one."""
+    found: dict[uuid.UUID, Job] = {}
+    with Session(engine, expire_on_commit=False) as session:
         for start in range(0, len(ids), CHUNK):
-            rows = conn.execute(
-                select(Job.id, Job.state).where(Job.id.in_(ids[start : start + CHUNK]))
-            )
-            found.update({job_id: state for job_id, state in rows})
+            rows = session.scalars(select(Job).where(Job.id.in_(ids[start : start + CHUNK])))
+            found.update({job.id: job for job in rows})
     return found
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A waited-for job that has finished: its row as read then (None: the row is gone)."""
+
+    job: Job | None
 
 
 class FinishWatch:
@@ -52,7 +61,7 @@ class FinishWatch:
         self.engine = engine
         self.hub = hub
         self.reread_s = reread_s
-        self._waiters: dict[uuid.UUID, set[asyncio.Future[str]]] = {}
+        self._waiters: dict[uuid.UUID, set[asyncio.Future[Job | None]]] = {}
         self._due: set[uuid.UUID] = set()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -66,17 +75,17 @@ class FinishWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def wait(self, job_id: uuid.UUID, timeout_s: float) -> str | None:
-        """The job's terminal state (``failed`` if its row is gone), or None if it has not
-        finished within ``timeout_s``."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    async def wait(self, job_id: uuid.UUID, timeout_s: float) -> Finished | None:
+        """The job once it has finished (its row, or None if the row is gone), or None if
+        it has not finished within ``timeout_s``."""
+        future: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(job_id, set())
         waiters.add(future)
         try:
             async with self.hub.listen(job_events_channel(str(job_id)), lambda: self._mark(job_id)):
                 self._mark(job_id)  # the first read, once subscribed
                 with anyio.move_on_after(timeout_s):
-                    return await future
+                    return Finished(await future)
                 return None
         finally:
             waiters.discard(future)
@@ -102,18 +111,18 @@ class FinishWatch:
             if not due:
                 continue
             try:
-                states = await anyio.to_thread.run_sync(_states, self.engine, list(due))
+                rows = await anyio.to_thread.run_sync(_jobs, self.engine, list(due))
             except Exception:
                 log.warning("could not read the states of %d waited-for jobs", len(due))
                 self._due |= due
                 await anyio.sleep(ERROR_PAUSE_S)
                 continue
             for job_id in due:
-                state = states.get(job_id, JobState.failed)
-                if state in TERMINAL_STATES:
+                job = rows.get(job_id)
+                if job is None or job.state in TERMINAL_STATES:
                     for future in self._waiters.get(job_id, ()):
                         if not future.done():
-                            future.set_result(state)
+                            future.set_result(job)
 
 
 # Async, so that FastAPI calls it on the event loop, not in the thread pool.

@@ -16,6 +16,7 @@ both before any upload is read."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from hepato.common import dispatch, egress, jobs, metrics, room, webhooks
+from hepato.common import dispatch, egress, jobs, metrics, room, stages, webhooks
 from hepato.common.constants import Priority
 from hepato.common.exceptions import CallbackRefused, HepatoError, InvalidImage, QueueFull
 from hepato.common.images import ImageInfo, display_name, inspect_image
@@ -71,6 +72,7 @@ def submit(
     callback_url: str | None = None,
 ) -> Submission:
     settings = res.settings
+    started = time.perf_counter()
     if callback_url is not None:
         check_callback(res, tenant, callback_url)
     # Postgres text cannot hold NUL (it would fail the insert as if the database were down).
@@ -99,16 +101,17 @@ def submit(
     room.check_room(res.engine, model.name, tenant, len(valid), bounds)
 
     keys = [new_object_key(info.format) for _, info in valid]
-    with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
-        # list() re-raises the first failed PUT; the request then answers 503.
-        list(
-            pool.map(
-                lambda item: res.store.put_file(
-                    item[0], item[1][0].file, item[1][1].size, item[1][1].content_type
-                ),
-                zip(keys, valid, strict=True),
-            )
-        )
+
+    def put(item: tuple[str, tuple[Upload, ImageInfo]]) -> None:
+        key, (upload, info) = item
+        res.store.put_file(key, upload.file, info.size, info.content_type)
+
+    # A failed PUT raises here; the request then answers 503.
+    if len(valid) == 1:
+        put((keys[0], valid[0]))  # the real-time path: no pool to start for one file
+    else:
+        with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
+            list(pool.map(put, zip(keys, valid, strict=True)))
 
     try:
         created = jobs.create(
@@ -126,6 +129,7 @@ def submit(
             question=question,
             callback_url=callback_url,
             room=bounds,
+            stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
         )
     except QueueFull:
         # Concurrent submissions filled the queue while these uploaded: keep none of it.

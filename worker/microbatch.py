@@ -23,7 +23,7 @@ import numpy as np
 import redis
 from sqlalchemy.engine import Engine
 
-from hepato.common import dispatch, jobs, metrics
+from hepato.common import dispatch, jobs, metrics, stages
 from hepato.common.claim import claim as claim_jobs
 from hepato.common.claim import pending_among
 from hepato.common.constants import PUBLIC_TENANT, queue_keys
@@ -85,6 +85,15 @@ class MicroBatch:
     infer_ms: float = 0.0
     results: list[JobResult] = field(default_factory=list)
     inferred_at: datetime | None = None
+    # The worker's steps of this microbatch, ms (common.stages), and when it was last
+    # handed to the next stage (time.perf_counter), to time its wait there.
+    stages: dict[str, float] = field(default_factory=dict)
+    handed_at: float | None = None
+
+    def waited(self, stage: str) -> None:
+        """Record, as ``stage``, how long the batch waited since it was handed on."""
+        if self.handed_at is not None:
+            self.stages[stage] = (time.perf_counter() - self.handed_at) * 1000.0
 
     @property
     def ids(self) -> list[uuid.UUID]:
@@ -102,24 +111,31 @@ def collect_batch(
     max_batch: int,
     max_wait_s: float,
     poll_timeout_s: float,
+    busy: Callable[[], bool] = lambda: True,
 ) -> list[str]:
     """Block up to ``poll_timeout_s`` for a first id, then fill up to ``max_batch``,
-    waiting at most ``max_wait_s`` after the first for stragglers. Keys are read in
-    order, so earlier keys (urgent) always go first. Returns [] if nothing came."""
+    waiting at most ``max_wait_s`` after the first for stragglers, and only while
+    ``busy()``. Keys are read in order, so earlier keys (urgent) always go first.
+    Returns [] if nothing came."""
     first = client.blpop(list(keys), timeout=poll_timeout_s)
     if first is None:
         return []
-    return _fill(client, keys, [_text(first[1])], max_batch, max_wait_s)
+    return _fill(client, keys, [_text(first[1])], max_batch, max_wait_s, busy)
 
 
 def collect_any(
-    client: redis.Redis, queues: Sequence[ModelQueue], poll_timeout_s: float
+    client: redis.Redis,
+    queues: Sequence[ModelQueue],
+    poll_timeout_s: float,
+    busy: Callable[[], bool] = lambda: True,
 ) -> tuple[ModelQueue, list[str]] | None:
     """A microbatch of one model, from whichever of ``queues`` has work: every model's
     urgent queue before any routine one, and among equals the first in ``queues``. The
     caller rotates ``queues`` between calls so that no model, and no tenant, starves
     another. The batch is filled from the first queue's tenant, then from the other
-    tenants' queues of the same model (urgent first)."""
+    tenants' queues of the same model (urgent first). Stragglers are waited for only
+    while ``busy()`` (the model is still on an earlier batch): an idle model would only
+    wait with it, and a lone urgent job would pay the whole ``max_wait``."""
     by_key = {key: q for q in queues for key in q.keys}
     urgent = [q.keys[0] for q in queues]
     routine = [q.keys[1] for q in queues]
@@ -130,11 +146,16 @@ def collect_any(
     owner = by_key[_text(key)]
     same = [q for q in queues if q.model == owner.model and q != owner]
     keys = [owner.keys[0], *(q.keys[0] for q in same), owner.keys[1], *(q.keys[1] for q in same)]
-    return owner, _fill(client, keys, [_text(value)], owner.max_batch, owner.max_wait_s)
+    return owner, _fill(client, keys, [_text(value)], owner.max_batch, owner.max_wait_s, busy)
 
 
 def _fill(
-    client: redis.Redis, keys: Sequence[str], batch: list[str], max_batch: int, max_wait_s: float
+    client: redis.Redis,
+    keys: Sequence[str],
+    batch: list[str],
+    max_batch: int,
+    max_wait_s: float,
+    busy: Callable[[], bool] = lambda: True,
 ) -> list[str]:
     deadline = time.monotonic() + max_wait_s
     while True:
@@ -147,7 +168,7 @@ def _fill(
             if got:
                 batch.extend(_text(x) for x in got)
         remaining = deadline - time.monotonic()
-        if len(batch) >= max_batch or remaining <= 0:
+        if len(batch) >= max_batch or remaining <= 0 or not busy():
             return batch
         # Sleep in Redis rather than spin: BLPOP wakes the moment a straggler arrives.
         # (A timeout of 0 would block forever, hence the floor.)
@@ -223,7 +244,9 @@ class Batcher:
     def queues(self) -> list[ModelQueue]:
         return self.rotation.queues
 
-    def collect(self) -> tuple[ModelQueue, list[str]] | None:
+    def collect(
+        self, busy: Callable[[], bool] = lambda: True
+    ) -> tuple[ModelQueue, list[str]] | None:
         """Ids of one model, or None when no queue had work within the poll timeout.
         Every ``refresh_every_s`` (a retry's wait is seconds, not milliseconds), retries
         whose backoff has passed go back on their queues and the tenants with queues
@@ -233,7 +256,9 @@ class Batcher:
             self._next_refresh = now + self.refresh_every_s
             dispatch.release_due(self.client)
             self._tenants = {q.model: dispatch.tenants(self.client, q.model) for q in self.queues}
-        return collect_any(self.client, self.rotation.next(self._tenants), self.poll_timeout_s)
+        return collect_any(
+            self.client, self.rotation.next(self._tenants), self.poll_timeout_s, busy
+        )
 
     def claim(self, popped: tuple[ModelQueue, list[str]], *, stopping: bool) -> MicroBatch | None:
         """The popped ids as a claimed microbatch; None if none was still pending."""
@@ -244,9 +269,11 @@ class Batcher:
             self.requeue(pending_among(self.engine, ids))
             return None
         model = queue.model
+        started = time.perf_counter()
         token, claimed, left = db_retry(self.lease_s)(claim_jobs)(
             self.engine, ids, self.worker_id, self.lease_s
         )
+        claim_ms = (time.perf_counter() - started) * 1000.0
         self._to_front(left)
         if not claimed:
             return None
@@ -254,7 +281,7 @@ class Batcher:
         for job in claimed:
             if job.queue_wait_ms is not None:
                 metrics.QUEUE_WAIT_SECONDS.labels(model).observe(job.queue_wait_ms / 1000.0)
-        return MicroBatch(model, token, claimed)
+        return MicroBatch(model, token, claimed, stages={stages.CLAIM: claim_ms})
 
     def _to_front(self, left: Sequence[jobs.Requeue]) -> None:
         """Jobs the claim left: a retry still in its backoff back to the delayed set, the

@@ -64,6 +64,25 @@ class _End:
 _END = _End()
 
 
+class Occupancy:
+    """How many microbatches a stage holds (handed to it and not yet through it)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+    def busy(self) -> bool:
+        return self._count > 0
+
+
 class LeaseKeeper:
     """Extends the leases of every microbatch the worker holds, from claim to write, in
     one thread: with stages overlapping, several batches are held at once."""

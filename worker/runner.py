@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,21 +33,20 @@ from datetime import UTC, datetime
 import redis
 from sqlalchemy.exc import OperationalError
 
-from hepato.common import event_log, jobs, metrics
+from hepato.common import event_log, jobs, metrics, stages
 from hepato.common.db import get_engine
-from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing
 from hepato.common.job_counts import count_unfinished
-from hepato.common.jobs import ClaimedJob
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
 from hepato.worker import inference
 from hepato.worker.accounting import count_outcome, timed
 from hepato.worker.backends.base import Model, load_models
-from hepato.worker.decode import Decode, DecoderFault, IsolatedDecoder, decode_rgb
+from hepato.worker.decode import Decode, IsolatedDecoder, decode_rgb
 from hepato.worker.microbatch import Batcher, MicroBatch, model_queue
-from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper, Quarantine
+from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper, Occupancy, Quarantine
+from hepato.worker.prepare import Preparer
 from hepato.worker.recovery import Recovery, db_retry
-from hepato.worker.slides import Planner, place, read_tile, split_kinds, tile_error
+from hepato.worker.slides import Planner, place
 from hepato.worker.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,12 @@ class Worker:
             settings, self.engine, self.store, self.leases, self.recovery.push, self.id
         )
         self.slide_cache = self.planner.cache
+        self.prepare = Preparer(
+            self.models, self.store, self.decoder, self.planner, self.fetch_pool, self.tile_pool
+        )
+        # Batches handed to the model stage and not yet through it: intake waits for
+        # stragglers only while the model is busy (worker.microbatch).
+        self.in_model = Occupancy()
         self.batches = 0
         self.jobs_done = 0
 
@@ -201,7 +207,7 @@ class Worker:
     def _intake_one(self) -> bool:
         """Collect, claim and prepare one microbatch; True once it is handed to the model."""
         self.quarantine.wait_to_claim()
-        got = self.batcher.collect()
+        got = self.batcher.collect(busy=self.in_model.busy)
         if got is None:
             if self.burst and self._drained():
                 self.stopping.set()
@@ -212,63 +218,19 @@ class Worker:
         self.batches += 1
         self.leases.hold(batch.token, batch.ids)
         try:
-            self._prepare(batch)
+            self.prepare(batch)
         except Exception as exc:
             self._give_up(batch, exc)
             return False
         self.quarantine.handing_on(batch.attempts)
-        self.to_model.put(batch)
-        return True
-
-    def _prepare(self, batch: MicroBatch) -> None:
-        """Download concurrently (a slide's tiles: read from its local copy), then decode
-        in the isolated decoder processes. A slide's plan job goes to the planner."""
-        model = self.models[batch.model]
-        kinds = split_kinds(batch.claimed)
-        for job in kinds["plan"]:
-            self.planner.submit(batch.token, job, model.manifest)
-        batch.claimed = [*kinds["image"], *kinds["tile"]]
-        size = model.manifest.input_size
-        with timed(batch.model, "download"):
-            tiles = [
-                self.tile_pool.submit(read_tile, self.slide_cache, j, size) for j in kinds["tile"]
-            ]
-            datas = list(self.fetch_pool.map(self._fetch, kinds["image"]))
-            for job, future in zip(kinds["tile"], tiles, strict=True):
-                if (exc := future.exception()) is None:
-                    batch.ready.append(job)
-                    batch.images.append(future.result())
-                else:
-                    permanent, reason = tile_error(exc)  # type: ignore[arg-type]
-                    (batch.permanent if permanent else batch.transient)[job.id] = reason
-        batch.fetched_at = datetime.now(UTC)
-        fetched: list[tuple[ClaimedJob, bytes]] = []
-        for job, data in zip(kinds["image"], datas, strict=True):
-            if isinstance(data, ObjectMissing):
-                batch.permanent[job.id] = str(data)
-            elif isinstance(data, ObjectFetchError):
-                batch.transient[job.id] = str(data)
-            else:
-                fetched.append((job, data))
-        with timed(batch.model, "decode"):
-            decoded = self.decoder.decode_all([data for _, data in fetched])
-        for (job, _), image in zip(fetched, decoded, strict=True):
-            if isinstance(image, InvalidImage):
-                batch.permanent[job.id] = str(image)
-            elif isinstance(image, DecoderFault):
-                batch.transient[job.id] = str(image)
-            else:
-                batch.ready.append(job)
-                batch.images.append(image)
-        if inference.phases(model):
-            with timed(batch.model, "preprocess"):
-                batch.prepared = inference.prepare(model, batch.ready, batch.images)
-
-    def _fetch(self, job: ClaimedJob) -> bytes | ObjectFetchError:
+        batch.handed_at = time.perf_counter()
+        self.in_model.enter()
         try:
-            return self.store.get(job.object_key)
-        except ObjectFetchError as exc:
-            return exc
+            self.to_model.put(batch)
+        except Closed:
+            self.in_model.leave()
+            raise
+        return True
 
     # --- stage 2: the model ----------------------------------------------------
     def _model_stage(self) -> None:
@@ -280,14 +242,17 @@ class Worker:
                     return
                 try:
                     self.quarantine.before_model(batch.attempts)
+                    batch.waited(stages.TO_MODEL)
                     self._infer(batch)
                 except Exception as exc:
                     self._give_up(batch, exc)
                     continue
                 finally:
+                    self.in_model.leave()
                     self.slots.release()
                     self.quarantine.after_model(batch.attempts)
                 self.quarantine.to_write()
+                batch.handed_at = time.perf_counter()
                 self.to_write.put(batch)
         finally:
             with contextlib.suppress(Closed):
@@ -318,6 +283,7 @@ class Worker:
             except Closed:
                 return
             try:
+                batch.waited(stages.TO_WRITE)
                 self._write(batch)
             except Exception as exc:
                 self._give_up(batch, exc)
@@ -328,7 +294,7 @@ class Worker:
     def _write(self, batch: MicroBatch) -> None:
         model = self.models[batch.model]
         if batch.raws is not None and batch.prepared is not None:
-            with timed(batch.model, "postprocess"):
+            with timed(batch.model, stages.POSTPROCESS, batch.stages):
                 batch.results, errors = inference.finish(
                     model,
                     batch.ready,
@@ -347,6 +313,7 @@ class Worker:
                 else r,
                 fetched_at=batch.fetched_at,
                 inferred_at=batch.inferred_at,
+                stages=batch.stages,
             )
             for r in batch.results
         ]

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import Response
 
-from hepato.common import jobs, schemas
+from hepato.common import jobs, schemas, stages
 from hepato.common.constants import JobState
 from hepato.common.results import TASK_RESULT
 from hepato.common.tables import Job
@@ -17,6 +17,17 @@ from hepato.gateway.deps import Resources, ResourcesDep, SessionDep
 from hepato.gateway.lookups import NOT_FOUND, JobDep, public_url
 
 router = APIRouter(prefix="/v1")
+
+
+def job_stages(job: Job, latency_ms: float | None = None) -> dict[str, float]:
+    return stages.breakdown(
+        job.stages,
+        queue_ms=job.queue_wait_ms,
+        inference_ms=job.inference_ms,
+        inferred_at=job.inferred_at,
+        finished_at=job.finished_at,
+        latency_ms=latency_ms,
+    )
 
 
 def job_out(request: Request, res: Resources, job: Job) -> schemas.JobOut:
@@ -47,6 +58,7 @@ def job_out(request: Request, res: Resources, job: Job) -> schemas.JobOut:
             inferred=job.inferred_at,
             written=job.finished_at,
         ),
+        stages_ms=job_stages(job),
         result=TASK_RESULT.validate_python(job.result) if job.result is not None else None,
         error=job.error,
         status_url=public_url(request, res, "get_job", job_id=jid),

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -19,12 +18,12 @@ from hepato.common import schemas
 from hepato.common.constants import JobState, Priority
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TASK_RESULT
-from hepato.common.tables import Job
 from hepato.gateway.auth import TenantDep
 from hepato.gateway.deps import Resources, ResourcesDep
 from hepato.gateway.finish_watch import FinishWatch, get_finish_watch
 from hepato.gateway.idempotency import IdempotencyDep
 from hepato.gateway.lookups import public_url
+from hepato.gateway.routes.jobs import job_stages
 from hepato.gateway.submit import Submission, Upload, submit
 
 router = APIRouter(prefix="/v1")
@@ -271,16 +270,15 @@ async def predict(
     job_id = accepted.job_id
     # Waiting costs no thread: the watch reads the states of every waiting caller's job
     # in one query per round.
-    state = await watch.wait(job_id, res.settings.detect_timeout_s)
-    if state is None:
+    finished = await watch.wait(job_id, res.settings.detect_timeout_s)
+    if finished is None:
         # Still queued or running: the job goes on; the caller polls the status URL.
         return JSONResponse(
             status_code=status.HTTP_202_ACCEPTED,
             headers={"Location": accepted.status_url},
             content=accepted.model_dump(mode="json"),
         )
-    # A route that awaits runs on the event loop: the read goes to a worker thread.
-    job = await run_in_threadpool(_finished_job, res, job_id)
+    job = finished.job
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
     if job.state != JobState.done:
@@ -288,6 +286,7 @@ async def predict(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"job {job.state}: {schemas.public_error(job.error) or 'no result'}",
         )
+    latency_ms = (time.perf_counter() - started) * 1000.0
     return schemas.PredictOut(
         job_id=job_id,
         filename=accepted.filename,
@@ -296,13 +295,9 @@ async def predict(
         width=job.width,
         height=job.height,
         result=TASK_RESULT.validate_python(job.result),
-        latency_ms=(time.perf_counter() - started) * 1000.0,
+        latency_ms=latency_ms,
         queue_wait_ms=job.queue_wait_ms,
         inference_ms=job.inference_ms,
         batch_size=job.batch_size,
+        stages_ms=job_stages(job, latency_ms),
     )
-
-
-def _finished_job(res: Resources, job_id: uuid.UUID) -> Job | None:
-    with res.sessions() as session:
-        return session.get(Job, job_id)

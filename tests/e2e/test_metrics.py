@@ -91,6 +91,14 @@ def test_metrics_count_jobs_and_a_job_has_its_timeline(
         # one machine here, so one clock.
         assert timeline["claimed"] <= timeline["fetched"] <= timeline["inferred"]
         assert timeline["inferred"] <= timeline["written"]
+        # The same run as steps: the gateway's, the worker's own and the waits between.
+        stages_ms = job["stages_ms"]
+        assert list(stages_ms) == [
+            *("upload", "queue", "claim", "download", "decode", "preprocess", "to_model"),
+            *("inference", "to_write", "postprocess", "write"),
+        ]
+        assert stages_ms["inference"] == pytest.approx(job["inference_ms"], abs=0.1)
+        assert stages_ms["queue"] == pytest.approx(job["queue_wait_ms"], abs=0.1)
 
 
 def test_metrics_need_no_api_key(settings: Settings) -> None:

@@ -263,6 +263,14 @@ def test_seed_calls_verbatim_and_health(client: TestClient, settings: Settings, 
         assert body["result"]["boxes"] and body["latency_ms"] > 0
         assert body["task"] == "detect" and body["model"]["version"] == "1"
         assert (body["width"], body["height"]) == Image.open(io.BytesIO(path.read_bytes())).size
+        # Where the time went: every step of the request, in order, and the rest as other.
+        stages_ms = body["stages_ms"]
+        assert list(stages_ms) == [
+            *("upload", "queue", "claim", "download", "decode", "preprocess", "to_model"),
+            *("inference", "to_write", "postprocess", "write", "other"),
+        ]
+        assert all(v >= 0 for v in stages_ms.values())
+        assert sum(stages_ms.values()) == pytest.approx(body["latency_ms"], abs=1.0)
         two = images(SAMPLES, "synthetic_*.png")[:2]
         response = client.post("/v1/assets", files=upload(two))
         assert response.status_code == 202 and response.json()["accepted"] == 2

@@ -157,3 +157,52 @@ def test_urgent_of_any_model_before_routine_of_any_in_every_turn(
         (a, ["a-routine0", "a-routine1"]),
         (b, ["b-routine1", "b-routine2"]),
     ]
+
+
+class CountingRedis(fakeredis.FakeRedis):
+    """Counts the blocking pops: a straggler wait is a BLPOP after the first."""
+
+    blpops = 0
+
+    def blpop(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.blpops += 1
+        return super().blpop(*args, **kwargs)
+
+
+def test_idle_model_takes_a_lone_job_without_a_straggler_wait() -> None:
+    r = CountingRedis()
+    r.rpush(URGENT, "lone")
+    batch = collect_batch(
+        r, [URGENT, ROUTINE], max_batch=8, max_wait_s=60.0, poll_timeout_s=1.0, busy=lambda: False
+    )
+    assert batch == ["lone"]
+    assert r.blpops == 1, "the only BLPOP is the one that found the job"
+
+
+def test_idle_model_still_takes_what_is_already_queued() -> None:
+    r = CountingRedis()
+    r.rpush(ROUTINE, "a", "b", "c")
+    batch = collect_batch(
+        r, [URGENT, ROUTINE], max_batch=8, max_wait_s=60.0, poll_timeout_s=1.0, busy=lambda: False
+    )
+    assert batch == ["a", "b", "c"]
+    assert r.blpops == 1
+
+
+def test_busy_model_waits_for_stragglers_until_it_frees() -> None:
+    r = CountingRedis()
+    r.rpush(URGENT, "first")
+    threading.Timer(0.05, lambda: r.rpush(URGENT, "late")).start()
+    batch = collect_batch(
+        r, [URGENT, ROUTINE], max_batch=4, max_wait_s=0.5, poll_timeout_s=1.0, busy=lambda: True
+    )
+    assert batch == ["first", "late"]
+    assert r.blpops >= 2
+
+
+def test_collect_any_passes_the_busy_signal_on() -> None:
+    r = CountingRedis()
+    r.rpush(URGENT, "lone")
+    got = collect_any(r, [ModelQueue("m", 8, 60.0)], 1.0, busy=lambda: False)
+    assert got is not None and got[1] == ["lone"]
+    assert r.blpops == 1

@@ -1,0 +1,92 @@
+"""Intake's work on a claimed microbatch before the model: download its images (a slide's
+tiles: read them from the local copy of the slide), decode them in the isolated decoder
+processes, and pre-process them for a model with phases. A slide's plan job goes to the
+planner instead. Each step is timed into the microbatch's stages (common.stages)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from hepato.common import stages
+from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing
+from hepato.common.jobs import ClaimedJob
+from hepato.common.slides.cache import SlideCache
+from hepato.common.storage import ObjectStore
+from hepato.worker import inference
+from hepato.worker.accounting import timed
+from hepato.worker.backends.base import Model
+from hepato.worker.decode import DecoderFault, IsolatedDecoder
+from hepato.worker.microbatch import MicroBatch
+from hepato.worker.slides import Planner, read_tile, split_kinds, tile_error
+
+
+class Preparer:
+    def __init__(
+        self,
+        models: Mapping[str, Model],
+        store: ObjectStore,
+        decoder: IsolatedDecoder,
+        planner: Planner,
+        fetch_pool: ThreadPoolExecutor,
+        tile_pool: ThreadPoolExecutor,
+    ) -> None:
+        self.models = models
+        self.store = store
+        self.decoder = decoder
+        self.planner = planner
+        self.slide_cache: SlideCache = planner.cache
+        self.fetch_pool = fetch_pool
+        self.tile_pool = tile_pool
+
+    def __call__(self, batch: MicroBatch) -> None:
+        """Download concurrently, then decode; a job whose image is gone or unreadable is
+        marked permanent, one whose download or decoder failed transient."""
+        model = self.models[batch.model]
+        kinds = split_kinds(batch.claimed)
+        for job in kinds["plan"]:
+            self.planner.submit(batch.token, job, model.manifest)
+        batch.claimed = [*kinds["image"], *kinds["tile"]]
+        size = model.manifest.input_size
+        with timed(batch.model, stages.DOWNLOAD, batch.stages):
+            tiles = [
+                self.tile_pool.submit(read_tile, self.slide_cache, j, size) for j in kinds["tile"]
+            ]
+            datas = list(self.fetch_pool.map(self._fetch, kinds["image"]))
+            for job, future in zip(kinds["tile"], tiles, strict=True):
+                if (exc := future.exception()) is None:
+                    batch.ready.append(job)
+                    batch.images.append(future.result())
+                else:
+                    permanent, reason = tile_error(exc)  # type: ignore[arg-type]
+                    (batch.permanent if permanent else batch.transient)[job.id] = reason
+        batch.fetched_at = datetime.now(UTC)
+        fetched: list[tuple[ClaimedJob, bytes]] = []
+        for job, data in zip(kinds["image"], datas, strict=True):
+            if isinstance(data, ObjectMissing):
+                batch.permanent[job.id] = str(data)
+            elif isinstance(data, ObjectFetchError):
+                batch.transient[job.id] = str(data)
+            else:
+                fetched.append((job, data))
+        if fetched:
+            with timed(batch.model, stages.DECODE, batch.stages):
+                decoded = self.decoder.decode_all([data for _, data in fetched])
+            for (job, _), image in zip(fetched, decoded, strict=True):
+                if isinstance(image, InvalidImage):
+                    batch.permanent[job.id] = str(image)
+                elif isinstance(image, DecoderFault):
+                    batch.transient[job.id] = str(image)
+                else:
+                    batch.ready.append(job)
+                    batch.images.append(image)
+        if inference.phases(model):
+            with timed(batch.model, stages.PREPROCESS, batch.stages):
+                batch.prepared = inference.prepare(model, batch.ready, batch.images)
+
+    def _fetch(self, job: ClaimedJob) -> bytes | ObjectFetchError:
+        try:
+            return self.store.get(job.object_key)
+        except ObjectFetchError as exc:
+            return exc
