@@ -114,13 +114,13 @@ def e2e(
         list[str] | None,
         typer.Option(
             help="Scenarios to run, repeatable or comma-separated: load, overhead, efficiency, "
-            "batching (or a, b, c, d)",
+            "batching, realtime (or a, b, c, d, e)",
             show_default="all",
         ),
     ] = None,
-    model: Annotated[str, typer.Option(help="Detector of the load, efficiency, study runs")] = (
-        _D.model
-    ),
+    model: Annotated[
+        str, typer.Option(help="Detector of the load, efficiency, study, realtime runs")
+    ] = _D.model,
     samples: Annotated[Path, typer.Option(help="Folder of synthetic_*.png")] = _D.samples,
     wait: Annotated[
         str, typer.Option(help="How single-image clients see a job finish: sse or poll")
@@ -210,10 +210,24 @@ def e2e(
     model_study_images: Annotated[
         int, typer.Option(help="batching: images per model run")
     ] = _D.model_study_images,
+    realtime_size: Annotated[
+        int, typer.Option(help="realtime: the model's input size, px")
+    ] = _D.realtime_size,
+    realtime_requests: Annotated[
+        int, typer.Option(help="realtime: sequential requests at 1 client")
+    ] = _D.realtime_requests,
+    realtime_concurrency: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="realtime: clients, each against the bare model at that batch; repeatable",
+            show_default=_shown(_D.realtime_concurrency),
+        ),
+    ] = None,
 ) -> None:
     """End to end through a local stack of its own: load sweep, pipeline overhead (null
     model against the object store alone), efficiency against the bare model, batch-size
-    study. Writes bench-e2e.json and PNG plots to --out."""
+    study, real-time latency of /v1/detect against the bare model. Writes bench-e2e.json
+    and PNG plots to --out."""
     import sys
 
     try:
@@ -261,6 +275,9 @@ def e2e(
         model_batches=tuple(model_batch or _D.model_batches),
         model_wait_ms=model_wait_ms,
         model_study_images=model_study_images,
+        realtime_size=realtime_size,
+        realtime_requests=realtime_requests,
+        realtime_concurrency=tuple(realtime_concurrency or _D.realtime_concurrency),
     )
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

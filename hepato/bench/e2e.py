@@ -4,6 +4,7 @@
   overhead    the null model with 1, 2, 4 workers against the object store alone
   efficiency  the whole stack against the bare model, same batch size, processes, threads
   batching    max_batch_size x max_wait_ms with the null model, and the model at 320 px
+  realtime    POST /v1/detect at 1, 4, 16 clients against the bare model (hepato.bench.detect)
 
 Processes are managed in hepato.bench.stack, clients in hepato.bench.load, the bare
 model in hepato.bench.bare, tables, plots and ratios in hepato.bench.report."""
@@ -19,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from hepato.bench import cpu, load, report
+from hepato.bench import cpu, detect, load, report
 from hepato.bench.bare import BareRun, bare_throughput
 from hepato.bench.options import NULL_MODEL, BenchOptions
 from hepato.bench.registry import threads_for, variant_name, write_models_dir
@@ -358,6 +359,7 @@ def run_bench(opts: BenchOptions, settings: Settings, argv: list[str]) -> dict[s
         "overhead": Bench.overhead,
         "efficiency": Bench.efficiency,
         "batching": Bench.batching,
+        "realtime": detect.run,
     }
     try:
         write_models_dir(settings, opts, models_dir)

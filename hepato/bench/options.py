@@ -13,8 +13,8 @@ from hepato.common.settings import REPO_ROOT
 # How single-image clients see a job finish: its event stream, or polling.
 Wait = Literal["sse", "poll"]
 
-SCENARIOS = ("load", "overhead", "efficiency", "batching")
-ALIASES = {"a": "load", "b": "overhead", "c": "efficiency", "d": "batching"}
+SCENARIOS = ("load", "overhead", "efficiency", "batching", "realtime")
+ALIASES = {"a": "load", "b": "overhead", "c": "efficiency", "d": "batching", "e": "realtime"}
 NULL_MODEL = "null"
 
 
@@ -53,6 +53,10 @@ class BenchOptions:
     model_wait_ms: float = 5.0
     model_input_size: int = 320
     model_study_images: int = 320
+    # realtime: POST /v1/detect against the bare model, one worker
+    realtime_size: int = 320
+    realtime_requests: int = 100  # sequential, at concurrency 1
+    realtime_concurrency: tuple[int, ...] = (4, 16)  # each against the bare model's batch
 
 
 def scenario_names(only: list[str] | None) -> tuple[str, ...]:

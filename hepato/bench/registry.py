@@ -40,8 +40,10 @@ def write_models_dir(settings: Settings, opts: BenchOptions, folder: Path) -> No
             update["max_batch_size"] = max(m.max_batch_size, *opts.study_batches)
         dump_manifest(m.model_copy(update=update), folder / f"{name}.yaml")
     base = registry[opts.model]
-    largest = max(opts.efficiency_batch, *opts.model_batches)
-    for size in {*opts.input_sizes, opts.model_input_size}:
+    # The realtime scenario serves a variant with its own batching: as large a batch as
+    # its most concurrent clients can fill.
+    largest = max(opts.efficiency_batch, *opts.model_batches, *opts.realtime_concurrency)
+    for size in {*opts.input_sizes, opts.model_input_size, opts.realtime_size}:
         variant = base.model_copy(
             update={
                 "name": variant_name(opts.model, size),

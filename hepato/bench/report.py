@@ -1,5 +1,6 @@
 """What ``hepato bench e2e`` shows and writes: rich tables as it goes, the ratios and
-targets of issue 6, the JSON report and the PNG plots. Nothing here measures."""
+targets of issue 6 (those of issue 15 and the realtime scenario's table are
+hepato.bench.realtime's), the JSON report and the PNG plots. Nothing here measures."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hepato.bench import realtime
 from hepato.common.settings import REPO_ROOT
 
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -116,6 +118,8 @@ def _speed(row: dict[str, Any]) -> float:
 
 
 def ratios(scenario: str, found: dict[str, Any]) -> dict[str, Any]:
+    if scenario == "realtime":
+        return realtime.ratios(found)
     if scenario == "overhead":
         store = _speed(found["object_store"])
         system = found["system"]
@@ -166,11 +170,11 @@ def ratios(scenario: str, found: dict[str, Any]) -> dict[str, Any]:
 
 
 def _target(name: str, value: float | bool | None, goal: str, met: bool | None) -> dict[str, Any]:
-    return {"target": name, "value": value, "goal": goal, "met": met}
+    return {"target": name, "value": value, "goal": goal, "met": met, "issue": 6}
 
 
 def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ratio targets of issue 6 that this run measured, each with its figure."""
+    """The ratio targets of issues 6 and 15 that this run measured, each with its figure."""
     out = []
     if "efficiency" in scenarios:
         for size, r in scenarios["efficiency"]["ratios"].items():
@@ -195,7 +199,7 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
             )
         never = found["adding_a_worker_never_lowers"]
         out.append(_target("adding a worker never lowers throughput", never, "true", never))
-    return out
+    return out + realtime.targets(scenarios)
 
 
 def _ge(value: float | None, goal: float) -> bool | None:
@@ -239,7 +243,9 @@ def _f(value: float | None, digits: int = 1) -> str:
 
 
 def table(scenario: str, found: dict[str, Any]) -> None:
-    if scenario == "load":
+    if scenario == "realtime":
+        realtime.table(found, console)
+    elif scenario == "load":
         t = Table(title=f"load sweep: {found['settings']['model']}, single images")
         for col in ("clients", "images", "images/s", "p50 ms", "p95 ms", "p99 ms", "failures"):
             t.add_column(col, justify="right")
@@ -339,13 +345,14 @@ def table(scenario: str, found: dict[str, Any]) -> None:
 def print_targets(found: list[dict[str, Any]]) -> None:
     if not found:
         return
-    t = Table(title="targets of issue 6 (ratios from this run)")
-    for col in ("target", "value", "goal", "met"):
+    t = Table(title="targets (figures from this run)")
+    for col in ("issue", "target", "value", "goal", "met"):
         t.add_column(col)
     for row in found:
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[row["met"]]
         value = row["value"]
-        t.add_row(row["target"], "-" if value is None else str(value), row["goal"], met)
+        cells = (row["target"], "-" if value is None else str(value), row["goal"], met)
+        t.add_row(str(row.get("issue", "")), *cells)
     console.print(t)
 
 
