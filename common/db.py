@@ -2,18 +2,59 @@
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, cast, create_engine, func, insert, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+
+# A pooled connection idle longer than this is pinged before it is handed out, s.
+IDLE_PING_S = 1.0
 
 
 @lru_cache
 def get_engine(url: str) -> Engine:
-    # pre_ping lets every process ride out a Postgres restart without being restarted.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _ping_when_idle(engine, IDLE_PING_S)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Pre-ping, only for connections that sat idle: every process rides out a Postgres
+    restart without being restarted, and a busy one does not pay a round trip per
+    transaction for it. A connection that broke while in use fails its statement;
+    SQLAlchemy then drops the whole pool (a disconnect invalidates it), and the caller's
+    retry, or the client's, gets fresh connections."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _handed_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < idle_s:
+            return
+        try:
+            dbapi_connection.execute("SELECT 1")  # psycopg 3: a cursor of its own
+            dbapi_connection.rollback()
+        except Exception as exc:
+            # The pool discards this connection and checks out another (the recipe of
+            # SQLAlchemy's "pessimistic disconnect handling").
+            raise DisconnectionError(str(exc)) from exc
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
