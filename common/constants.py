@@ -63,6 +63,12 @@ def tenants_key(model: str) -> str:
     return f"{KEY_PREFIX}:tenants:{model}"
 
 
+def inline_key(job_id: str) -> str:
+    """A job's image bytes, pushed with its id so that its worker need not download them
+    (common.settings inline_max_bytes); taken, or expired, once."""
+    return f"{KEY_PREFIX}:inline:{job_id}"
+
+
 # Retries waiting out their backoff: a sorted set of "<queue key> <job id>" scored by the
 # Unix time they are due; workers move due ones back onto their queues.
 DELAYED_KEY = f"{KEY_PREFIX}:delayed"

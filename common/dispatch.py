@@ -6,7 +6,7 @@ from them, taking turns between models and tenants, is the worker's (worker.micr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import cast
 
 import redis
@@ -15,6 +15,7 @@ from hepato.common.constants import (
     DELAYED_KEY,
     PUBLIC_TENANT,
     Priority,
+    inline_key,
     queue_key,
     queue_keys,
     tenants_key,
@@ -28,13 +29,31 @@ def push(
     priority: Priority | str,
     ids: Iterable[str],
     tenant: str = PUBLIC_TENANT,
+    *,
+    inline: Mapping[str, bytes] | None = None,
+    inline_ttl_s: float = 120.0,
 ) -> None:
+    """Queue ``ids``, in one round trip with the ``inline`` images (by id), which are set
+    before the ids are pushed: a worker that pops an id finds its bytes already there."""
     ids = list(ids)
     if ids:
         pipe = client.pipeline(transaction=False)
+        for job_id, data in (inline or {}).items():
+            pipe.set(inline_key(job_id), data, px=int(inline_ttl_s * 1000))
         pipe.sadd(tenants_key(model), tenant)
         pipe.rpush(queue_key(model, priority, tenant), *ids)
         pipe.execute()
+
+
+def take_inline(client: redis.Redis, ids: Sequence[str]) -> dict[str, bytes]:
+    """The inline images of ``ids`` that are still in Redis, removed as they are read (a
+    retry downloads from the object store), in one round trip."""
+    if not ids:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.getdel(inline_key(job_id))
+    return {job_id: data for job_id, data in zip(ids, pipe.execute(), strict=True) if data}
 
 
 def requeue(client: redis.Redis, jobs: Sequence[Requeue], *, front: bool = False) -> None:

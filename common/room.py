@@ -23,13 +23,14 @@ class Room:
     retry_after_s: int
 
 
-def check_room(engine: Engine, model: str, tenant: str, adding: int, room: Room) -> None:
+def check_room(engine: Engine, model: str, tenant: str, adding: int, room: Room) -> int:
     """Refuse the whole request up front when it would not fit: before its objects are
     stored, so a refused request costs the store nothing. Concurrent requests may all
-    pass here; ``hold_room``, in the transaction that inserts, is the one that holds."""
+    pass here; ``hold_room``, in the transaction that inserts, is the one that holds.
+    Returns the model's pending jobs, as counted."""
     # Autocommit: one statement needs no BEGIN and ROLLBACK around it (two round trips).
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        _refuse_past(conn, model, tenant, adding, room)
+        return _refuse_past(conn, model, tenant, adding, room)
 
 
 def hold_room(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> None:
@@ -40,7 +41,7 @@ def hold_room(conn: Connection, model: str, tenant: str, adding: int, room: Room
     _refuse_past(conn, model, tenant, adding, room)
 
 
-def _refuse_past(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> None:
+def _refuse_past(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> int:
     everyone, mine = conn.execute(
         select(func.count(), func.count().filter(Job.tenant == tenant)).where(
             Job.model == model, Job.state == JobState.pending
@@ -59,3 +60,4 @@ def _refuse_past(conn: Connection, model: str, tenant: str, adding: int, room: R
             "retry later",
             room.retry_after_s,
         )
+    return int(everyone)

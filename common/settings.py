@@ -72,6 +72,26 @@ class Settings(BaseSettings):
         description="Pending jobs one tenant may hold in one model's queue, its share of "
         "max_queued_per_model; a submission past it is refused (429).",
     )
+    inline_max_bytes: int = Field(
+        256 * 1024,
+        ge=0,
+        description="An image up to this size also travels through Redis with its job id, so "
+        "its worker need not download it from the object store (the store keeps the "
+        "original); 0 turns it off, bytes.",
+    )
+    inline_max_queued: int = Field(
+        256,
+        ge=0,
+        description="Images travel inline only while the model has fewer pending jobs than "
+        "this: Redis holds at most about inline_max_queued x inline_max_bytes of them per "
+        "model, jobs.",
+    )
+    inline_ttl_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long an inline image waits in Redis for its worker; past it, or after "
+        "a retry, the worker downloads it from the object store, s.",
+    )
     queue_full_retry_after_s: int = Field(
         10, ge=1, description="Retry-After of a 429 for a full queue, s."
     )

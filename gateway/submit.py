@@ -33,6 +33,7 @@ from hepato.common.exceptions import CallbackRefused, HepatoError, InvalidImage,
 from hepato.common.images import ImageInfo, display_name, inspect_image
 from hepato.common.jobs import NewJob
 from hepato.common.manifest import ModelManifest
+from hepato.common.settings import Settings
 from hepato.common.storage import new_object_key
 from hepato.common.tables import Job
 from hepato.gateway.deps import Resources
@@ -98,7 +99,7 @@ def submit(
         settings.max_queued_per_tenant,
         settings.queue_full_retry_after_s,
     )
-    room.check_room(res.engine, model.name, tenant, len(valid), bounds)
+    queued = room.check_room(res.engine, model.name, tenant, len(valid), bounds)
 
     keys = [new_object_key(info.format) for _, info in valid]
 
@@ -146,7 +147,15 @@ def submit(
 
     ids = [str(job_id) for job_id in created.job_ids]
     try:
-        dispatch.push(res.redis, model.name, priority, ids, tenant)
+        dispatch.push(
+            res.redis,
+            model.name,
+            priority,
+            ids,
+            tenant,
+            inline=_inline(settings, queued, ids, valid),
+            inline_ttl_s=settings.inline_ttl_s,
+        )
     except redis.RedisError:
         # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.
         log.warning("could not push %d job ids to Redis; the sweeper will", len(ids), exc_info=True)
@@ -156,6 +165,21 @@ def submit(
     ]
     metrics.count_submission(model.name, len(accepted), len(rejected))
     return Submission(created.batch_id, accepted, rejected)
+
+
+def _inline(
+    settings: Settings, queued: int, ids: list[str], valid: list[tuple[Upload, ImageInfo]]
+) -> dict[str, bytes]:
+    """The images that go to their worker through Redis too (settings inline_*): small
+    ones, while the model's queue is short enough that Redis's share stays bounded."""
+    if queued + len(ids) > settings.inline_max_queued:
+        return {}
+    inline = {}
+    for job_id, (upload, info) in zip(ids, valid, strict=True):
+        if info.size <= settings.inline_max_bytes:
+            upload.file.seek(0)
+            inline[job_id] = upload.file.read(info.size)
+    return inline
 
 
 class CommitUnknown(HepatoError):

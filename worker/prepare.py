@@ -1,15 +1,19 @@
 """Intake's work on a claimed microbatch before the model: download its images (a slide's
 tiles: read them from the local copy of the slide), decode them in the isolated decoder
 processes, and pre-process them for a model with phases. A slide's plan job goes to the
-planner instead. Each step is timed into the microbatch's stages (common.stages)."""
+planner instead. An image sent inline through Redis (common.dispatch) is not downloaded.
+Each step is timed into the microbatch's stages (common.stages)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
-from hepato.common import stages
+import redis
+
+from hepato.common import dispatch, stages
 from hepato.common.exceptions import InvalidImage, ObjectFetchError, ObjectMissing
 from hepato.common.jobs import ClaimedJob
 from hepato.common.slides.cache import SlideCache
@@ -21,10 +25,13 @@ from hepato.worker.decode import DecoderFault, IsolatedDecoder
 from hepato.worker.microbatch import MicroBatch
 from hepato.worker.slides import Planner, read_tile, split_kinds, tile_error
 
+log = logging.getLogger(__name__)
+
 
 class Preparer:
     def __init__(
         self,
+        redis_client: redis.Redis,
         models: Mapping[str, Model],
         store: ObjectStore,
         decoder: IsolatedDecoder,
@@ -32,6 +39,7 @@ class Preparer:
         fetch_pool: ThreadPoolExecutor,
         tile_pool: ThreadPoolExecutor,
     ) -> None:
+        self.redis = redis_client
         self.models = models
         self.store = store
         self.decoder = decoder
@@ -53,7 +61,7 @@ class Preparer:
             tiles = [
                 self.tile_pool.submit(read_tile, self.slide_cache, j, size) for j in kinds["tile"]
             ]
-            datas = list(self.fetch_pool.map(self._fetch, kinds["image"]))
+            datas = self._download(kinds["image"])
             for job, future in zip(kinds["tile"], tiles, strict=True):
                 if (exc := future.exception()) is None:
                     batch.ready.append(job)
@@ -84,6 +92,19 @@ class Preparer:
         if inference.phases(model):
             with timed(batch.model, stages.PREPROCESS, batch.stages):
                 batch.prepared = inference.prepare(model, batch.ready, batch.images)
+
+    def _download(self, jobs: list[ClaimedJob]) -> list[bytes | ObjectFetchError]:
+        """Each job's image: the bytes its submission sent inline through Redis where
+        they are still there, else from the object store."""
+        try:
+            inline = dispatch.take_inline(self.redis, [str(job.id) for job in jobs])
+        except redis.RedisError:
+            log.debug("inline images unreadable; downloading them", exc_info=True)
+            inline = {}
+        rest = [job for job in jobs if str(job.id) not in inline]
+        got = self.fetch_pool.map(self._fetch, rest)
+        fetched = {job.id: data for job, data in zip(rest, got, strict=True)}
+        return [inline.get(str(job.id)) or fetched[job.id] for job in jobs]
 
     def _fetch(self, job: ClaimedJob) -> bytes | ObjectFetchError:
         try:

@@ -106,7 +106,13 @@ class Worker:
         )
         self.slide_cache = self.planner.cache
         self.prepare = Preparer(
-            self.models, self.store, self.decoder, self.planner, self.fetch_pool, self.tile_pool
+            self.redis,
+            self.models,
+            self.store,
+            self.decoder,
+            self.planner,
+            self.fetch_pool,
+            self.tile_pool,
         )
         # Batches handed to the model stage and not yet through it: intake waits for
         # stragglers only while the model is busy (worker.microbatch).

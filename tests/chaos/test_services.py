@@ -21,6 +21,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from hepato.common.constants import inline_key
 from hepato.common.migrate import run_migrations
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
@@ -64,6 +65,12 @@ def cs(stack: LocalStack, base_settings: Settings) -> Settings:
     )
     reset(settings)
     return settings
+
+
+def drop_inline(settings: Settings, job_ids: list[str]) -> None:
+    """Remove the inline copies of these jobs' images, as their expiry would."""
+    client = redis.Redis.from_url(settings.redis_url)
+    assert client.delete(*(inline_key(j) for j in job_ids)) == len(job_ids)
 
 
 @pytest.fixture
@@ -197,6 +204,7 @@ def test_a_deleted_object_fails_its_job_and_the_rest_of_the_batch_succeeds(
     victim = batch["jobs"][3]["job_id"]
     job = next(j for j in db_jobs(cs) if str(j.id) == victim)
     ObjectStore(cs).client.remove_object(cs.s3_bucket, job.object_key)
+    drop_inline(cs, [victim])  # its copy in Redis expired too: only the store is left
     with ledger(cs) as read:
         worker = Worker(cs, models, burst=True)
         worker.run(install_signals=False)
@@ -214,6 +222,7 @@ def test_object_store_down_retries_then_fails_then_recovers(
     from hepato.worker.runner import Worker
 
     batch = submit(gateway, thirty_two()[:4])
+    drop_inline(cs, ids(batch))  # the images must come from the store
     with ledger(cs) as read:
         stack.kill_service("seaweedfs")
         try:
