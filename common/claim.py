@@ -29,8 +29,9 @@ def claim(
         return token, [], []
     now = func.now()
     with event_log.transaction(engine) as conn:
-        expired = expire_overdue(conn, job_ids)
-        chosen, left = _isolate(conn, job_ids)
+        overdue, chosen, left = _isolate(conn, job_ids)
+        # Only when one is overdue: the usual claim is one read and one write.
+        expired = expire_overdue(conn, overdue) if overdue else []
         rows = conn.execute(
             update(Job)
             .where(Job.id.in_(chosen), Job.state == JobState.pending)
@@ -49,8 +50,11 @@ def claim(
     return token, [claimed_job(row) for row in rows], left
 
 
-def _isolate(conn: Connection, ids: list[uuid.UUID]) -> tuple[list[uuid.UUID], list[Requeue]]:
-    """Which of the popped jobs this claim takes, and which go back to wait.
+def _isolate(
+    conn: Connection, ids: list[uuid.UUID]
+) -> tuple[list[uuid.UUID], list[uuid.UUID], list[Requeue]]:
+    """Which of the popped jobs are past their deadline (to expire), which this claim
+    takes, and which go back to wait.
 
     A retry still inside its backoff (pushed early, by a sweeper after Redis lost its
     lists) goes back to wait out the rest. A model call that hangs, or a process that
@@ -67,9 +71,11 @@ def _isolate(conn: Connection, ids: list[uuid.UUID]) -> tuple[list[uuid.UUID], l
             Job.priority,
             Job.tenant,
             func.coalesce(extract("epoch", Job.not_before - func.now()), 0.0).label("wait_s"),
+            func.coalesce(Job.deadline_at < func.now(), False).label("overdue"),
         ).where(Job.id.in_(ids), Job.state == JobState.pending)
     ).all()
-    rows = {row.id: row for row in found}
+    overdue = [row.id for row in found if row.overdue]
+    rows = {row.id: row for row in found if not row.overdue}
     popped = [job_id for job_id in ids if job_id in rows]
     due = [job_id for job_id in popped if rows[job_id].wait_s <= 0]
     if not due:
@@ -83,7 +89,7 @@ def _isolate(conn: Connection, ids: list[uuid.UUID]) -> tuple[list[uuid.UUID], l
         for j in popped
         if j not in chosen
     ]
-    return chosen, left
+    return overdue, chosen, left
 
 
 def _uuids(ids: Iterable[str | uuid.UUID]) -> list[uuid.UUID]:

@@ -84,6 +84,12 @@ def job_events_channel(job_id: str) -> str:
     return f"{KEY_PREFIX}:events:job:{job_id}"
 
 
+def job_finished_channel(job_id: str) -> str:
+    """Pub/sub channel woken after the commit that finished a job without a batch (what a
+    /v1/predict caller waits for; it is not woken by the job's other events)."""
+    return f"{KEY_PREFIX}:finished:job:{job_id}"
+
+
 WORKER_HEARTBEAT_TTL_S = 30
 
 

@@ -61,23 +61,35 @@ def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
+def unnest_rows(
+    table: Any, per_row: dict[str, list[Any]], types: dict[str, Any] | None = None
+) -> Any:
+    """Rows as a derived table ``v`` with one column per key of ``per_row``: each column
+    goes as one array parameter and unnest() turns the arrays back into rows, whatever
+    their number. Each array is cast to its column's type (or ``types``' override)."""
+    columns = table.__table__.c
+    kinds = {name: (types or {}).get(name, columns[name].type) for name in per_row}
+    arrays = (
+        cast(bindparam(f"v_{name}", values, type_=ARRAY(kinds[name])), ARRAY(kinds[name]))
+        for name, values in per_row.items()
+    )
+    # render_derived: "AS v(id, filename, ...)", naming unnest's output columns.
+    return func.unnest(*arrays).table_valued(*per_row).render_derived(name="v")
+
+
 def insert_rows(
     conn: Connection, table: Any, per_row: dict[str, list[Any]], same: dict[str, Any]
 ) -> None:
-    """One INSERT for any number of rows of ``table`` (a mapped class): each per-row
-    column goes as one array and unnest() turns the arrays back into rows; ``same`` holds
-    the values every row shares. (executemany sends an INSERT per row, and a VALUES list
-    takes a parameter per column and row, past Postgres' 65,535 at a few thousand rows.)
-    Every value is cast to its column's type: a bare parameter in a SELECT list, NULL
-    above all, would be taken as text."""
+    """One INSERT for any number of rows of ``table`` (a mapped class): the per-row
+    columns as ``unnest_rows``; ``same`` holds the values every row shares. (executemany
+    sends an INSERT per row, and a VALUES list takes a parameter per column and row, past
+    Postgres' 65,535 at a few thousand rows.) Every value is cast to its column's type: a
+    bare parameter in a SELECT list, NULL above all, would be taken as text."""
     columns = table.__table__.c
-
-    def typed(name: str, value: Any, *, array: bool = False) -> Any:
-        kind = ARRAY(columns[name].type) if array else columns[name].type
-        return cast(bindparam(f"v_{name}", value, type_=kind), kind)
-
-    arrays = (typed(n, v, array=True) for n, v in per_row.items())
-    # render_derived: "AS f(id, filename, ...)", naming unnest's output columns.
-    rows = func.unnest(*arrays).table_valued(*per_row).render_derived(name="f")
-    values = select(*(rows.c[n] for n in per_row), *(typed(n, v) for n, v in same.items()))
+    rows = unnest_rows(table, per_row)
+    shared = (
+        cast(bindparam(f"s_{n}", v, type_=columns[n].type), columns[n].type)
+        for n, v in same.items()
+    )
+    values = select(*(rows.c[n] for n in per_row), *shared)
     conn.execute(insert(table).from_select([*per_row, *same], values))

@@ -7,8 +7,8 @@ restarted) delays an event and never drops it.
 
 Why the advisory lock: a bigserial is drawn at insert time but becomes visible at
 commit, so without it a reader could see id 11 before id 10 commits and move its cursor
-past 10 for good. Each writer takes one transaction-scoped lock right before its insert
-(the last statement of its transaction), so ids commit in the order they were drawn and
+past 10 for good. Each writer takes one transaction-scoped lock in its insert (the last
+statement of its transaction), so ids commit in the order they were drawn and
 what a reader sees is always a prefix of the log."""
 
 from __future__ import annotations
@@ -22,16 +22,21 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from sqlalchemy import ColumnElement, Connection, Engine, func, insert, select, text
+from sqlalchemy import ColumnElement, Connection, Engine, func, insert, select, true
 
 from hepato.common import slide_finish, webhooks
-from hepato.common.constants import batch_events_channel, job_events_channel
+from hepato.common.constants import (
+    TERMINAL_STATES,
+    batch_events_channel,
+    job_events_channel,
+    job_finished_channel,
+)
 from hepato.common.tables import Job, JobEvent
 
 log = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same for every writer.
-_LOG_LOCK = text("SELECT pg_advisory_xact_lock(4711002)")
+_LOG_LOCK_KEY = 4711002
 _WAKE = "hepato.events.wake"
 
 # Which Redis each engine's writers publish on (set once per process by gateway and worker).
@@ -59,12 +64,16 @@ def record(
         per_job = True
     else:
         per_job = False
-    conn.execute(_LOG_LOCK)
+    # The lock joins the insert's SELECT (one round trip, not two): it is taken before
+    # the first row is produced, so before any id is drawn.
+    lock = select(func.pg_advisory_xact_lock(_LOG_LOCK_KEY).label("held")).subquery("log_lock")
     rows = conn.execute(
         insert(JobEvent)
         .from_select(
             ["job_id", "batch_id", "tenant", "state", "error", "at"],
             select(Job.id, Job.batch_id, Job.tenant, Job.state, Job.error, func.now())
+            .select_from(Job)
+            .join(lock, true())
             .where(where)
             .order_by(Job.id),
         )
@@ -78,6 +87,11 @@ def record(
     wake.update(batch_events_channel(str(batch_id)) for _, batch_id, _ in rows if batch_id)
     if per_job:
         wake.update(job_events_channel(str(job_id)) for job_id, _, _ in rows)
+        wake.update(
+            job_finished_channel(str(job_id))
+            for job_id, batch_id, state in rows
+            if batch_id is None and state in TERMINAL_STATES
+        )
 
 
 @contextmanager

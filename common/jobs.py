@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, cast, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, cast, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
 from hepato.common import event_log
 from hepato.common.constants import PUBLIC_TENANT, JobState, Priority
-from hepato.common.db import insert_rows
+from hepato.common.db import insert_rows, unnest_rows
 from hepato.common.images import ImageInfo
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TaskResult
@@ -141,6 +141,9 @@ class NewJob:
 class Created:
     batch_id: uuid.UUID | None
     job_ids: list[uuid.UUID]  # in the order of the jobs given
+    # The model's pending jobs before these, as the room check counted them (None: not
+    # counted).
+    queued_before: int | None = None
 
 
 def create(
@@ -157,14 +160,18 @@ def create(
     callback_url: str | None,
     room: Room | None = None,
     stages: dict[str, float] | None = None,
+    job_ids: Sequence[uuid.UUID] | None = None,
 ) -> Created:
     """Commit ``new`` as pending jobs (and, ``as_batch``, their batch) in one transaction
-    of one statement per table; the caller pushes their ids only after this returns.
-    With ``room``, the model's and the tenant's bounds are held (common.room): past them,
-    QueueFull and nothing is inserted. ``stages``: the gateway's steps (common.stages)."""
+        of one statement per table; the caller pushes their ids only after this returns.
+        With ``room``, the model's and the tenant's bounds are held (common.room): past them,
+        QueueFull and nothing is inserted. ``stages``: the gateway's steps (common.stages).
+    ``job_ids``: the new jobs' ids, one per entry of ``new`` (default: fresh ones)."""
     batch_id = uuid.uuid4() if as_batch else None
     deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
-    job_ids = [uuid.uuid4() for _ in new]
+    job_ids = list(job_ids) if job_ids is not None else [uuid.uuid4() for _ in new]
+    if len(job_ids) != len(new):
+        raise ValueError(f"{len(job_ids)} ids for {len(new)} jobs")
     per_file: dict[str, list[Any]] = {
         "id": job_ids,
         "filename": [j.filename for j in new],
@@ -189,9 +196,10 @@ def create(
         "callback_url": None if batch_id else callback_url,
         "stages": stages or {},
     }
+    queued_before = None
     with event_log.transaction(engine) as conn:
         if room is not None:
-            hold_room(conn, model.name, tenant, len(job_ids), room)
+            queued_before = hold_room(conn, model.name, tenant, len(job_ids), room)
         if batch_id is not None:
             conn.execute(
                 insert(Batch).values(
@@ -205,7 +213,7 @@ def create(
             )
         insert_rows(conn, Job, per_file, same)
         event_log.record(conn, job_ids)
-    return Created(batch_id, job_ids)
+    return Created(batch_id, job_ids, queued_before)
 
 
 # --- the fence -----------------------------------------------------------------------
@@ -233,53 +241,47 @@ def complete(
     owns. Returns the ids written; the others were taken over by another worker."""
     if not results:
         return set()
+    rows = unnest_rows(
+        Job,
+        {
+            "id": [r.id for r in results],
+            "batch_size": [r.batch_size for r in results],
+            "inference_ms": [r.inference_ms for r in results],
+            "result": [r.result.model_dump(mode="json") for r in results],
+            "fetched_at": [r.fetched_at for r in results],
+            "inferred_at": [r.inferred_at for r in results],
+            "tile_stats": [r.tile_stats for r in results],
+            "stages": [r.stages or {} for r in results],
+        },
+        # A job without statistics (not a tile) has none: SQL NULL, not JSON null.
+        types={"tile_stats": JSONB(none_as_null=True)},
+    )
     with event_log.transaction(engine) as conn:
-        # Row locks keep the owned set stable until commit: no one can reclaim in between.
+        # One statement for the whole microbatch, fenced row by row: a job another
+        # worker has taken over since is neither written nor returned.
         owned = set(
             conn.execute(
-                select(Job.id).where(_owned(token, [r.id for r in results])).with_for_update()
+                update(Job)
+                .where(_owned(token, [r.id for r in results]), Job.id == rows.c.id)
+                .values(
+                    state=JobState.done,
+                    finished_at=func.now(),
+                    lease_until=None,
+                    batch_size=rows.c.batch_size,
+                    inference_ms=rows.c.inference_ms,
+                    error=None,
+                    model_version=model_version,
+                    result=rows.c.result,
+                    fetched_at=rows.c.fetched_at,
+                    inferred_at=rows.c.inferred_at,
+                    tile_stats=rows.c.tile_stats,
+                    # The gateway's steps stay; this run's replace an earlier run's.
+                    stages=func.coalesce(Job.stages, cast({}, JSONB)).op("||")(rows.c.stages),
+                )
+                .returning(Job.id)
             ).scalars()
         )
-        mine = [r for r in results if r.id in owned]
-        if not mine:
-            return set()
-        # One executemany (pipelined by psycopg), not a round trip per job.
-        conn.execute(
-            update(Job)
-            .where(Job.id == bindparam("job"))
-            .values(
-                state=JobState.done,
-                finished_at=func.now(),
-                lease_until=None,
-                batch_size=bindparam("size"),
-                inference_ms=bindparam("ms"),
-                error=None,
-                model_version=bindparam("version"),
-                result=bindparam("result", type_=JSONB),
-                fetched_at=bindparam("fetched"),
-                inferred_at=bindparam("inferred"),
-                tile_stats=bindparam("stats", type_=JSONB(none_as_null=True)),
-                # The gateway's steps stay; this run's replace an earlier run's.
-                stages=func.coalesce(Job.stages, cast({}, JSONB)).op("||")(
-                    bindparam("stages", type_=JSONB)
-                ),
-            ),
-            [
-                {
-                    "job": r.id,
-                    "size": r.batch_size,
-                    "ms": r.inference_ms,
-                    "version": model_version,
-                    "fetched": r.fetched_at,
-                    "inferred": r.inferred_at,
-                    "result": r.result.model_dump(mode="json"),
-                    "stats": r.tile_stats,
-                    "stages": r.stages or {},
-                }
-                for r in mine
-            ],
-        )
-        event_log.record(conn, [r.id for r in mine])
+        event_log.record(conn, owned)
     return owned
 
 

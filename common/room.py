@@ -33,12 +33,13 @@ def check_room(engine: Engine, model: str, tenant: str, adding: int, room: Room)
         return _refuse_past(conn, model, tenant, adding, room)
 
 
-def hold_room(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> None:
+def hold_room(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> int:
     """The same check inside the inserting transaction, under a lock per model: the
     submissions of one model count and insert one after another, so together they never
-    pass a bound (the lock is held only for this transaction's few statements)."""
+    pass a bound (the lock is held only for this transaction's few statements). Returns
+    the model's pending jobs before these."""
     conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"room:{model}"})
-    _refuse_past(conn, model, tenant, adding, room)
+    return _refuse_past(conn, model, tenant, adding, room)
 
 
 def _refuse_past(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> int:

@@ -2,12 +2,13 @@
 process, at the cost of one Postgres read per round however many callers wait.
 
 A caller costs a future and a callback on the process's wake-up hub (gateway.wakeups),
-never a thread or a connection. A wake-up of its job marks the job due; one task reads
-the states of every due job in one query (in a worker thread) and resolves the callers
-whose job has finished. Every ``reread_s`` every watched job is due, so a lost wake-up
-(Redis restarted, flushed) costs a caller at most that, never its answer; a Postgres
-outage costs it the wait (it gets the 202 at its timeout), never a 5xx for a job that
-was accepted."""
+never a thread or a connection. It subscribes to its job's "finished" channel before the
+job exists (its id is chosen first), so the job's one wake-up is the one that matters and
+no read is spent before it. A wake-up marks the job due; one task reads every due job in
+one query (in a worker thread) and resolves the callers whose job has finished. Every
+``reread_s`` every watched job is due, so a lost wake-up (Redis restarted, flushed) costs
+a caller at most that, never its answer; a Postgres outage costs it the wait (it gets the
+202 at its timeout), never a 5xx for a job that was accepted."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -22,7 +24,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
 
-from hepato.common.constants import TERMINAL_STATES, job_events_channel
+from hepato.common.constants import TERMINAL_STATES, job_finished_channel
 from hepato.common.tables import Job
 from hepato.gateway.wakeups import WakeupHub
 
@@ -75,18 +77,26 @@ class FinishWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def wait(self, job_id: uuid.UUID, timeout_s: float) -> Finished | None:
-        """The job once it has finished (its row, or None if the row is gone), or None if
-        it has not finished within ``timeout_s``."""
+    @contextlib.asynccontextmanager
+    async def watching(
+        self, job_id: uuid.UUID
+    ) -> AsyncIterator[Callable[[float], Awaitable[Finished | None]]]:
+        """Subscribed to ``job_id`` while inside, whether or not the job exists yet: create
+        the job inside, then ``await wait(timeout_s)`` for it once it has finished (its
+        row, None if the row is gone), or None if it has not within ``timeout_s``."""
         future: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(job_id, set())
         waiters.add(future)
+
+        async def wait(timeout_s: float) -> Finished | None:
+            with anyio.move_on_after(timeout_s):
+                return Finished(await future)
+            return None
+
         try:
-            async with self.hub.listen(job_events_channel(str(job_id)), lambda: self._mark(job_id)):
-                self._mark(job_id)  # the first read, once subscribed
-                with anyio.move_on_after(timeout_s):
-                    return Finished(await future)
-                return None
+            channel = job_finished_channel(str(job_id))
+            async with self.hub.listen(channel, lambda: self._mark(job_id)):
+                yield wait
         finally:
             waiters.discard(future)
             if not waiters and self._waiters.get(job_id) is waiters:

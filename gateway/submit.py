@@ -71,6 +71,7 @@ def submit(
     as_batch: bool,
     question: str | None = None,
     callback_url: str | None = None,
+    job_id: uuid.UUID | None = None,
 ) -> Submission:
     settings = res.settings
     started = time.perf_counter()
@@ -99,7 +100,11 @@ def submit(
         settings.max_queued_per_tenant,
         settings.queue_full_retry_after_s,
     )
-    queued = room.check_room(res.engine, model.name, tenant, len(valid), bounds)
+    if len(valid) > 1:
+        # Several files: a refusal now saves storing them all. One file is stored first
+        # and removed if the insert's own check (hold_room) refuses it: one query less on
+        # the real-time path.
+        room.check_room(res.engine, model.name, tenant, len(valid), bounds)
 
     keys = [new_object_key(info.format) for _, info in valid]
 
@@ -131,6 +136,8 @@ def submit(
             callback_url=callback_url,
             room=bounds,
             stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
+            # A caller that waits has subscribed to its job's id before the job exists.
+            job_ids=[job_id] if job_id is not None and len(valid) == 1 else None,
         )
     except QueueFull:
         # Concurrent submissions filled the queue while these uploaded: keep none of it.
@@ -153,7 +160,7 @@ def submit(
             priority,
             ids,
             tenant,
-            inline=_inline(settings, queued, ids, valid),
+            inline=_inline(settings, created.queued_before, ids, valid),
             inline_ttl_s=settings.inline_ttl_s,
         )
     except redis.RedisError:
@@ -168,11 +175,14 @@ def submit(
 
 
 def _inline(
-    settings: Settings, queued: int, ids: list[str], valid: list[tuple[Upload, ImageInfo]]
+    settings: Settings,
+    queued: int | None,
+    ids: list[str],
+    valid: list[tuple[Upload, ImageInfo]],
 ) -> dict[str, bytes]:
     """The images that go to their worker through Redis too (settings inline_*): small
     ones, while the model's queue is short enough that Redis's share stays bounded."""
-    if queued + len(ids) > settings.inline_max_queued:
+    if queued is None or queued + len(ids) > settings.inline_max_queued:
         return {}
     inline = {}
     for job_id, (upload, info) in zip(ids, valid, strict=True):

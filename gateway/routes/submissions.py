@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -110,6 +111,7 @@ async def _store(
     form: SubmissionForm,
     *,
     as_batch: bool,
+    job_id: uuid.UUID | None = None,
 ) -> Submission:
     # submit() checks a callback_url (the tenant's signing secret, where it resolves to).
     # The files as the multipart parser spooled them (to disk past 1 MiB): submit() reads
@@ -126,6 +128,7 @@ async def _store(
         as_batch=as_batch,
         question=form.question,
         callback_url=str(form.callback_url) if form.callback_url else None,
+        job_id=job_id,
     )
 
 
@@ -201,10 +204,15 @@ router.add_api_route(
 
 
 async def _submit_one(
-    request: Request, res: Resources, tenant: str, file: UploadFile, form: SubmissionForm
+    request: Request,
+    res: Resources,
+    tenant: str,
+    file: UploadFile,
+    form: SubmissionForm,
+    job_id: uuid.UUID | None = None,
 ) -> schemas.JobAccepted:
     model = _model(res, form)
-    sub = await _store(res, tenant, [file], model, form, as_batch=False)
+    sub = await _store(res, tenant, [file], model, form, as_batch=False, job_id=job_id)
     if sub.rejected:
         bad = sub.rejected[0]
         raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
@@ -266,11 +274,12 @@ async def predict(
     watch: Annotated[FinishWatch, Depends(get_finish_watch)],
 ) -> schemas.PredictOut | JSONResponse:
     started = time.perf_counter()
-    accepted = await _submit_one(request, res, tenant, file, form)
-    job_id = accepted.job_id
-    # Waiting costs no thread: the watch reads the states of every waiting caller's job
-    # in one query per round.
-    finished = await watch.wait(job_id, res.settings.detect_timeout_s)
+    # Waiting costs no thread: the watch reads every waiting caller's job in one query
+    # per round. It listens for the job before the job exists: no wake-up can be missed.
+    job_id = uuid.uuid4()
+    async with watch.watching(job_id) as wait:
+        accepted = await _submit_one(request, res, tenant, file, form, job_id)
+        finished = await wait(res.settings.detect_timeout_s)
     if finished is None:
         # Still queued or running: the job goes on; the caller polls the status URL.
         return JSONResponse(

@@ -21,7 +21,7 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from hepato.common.constants import worker_key
+from hepato.common.constants import inline_key, worker_key
 from hepato.common.db import get_engine
 from hepato.common.settings import Settings
 from tests.conftest import REPO
@@ -253,6 +253,13 @@ def record(
     if path:
         with open(path, "a", encoding="utf-8") as out:
             out.write(json.dumps(line) + "\n")
+
+
+def drop_inline(settings: Settings, job_ids: list[str]) -> None:
+    """Remove the inline copies of these jobs' images (common.dispatch), as their expiry
+    would: a test of the object store's faults needs the images to come from the store."""
+    client = redis.Redis.from_url(settings.redis_url)
+    assert client.delete(*(inline_key(j) for j in job_ids)) == len(job_ids)
 
 
 def ids(*responses: dict[str, Any]) -> list[str]:

@@ -18,7 +18,7 @@ from hepato.common.settings import Settings
 from hepato.devstack.localstack import LocalStack
 from hepato.worker.backends.base import Model
 from tests.chaos import test_services as services
-from tests.chaos.conftest import ids, judge, ledger
+from tests.chaos.conftest import drop_inline, ids, judge, ledger
 from tests.e2e.test_pipeline import db_jobs, submit, thirty_two
 
 pytestmark = pytest.mark.slow
@@ -34,6 +34,7 @@ def test_a_store_restart_of_seconds_fails_no_job(
     from hepato.worker.runner import Worker
 
     batch = submit(gateway, thirty_two()[:4])
+    drop_inline(cs, ids(batch))
     # Retries after 7.5-15 s and 15-30 s more: longer than SeaweedFS takes to come back,
     # even on a loaded machine (18 s seen while other suites ran).
     worker = Worker(cs.model_copy(update={"retry_backoff_s": 15.0}), models, burst=True)
@@ -101,6 +102,7 @@ def test_one_objects_store_error_is_charged_to_its_job_alone(
     from hepato.worker.runner import Worker
 
     accepted = ids(submit(client, thirty_two()[:8]))
+    drop_inline(settings, accepted)
     victim = next(j for j in db_jobs(settings) if str(j.id) == accepted[3])
     real_get = Minio.get_object
 

@@ -21,7 +21,6 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from hepato.common.constants import inline_key
 from hepato.common.migrate import run_migrations
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
@@ -29,7 +28,7 @@ from hepato.common.tables import Job
 from hepato.devstack.localstack import LocalStack
 from hepato.worker.backends.base import Model
 from tests.chaos import poison
-from tests.chaos.conftest import ids, judge, ledger
+from tests.chaos.conftest import drop_inline, ids, judge, ledger
 from tests.e2e.conftest import reset
 from tests.e2e.test_pipeline import db_jobs, slow_models_dir, submit, thirty_two, upload
 
@@ -65,12 +64,6 @@ def cs(stack: LocalStack, base_settings: Settings) -> Settings:
     )
     reset(settings)
     return settings
-
-
-def drop_inline(settings: Settings, job_ids: list[str]) -> None:
-    """Remove the inline copies of these jobs' images, as their expiry would."""
-    client = redis.Redis.from_url(settings.redis_url)
-    assert client.delete(*(inline_key(j) for j in job_ids)) == len(job_ids)
 
 
 @pytest.fixture
