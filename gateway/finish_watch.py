@@ -64,6 +64,8 @@ class FinishWatch:
         self.hub = hub
         self.reread_s = reread_s
         self._waiters: dict[uuid.UUID, set[asyncio.Future[Job | None]]] = {}
+        # Waited-for jobs known to have been created: only their missing row is an answer.
+        self._created: set[uuid.UUID] = set()
         self._due: set[uuid.UUID] = set()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -89,6 +91,8 @@ class FinishWatch:
         waiters.add(future)
 
         async def wait(timeout_s: float) -> Finished | None:
+            # From here on, no row means the job is gone (until now: not yet created).
+            self._created.add(job_id)
             with anyio.move_on_after(timeout_s):
                 return Finished(await future)
             return None
@@ -101,6 +105,7 @@ class FinishWatch:
             waiters.discard(future)
             if not waiters and self._waiters.get(job_id) is waiters:
                 del self._waiters[job_id]
+                self._created.discard(job_id)
 
     def _mark(self, job_id: uuid.UUID) -> None:
         self._due.add(job_id)
@@ -120,6 +125,9 @@ class FinishWatch:
             due.intersection_update(self._waiters)
             if not due:
                 continue
+            # Created before the read began: only for these does a missing row mean gone.
+            # (A job committed while the read ran may be missing from what it saw.)
+            created = due & self._created
             try:
                 rows = await anyio.to_thread.run_sync(_jobs, self.engine, list(due))
             except Exception:
@@ -129,6 +137,8 @@ class FinishWatch:
                 continue
             for job_id in due:
                 job = rows.get(job_id)
+                if job is None and job_id not in created:
+                    continue  # read before its submission committed
                 if job is None or job.state in TERMINAL_STATES:
                     for future in self._waiters.get(job_id, ()):
                         if not future.done():

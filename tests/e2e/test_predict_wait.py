@@ -5,6 +5,7 @@ Real Postgres, Redis and S3, a worker in a thread."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -29,7 +30,10 @@ def test_a_predict_caller_reads_its_job_once_it_has_finished(
     from hepato.worker.runner import Worker
 
     # No periodic re-read within the test: every read comes from a wake-up.
-    client.app.state.finish_watch.reread_s = 600.0  # type: ignore[attr-defined]
+    state = client.app.state  # type: ignore[attr-defined]
+    watch = finish_watch.FinishWatch(state.finish_watch.engine, state.finish_watch.hub, 600.0)
+    client.portal.call(watch.start)  # type: ignore[union-attr]
+    state.finish_watch = watch
     reads: list[tuple[list[uuid.UUID], list[str]]] = []
     real_jobs = finish_watch._jobs
 
@@ -50,6 +54,59 @@ def test_a_predict_caller_reads_its_job_once_it_has_finished(
             assert response.status_code == 200, response.text
             job_id = uuid.UUID(response.json()["job_id"])
             assert reads == [([job_id], ["done"])], "one read, after the job finished"
+    finally:
+        worker.stopping.set()
+        thread.join(timeout=30)
+        client.portal.call(watch.close)  # type: ignore[union-attr]
+
+
+def test_a_read_before_the_job_exists_does_not_end_the_wait(
+    client: TestClient,
+    settings: Settings,
+    models: dict[str, Model],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller is watched from before its job is created: a re-read in between finds
+    no row, which then means 'not yet', not 'gone' (a 404 for an accepted job)."""
+    from hepato.common import jobs
+    from hepato.worker.runner import Worker
+
+    watch = client.app.state.finish_watch  # type: ignore[attr-defined]
+    watch.reread_s = 0.05
+    real_create = jobs.create
+    rounds_before: list[int] = []
+
+    def slow_create(*args: Any, **kwargs: Any) -> Any:
+        started = watch_rounds()
+        # Wait (in the gateway's worker thread) until the watch has read the waiter's
+        # job at least once while it did not exist.
+        deadline = time.monotonic() + 10
+        while watch_rounds() < started + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rounds_before.append(watch_rounds() - started)
+        return real_create(*args, **kwargs)
+
+    reads: list[int] = []
+    real_jobs = finish_watch._jobs
+
+    def counted(engine: Any, ids: list[uuid.UUID]) -> Any:
+        reads.append(len(ids))
+        return real_jobs(engine, ids)
+
+    def watch_rounds() -> int:
+        return len(reads)
+
+    monkeypatch.setattr(finish_watch, "_jobs", counted)
+    monkeypatch.setattr(jobs, "create", slow_create)
+    worker = Worker(settings, models)
+    thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
+    thread.start()
+    try:
+        path = images(SAMPLES, "synthetic_*.png")[0]
+        response = client.post("/v1/detect", files={"file": ("a.png", path.read_bytes())})
+        assert rounds_before and rounds_before[0] >= 2, "read while the job did not exist"
+        assert response.status_code == 200, response.text
+        assert response.json()["result"]["boxes"]
     finally:
         worker.stopping.set()
         thread.join(timeout=30)

@@ -34,7 +34,8 @@ def test_a_tenant_sees_neither_the_worker_nor_internal_hosts_in_a_failed_job(
 ) -> None:
     from hepato.worker.runner import Worker
 
-    client = make_client(max_attempts=1)
+    # Nothing inline: the image must come from the (dead) store.
+    client = make_client(max_attempts=1, inline_max_bytes=0)
     headers = bearer(key_of("acme"))
     job_id = client.post("/v1/jobs", files=one(), headers=headers).json()["job_id"]
     down = settings.model_copy(update={"s3_endpoint": DEAD_STORE, "max_attempts": 1})
