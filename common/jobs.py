@@ -163,9 +163,9 @@ def create(
     job_ids: Sequence[uuid.UUID] | None = None,
 ) -> Created:
     """Commit ``new`` as pending jobs (and, ``as_batch``, their batch) in one transaction
-        of one statement per table; the caller pushes their ids only after this returns.
-        With ``room``, the model's and the tenant's bounds are held (common.room): past them,
-        QueueFull and nothing is inserted. ``stages``: the gateway's steps (common.stages).
+    of one statement per table; the caller pushes their ids only after this returns.
+    With ``room``, the model's and the tenant's bounds are held (common.room): past them,
+    QueueFull and nothing is inserted. ``stages``: the gateway's steps (common.stages).
     ``job_ids``: the new jobs' ids, one per entry of ``new`` (default: fresh ones)."""
     batch_id = uuid.uuid4() if as_batch else None
     deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None

@@ -38,15 +38,29 @@ CHUNK = 1000
 ERROR_PAUSE_S = 1.0
 
 
-def _jobs(engine: Engine, ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
-    """The rows of ``ids``: a caller whose job has finished gets its row from this read,
-    with no second one."""
-    found: dict[uuid.UUID, Job] = {}
+@dataclass
+class Read:
+    """One round's read: the state of every due job that has a row, and the whole row of
+    those that have finished (the caller's answer, with no read of its own)."""
+
+    states: dict[uuid.UUID, str]
+    finished: dict[uuid.UUID, Job]
+
+
+def _read(engine: Engine, ids: list[uuid.UUID]) -> Read:
+    # States first, a cheap read of every waiter each round; whole rows (an ORM load)
+    # only of the few that finished, so thousands of waiters cost the loop little.
+    read = Read({}, {})
     with Session(engine, expire_on_commit=False) as session:
         for start in range(0, len(ids), CHUNK):
-            rows = session.scalars(select(Job).where(Job.id.in_(ids[start : start + CHUNK])))
-            found.update({job.id: job for job in rows})
-    return found
+            chunk = ids[start : start + CHUNK]
+            states = session.execute(select(Job.id, Job.state).where(Job.id.in_(chunk)))
+            read.states.update({job_id: state for job_id, state in states})
+        done = [job_id for job_id, state in read.states.items() if state in TERMINAL_STATES]
+        for start in range(0, len(done), CHUNK):
+            rows = session.scalars(select(Job).where(Job.id.in_(done[start : start + CHUNK])))
+            read.finished.update({job.id: job for job in rows})
+    return read
 
 
 @dataclass(frozen=True)
@@ -129,20 +143,22 @@ class FinishWatch:
             # (A job committed while the read ran may be missing from what it saw.)
             created = due & self._created
             try:
-                rows = await anyio.to_thread.run_sync(_jobs, self.engine, list(due))
+                read = await anyio.to_thread.run_sync(_read, self.engine, list(due))
             except Exception:
                 log.warning("could not read the states of %d waited-for jobs", len(due))
                 self._due |= due
                 await anyio.sleep(ERROR_PAUSE_S)
                 continue
             for job_id in due:
-                job = rows.get(job_id)
-                if job is None and job_id not in created:
-                    continue  # read before its submission committed
-                if job is None or job.state in TERMINAL_STATES:
-                    for future in self._waiters.get(job_id, ()):
-                        if not future.done():
-                            future.set_result(job)
+                if job_id in read.finished:
+                    job: Job | None = read.finished[job_id]
+                elif job_id not in read.states and job_id in created:
+                    job = None  # its row is gone
+                else:
+                    continue  # still running, or read before its submission committed
+                for future in self._waiters.get(job_id, ()):
+                    if not future.done():
+                        future.set_result(job)
 
 
 # Async, so that FastAPI calls it on the event loop, not in the thread pool.

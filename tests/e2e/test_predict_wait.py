@@ -35,14 +35,14 @@ def test_a_predict_caller_reads_its_job_once_it_has_finished(
     client.portal.call(watch.start)  # type: ignore[union-attr]
     state.finish_watch = watch
     reads: list[tuple[list[uuid.UUID], list[str]]] = []
-    real_jobs = finish_watch._jobs
+    real_read = finish_watch._read
 
     def counted(engine: Any, ids: list[uuid.UUID]) -> Any:
-        found = real_jobs(engine, ids)
-        reads.append((ids, [found[i].state for i in ids if i in found]))
+        found = real_read(engine, ids)
+        reads.append((ids, [found.states[i] for i in ids if i in found.states]))
         return found
 
-    monkeypatch.setattr(finish_watch, "_jobs", counted)
+    monkeypatch.setattr(finish_watch, "_read", counted)
     worker = Worker(settings, models)
     thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
     thread.start()
@@ -87,16 +87,16 @@ def test_a_read_before_the_job_exists_does_not_end_the_wait(
         return real_create(*args, **kwargs)
 
     reads: list[int] = []
-    real_jobs = finish_watch._jobs
+    real_read = finish_watch._read
 
     def counted(engine: Any, ids: list[uuid.UUID]) -> Any:
         reads.append(len(ids))
-        return real_jobs(engine, ids)
+        return real_read(engine, ids)
 
     def watch_rounds() -> int:
         return len(reads)
 
-    monkeypatch.setattr(finish_watch, "_jobs", counted)
+    monkeypatch.setattr(finish_watch, "_read", counted)
     monkeypatch.setattr(jobs, "create", slow_create)
     worker = Worker(settings, models)
     thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
