@@ -163,8 +163,14 @@ def test_a_trickling_receiver_does_not_delay_recovery_of_a_dead_workers_jobs(
     wait_for("the trickling attempt to be cut", lambda: trickler.closed, 10, every_s=0.1)
     held = trickler.closed[0] - trickler.opened[0]
     assert held < 2 + 1.5, f"the attempt lasted {held:.1f} s"
-    error = delivery_rows(settings)["msg_trickle"].last_error
-    assert error and "2 s" in error, error
+    # The receiver sees the connection cut before the worker records why: wait for it.
+    error = wait_for(
+        "the cut attempt's error to be recorded",
+        lambda: delivery_rows(settings)["msg_trickle"].last_error,
+        10,
+        every_s=0.1,
+    )
+    assert "2 s" in error, error
     judge(
         settings,
         "webhook receiver trickling 1 byte/s while a dead worker's leases run out",

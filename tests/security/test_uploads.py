@@ -250,7 +250,9 @@ def test_a_flood_of_10000_fields_is_413_fast(client: TestClient, settings: Setti
     elapsed = time.perf_counter() - started
     assert response.status_code == 413
     assert response.json()["detail"] == "Too many fields. Maximum number of fields is 100."
-    assert elapsed < 1.0
+    # Refused at the 101st field, not after parsing 10,000 (which takes tens of seconds):
+    # a bound far from both, as this VM's speed varies 2x between sessions.
+    assert elapsed < 3.0
     assert db_jobs(settings) == []
 
 
