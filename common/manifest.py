@@ -22,6 +22,9 @@ Task = Literal["detect", "classify", "zero-shot", "vqa"]
 TASKS: tuple[str, ...] = ("detect", "classify", "zero-shot", "vqa")
 # The benchmark's model: a fixed result, no weights, no compute (worker/backends/null.py).
 NULL_BACKEND = "null"
+# A model served by a Triton Inference Server: its weights live in Triton's repository.
+TRITON_BACKEND = "triton"
+BACKENDS_WITHOUT_WEIGHTS = (NULL_BACKEND, TRITON_BACKEND)
 
 
 class _Strict(BaseModel):
@@ -60,11 +63,25 @@ class VqaOptions(_Strict):
         return self
 
 
+class TritonOptions(_Strict):
+    """Where a ``triton`` model is served. The worker keeps the pre- and post-processing of
+    the task; Triton runs the graph (worker/backends/triton.py)."""
+
+    url: str = Field(
+        min_length=1, description="host:port of Triton's gRPC (default 8001) or HTTP (8000)."
+    )
+    model_name: str = Field(min_length=1, description="The model's name in Triton.")
+    model_version: str = Field("", description="Empty: the version Triton's policy serves.")
+    protocol: Literal["grpc", "http"] = "grpc"
+    timeout_s: float = Field(30.0, gt=0, le=3600, description="Per model call, seconds.")
+
+
 class _Manifest(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Unique; jobs name it.")
     version: str = Field("1", min_length=1, description="Recorded with every result.")
     description: str = ""
-    # Only the null backend (a benchmark model that computes nothing) has no weights.
+    # Only the null backend (a benchmark model that computes nothing) and models served by
+    # Triton (whose repository holds the graph) have no weights here.
     weights: Path | None = Field(
         None, description="File or directory, relative to the manifest's own."
     )
@@ -93,7 +110,8 @@ class _Manifest(_Strict):
     def _weights_given(self) -> _Manifest:
         if self.weights is None and not self.needs_no_weights:
             raise ValueError(
-                "weights: Field required (a file or directory; only backend 'null' has none)"
+                "weights: Field required (a file or directory; only backends "
+                f"{' and '.join(map(repr, BACKENDS_WITHOUT_WEIGHTS))} have none)"
             )
         return self
 
@@ -108,13 +126,14 @@ class _Manifest(_Strict):
 
     @property
     def needs_no_weights(self) -> bool:
-        return getattr(self, "backend", None) == NULL_BACKEND
+        return getattr(self, "backend", None) in BACKENDS_WITHOUT_WEIGHTS
 
     @property
     def weights_path(self) -> Path:
         """The weights' absolute path; a model without weights has none to give."""
         if self.weights is None:
-            raise InvalidManifest(f"model {self.name!r} (backend {NULL_BACKEND}) has no weights")
+            backend = getattr(self, "backend", "")
+            raise InvalidManifest(f"model {self.name!r} (backend {backend}) has no weights")
         if self.weights.is_absolute() or self.source is None:
             return self.weights
         return (self.source.parent / self.weights).resolve()
@@ -129,36 +148,51 @@ def _need_labels(m: _Manifest) -> None:
         raise ValueError(f"a {getattr(m, 'task', '')} model needs labels")
 
 
+def _triton_options_match(backend: str, triton: TritonOptions | None) -> None:
+    if backend == TRITON_BACKEND and triton is None:
+        raise ValueError("backend triton needs a triton section (url, model_name)")
+    if backend != TRITON_BACKEND and triton is not None:
+        raise ValueError(f"a triton section is for backend triton, not {backend}")
+
+
 class DetectManifest(_Manifest):
     task: Literal["detect"]
     # ultralytics: YOLOv8 .pt on PyTorch; onnx: YOLOv8 on ONNX Runtime;
-    # transformers: DETR checkpoint directory; null: no model at all, for `hepato bench`.
-    backend: Literal["ultralytics", "onnx", "transformers", "null"]
+    # transformers: DETR checkpoint directory; null: no model at all, for `hepato bench`;
+    # triton: the YOLOv8 ONNX graph served by Triton, our pre- and post-processing.
+    backend: Literal["ultralytics", "onnx", "transformers", "null", "triton"]
     options: DetectOptions = DetectOptions()
+    triton: TritonOptions | None = None
 
     @model_validator(mode="after")
     def _check(self) -> DetectManifest:
         _need_labels(self)
+        _triton_options_match(self.backend, self.triton)
         return self
 
 
 class ClassifyManifest(_Manifest):
     task: Literal["classify"]
     input_size: int = Field(224, ge=16, le=8192)
-    # torch: torchvision ResNet state dict; onnx: exported graph.
-    backend: Literal["torch", "onnx"]
+    # torch: torchvision ResNet state dict; onnx: exported graph; triton: that graph
+    # served by Triton.
+    backend: Literal["torch", "onnx", "triton"]
     options: ClassifyOptions = ClassifyOptions()
+    triton: TritonOptions | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ClassifyManifest:
         _need_labels(self)
+        _triton_options_match(self.backend, self.triton)
         return self
 
 
 class ZeroShotManifest(_Manifest):
     task: Literal["zero-shot"]
     input_size: int = Field(224, ge=16, le=8192)
-    backend: Literal["transformers"]
+    # transformers: a CLIP checkpoint directory; open_clip: open_clip's layout
+    # (open_clip_config.json + open_clip_pytorch_model.bin, as BiomedCLIP is published).
+    backend: Literal["transformers", "open_clip"]
     options: ZeroShotOptions
 
     @model_validator(mode="after")
@@ -178,6 +212,9 @@ class VqaManifest(_Manifest):
     backend: Literal["transformers"]
     max_batch_size: int = Field(4, ge=1, le=4096)
     options: VqaOptions
+    load_in_8bit: bool = Field(
+        False, description="8-bit weights (bitsandbytes) on a GPU; ignored on the CPU."
+    )
 
 
 ModelManifest = Annotated[

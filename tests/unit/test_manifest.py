@@ -53,7 +53,7 @@ def test_weights_are_relative_to_the_manifest(tmp_path: Path) -> None:
         ("task: segment", "task: 'segment' is not a task; use one of detect, classify"),
         (
             "backend: tensorrt",
-            "backend: Input should be 'ultralytics', 'onnx', 'transformers' or 'null'",
+            "backend: Input should be 'ultralytics', 'onnx', 'transformers', 'null' or 'triton'",
         ),
         ("input_size: -3", "input_size: Input should be greater than or equal to 16"),
         ("max_batch_size: 0", "max_batch_size: Input should be greater than or equal to 1"),
@@ -111,6 +111,23 @@ options: {question: "Is there steatosis?", question_template: "no placeholder"}
     classify = "name: r50\ntask: classify\nbackend: torch\nweights: r.pt\nlabels: [a, b]\n"
     manifest = load_manifest(write(tmp_path, "c.yaml", classify))
     assert isinstance(manifest, ClassifyManifest) and manifest.input_size == 224
+
+
+def test_a_triton_model_names_its_server_and_has_no_local_weights(tmp_path: Path) -> None:
+    lines = [ln for ln in GOOD.strip().splitlines() if not ln.startswith(("backend", "weights"))]
+    served = "\n".join([*lines, "backend: triton", "triton: {url: 'triton:8001', model_name: y}"])
+    manifest = load_manifest(write(tmp_path, "t.yaml", served))
+    assert isinstance(manifest, DetectManifest) and manifest.triton is not None
+    assert (manifest.triton.protocol, manifest.triton.timeout_s) == ("grpc", 30.0)
+    assert manifest.weights_present
+    with pytest.raises(InvalidManifest, match="backend triton needs a triton section"):
+        load_manifest(write(tmp_path, "u.yaml", "\n".join([*lines, "backend: triton"])))
+    local = GOOD + "triton: {url: 'triton:8001', model_name: y}\n"
+    with pytest.raises(InvalidManifest, match="a triton section is for backend triton, not onnx"):
+        load_manifest(write(tmp_path, "v.yaml", local))
+    no_weights = "name: r\ntask: classify\nbackend: onnx\nlabels: [a]\n"
+    with pytest.raises(InvalidManifest, match="only backends 'null' and 'triton' have none"):
+        load_manifest(write(tmp_path, "w.yaml", no_weights))
 
 
 def test_a_registry_reports_every_bad_file_and_duplicate_names(tmp_path: Path) -> None:

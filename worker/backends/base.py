@@ -63,7 +63,10 @@ BACKENDS: dict[tuple[str, str], str] = {
     ("detect", "null"): "hepato.worker.backends.null:NullModel",
     ("classify", "torch"): "hepato.worker.backends.classify:ResNetTorch",
     ("classify", "onnx"): "hepato.worker.backends.classify:ResNetOnnx",
+    ("detect", "triton"): "hepato.worker.backends.triton:YoloTriton",
+    ("classify", "triton"): "hepato.worker.backends.triton:ResNetTriton",
     ("zero-shot", "transformers"): "hepato.worker.backends.zero_shot:ClipZeroShot",
+    ("zero-shot", "open_clip"): "hepato.worker.backends.open_clip:OpenClipZeroShot",
     ("vqa", "transformers"): "hepato.worker.backends.vqa:VisionLanguageQa",
 }
 
