@@ -30,6 +30,48 @@ def _embeddings(output: Any) -> torch.Tensor:
     return output.pooler_output
 
 
+def prompt_matrix(text: torch.Tensor) -> torch.Tensor:
+    """The prompts' embeddings (prompts, embedding) as the unit columns (embedding,
+    prompts) that every batch multiplies by: similarities are then one matmul."""
+    return torch.nn.functional.normalize(text.float(), dim=-1).T.contiguous()
+
+
+def score_images(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: float,
+    labels: list[str],
+    prompts: list[str],
+) -> list[ZeroShotResult]:
+    """One result per row of ``image`` (image embeddings, any norm) against the
+    ``prompt_matrix``: cosine similarities and their softmax at the model's logit scale,
+    every prompt, most probable first. Shared by every zero-shot backend."""
+    image = torch.nn.functional.normalize(image.float(), dim=-1)
+    similarity = image @ text
+    probability = torch.softmax(scale * similarity, dim=-1)
+    return [
+        _result(p, s, labels, prompts)
+        for p, s in zip(probability.cpu().numpy(), similarity.cpu().numpy(), strict=True)
+    ]
+
+
+def _result(
+    probability: np.ndarray, similarity: np.ndarray, labels: list[str], prompts: list[str]
+) -> ZeroShotResult:
+    order = np.argsort(-probability, kind="stable")
+    return ZeroShotResult(
+        scores=[
+            PromptScore(
+                label=labels[i],
+                prompt=prompts[i],
+                probability=float(probability[i]),
+                similarity=float(similarity[i]),
+            )
+            for i in order
+        ]
+    )
+
+
 class ClipZeroShot:
     def __init__(self, manifest: ZeroShotManifest, runtime: Runtime) -> None:
         self.manifest = manifest
@@ -49,9 +91,7 @@ class ClipZeroShot:
                 max_length=self.model.config.text_config.max_position_embeddings,
                 return_tensors="pt",
             ).to(self.device)
-            text = _embeddings(self.model.get_text_features(**tokens)).float()
-            # (embedding, prompts): similarities are one matmul per batch.
-            self.text = torch.nn.functional.normalize(text, dim=-1).T.contiguous()
+            self.text = prompt_matrix(_embeddings(self.model.get_text_features(**tokens)))
             self.scale = float(self.model.logit_scale.float().exp())
         log.info(
             "loaded %s (backend %s, %s) on %s, %s, %d prompts",
@@ -75,25 +115,5 @@ class ClipZeroShot:
         )["pixel_values"]
         with torch.inference_mode():
             pixels = to_device(pixels, self.device, self.dtype)
-            image = _embeddings(self.model.get_image_features(pixel_values=pixels)).float()
-            image = torch.nn.functional.normalize(image, dim=-1)
-            similarity = image @ self.text
-            probability = torch.softmax(self.scale * similarity, dim=-1)
-        return [
-            self._result(p, s)
-            for p, s in zip(probability.cpu().numpy(), similarity.cpu().numpy(), strict=True)
-        ]
-
-    def _result(self, probability: np.ndarray, similarity: np.ndarray) -> ZeroShotResult:
-        order = np.argsort(-probability, kind="stable")
-        return ZeroShotResult(
-            scores=[
-                PromptScore(
-                    label=self.labels[i],
-                    prompt=self.prompts[i],
-                    probability=float(probability[i]),
-                    similarity=float(similarity[i]),
-                )
-                for i in order
-            ]
-        )
+            image = _embeddings(self.model.get_image_features(pixel_values=pixels))
+            return score_images(image, self.text, self.scale, self.labels, self.prompts)

@@ -1,5 +1,6 @@
 """One model per task and backend, built from configuration with random weights: the
-classifier on PyTorch and its ONNX export, DETR, CLIP and the vision-language model.
+classifier on PyTorch and its ONNX export, DETR, CLIP (transformers and open_clip's
+layout) and the vision-language model.
 (The YOLOv8 detector needs no build: its trained demo weights ship in models/demo.)"""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ def build_all(directory: Path, *, size: Literal["tiny", "base"]) -> list[Path]:
     from hepato.worker.backends.classify import export_onnx
     from hepato.worker.builders.classify import build_classifier
     from hepato.worker.builders.detr import build_detr
+    from hepato.worker.builders.open_clip import build_open_clip
     from hepato.worker.builders.vqa import build_vqa
     from hepato.worker.builders.zero_shot import build_clip
 
@@ -30,5 +32,6 @@ def build_all(directory: Path, *, size: Literal["tiny", "base"]) -> list[Path]:
     paths.append(onnx_manifest)
     paths.append(build_detr(directory, size=size))
     paths.append(build_clip(directory, size=size))
+    paths.append(build_open_clip(directory, size=size))
     paths.append(build_vqa(directory, size=size))
     return paths
