@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,7 +26,7 @@ from hepato.common.images import ImageInfo
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TaskResult
 from hepato.common.room import Room, hold_room
-from hepato.common.tables import Batch, Job
+from hepato.common.tables import AuditEvent, Batch, Job
 
 
 @dataclass(frozen=True)
@@ -161,12 +161,15 @@ def create(
     room: Room | None = None,
     stages: dict[str, float] | None = None,
     job_ids: Sequence[uuid.UUID] | None = None,
+    audit_row: Callable[[uuid.UUID | None, list[uuid.UUID]], dict[str, Any]] | None = None,
 ) -> Created:
     """Commit ``new`` as pending jobs (and, ``as_batch``, their batch) in one transaction
     of one statement per table; the caller pushes their ids only after this returns.
     With ``room``, the model's and the tenant's bounds are held (common.room): past them,
     QueueFull and nothing is inserted. ``stages``: the gateway's steps (common.stages).
-    ``job_ids``: the new jobs' ids, one per entry of ``new`` (default: fresh ones)."""
+    ``job_ids``: the new jobs' ids, one per entry of ``new`` (default: fresh ones).
+    ``audit_row``: the submission's audit_events row (common.audit.row) from the batch id
+    and job ids, inserted in this transaction: it commits with the jobs or not at all."""
     batch_id = uuid.uuid4() if as_batch else None
     deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
     job_ids = list(job_ids) if job_ids is not None else [uuid.uuid4() for _ in new]
@@ -212,7 +215,9 @@ def create(
                 )
             )
         insert_rows(conn, Job, per_file, same)
-        event_log.record(conn, job_ids)
+        if audit_row is not None:
+            conn.execute(insert(AuditEvent), audit_row(batch_id, job_ids))
+        event_log.record(conn, job_ids)  # last: it holds the event log's lock until COMMIT
     return Created(batch_id, job_ids, queued_before)
 
 

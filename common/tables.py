@@ -281,3 +281,29 @@ class IdempotencyRecord(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
     __table_args__ = (PrimaryKeyConstraint("tenant", "key", name="pk_idempotency_keys"),)
+
+
+class AuditEvent(Base):
+    """One call that read or changed a tenant's work (common.audit): append-only, a
+    trigger refuses UPDATE, DELETE and TRUNCATE (migration 0011). Never image content,
+    file names or the key itself: ``key_id`` is ``api_keys.id``."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    tenant: Mapped[str] = mapped_column(String(64))
+    # Null in the open mode (no key is asked for).
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    client: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    object_type: Mapped[str | None] = mapped_column(String(16))
+    object_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+    __table_args__ = (
+        Index("ix_audit_events_tenant_at", "tenant", "at"),
+        Index("ix_audit_events_at", "at"),
+        # "Who read this slide": an object's rows without a scan of its tenant's.
+        Index("ix_audit_events_object", "object_id", "at"),
+    )

@@ -127,14 +127,27 @@ def has_webhook_secret(engine: Engine, tenant: str) -> bool:
         )
 
 
-def tenant_of(engine: Engine, key: str) -> str | None:
-    """The tenant of a live key; None for an unknown or revoked one."""
+@dataclass(frozen=True)
+class KeyOwner:
+    tenant: str
+    key_id: str  # api_keys.id: what the audit trail names, never the key
+
+
+def key_owner(engine: Engine, key: str) -> KeyOwner | None:
+    """The tenant and id of a live key; None for an unknown or revoked one."""
     with engine.connect() as conn:
-        return conn.execute(
-            select(ApiKey.tenant).where(
+        row = conn.execute(
+            select(ApiKey.tenant, ApiKey.id).where(
                 ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
             )
-        ).scalar_one_or_none()
+        ).one_or_none()
+    return KeyOwner(row.tenant, row.id) if row is not None else None
+
+
+def tenant_of(engine: Engine, key: str) -> str | None:
+    """The tenant of a live key; None for an unknown or revoked one."""
+    owner = key_owner(engine, key)
+    return owner.tenant if owner is not None else None
 
 
 def revoke_key(engine: Engine, key_id: str) -> datetime | None:

@@ -1,5 +1,6 @@
 """Who is calling: the tenant of the request's API key, as a dependency alias
-(``TenantDep``, as full-stack-fastapi-template's deps do).
+(``TenantDep``, as full-stack-fastapi-template's deps do), and for the audit trail the
+key's id and the client's address with it (``CallerDep``, common.audit.Caller).
 
 The key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. A missing,
 unknown or revoked key is a 401 with ``WWW-Authenticate``. With ``HEPATO_AUTH=open``
@@ -10,14 +11,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from anyio import to_thread
-from fastapi import Depends, HTTPException, Security, status
+from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hepato.common.audit import Caller
 from hepato.common.db import get_engine
-from hepato.common.tenants import PUBLIC_TENANT, tenant_of
+from hepato.common.tenants import PUBLIC_TENANT, key_owner, tenant_of
 from hepato.gateway.deps import ResourcesDep
 
 # auto_error=False: the dependency below answers 401 itself, with one message for
@@ -41,22 +43,36 @@ def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
 
 
 def get_tenant(
+    request: Request,
     res: ResourcesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     header_key: Annotated[str | None, Security(api_key_header)],
 ) -> str:
+    """The key's tenant; its id is left on ``request.state.key_id`` for get_caller (one
+    lookup per request: FastAPI caches a dependency's value within a request)."""
+    request.state.key_id = None
     if res.settings.auth == "open":
         return PUBLIC_TENANT
     key = credentials.credentials if credentials else header_key
     if not key:
         raise _unauthorized(MISSING)
-    tenant = tenant_of(res.engine, key)
-    if tenant is None:
+    owner = key_owner(res.engine, key)
+    if owner is None:
         raise _unauthorized(INVALID, "invalid_token")
-    return tenant
+    request.state.key_id = owner.key_id
+    return owner.tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+def get_caller(request: Request, tenant: TenantDep) -> Caller:
+    client = request.client.host if request.client else None
+    return Caller(tenant=tenant, key_id=request.state.key_id, client=client)
+
+
+# Who the request's audit rows name (common.audit).
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 class KeyBeforeBody:

@@ -6,7 +6,8 @@ commit, and the rows commit before the planning job's id is pushed. The slide ar
 spooled to disk by the multipart parser; it is sniffed from that file (a truncated or
 non-pyramidal file is refused here, naming the problem) and streamed from it to the
 store a part at a time, so a slide of several GB never passes through memory. Reading
-the slide itself (levels, MPP, tissue) is a worker's job."""
+the slide itself (levels, MPP, tissue) is a worker's job. Its audit row (common.audit)
+follows the commit."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import BinaryIO
 import redis
 from fastapi import HTTPException, status
 
-from hepato.common import dispatch, metrics, room, slide_jobs
+from hepato.common import audit, dispatch, metrics, room, slide_jobs
+from hepato.common.audit import Action, Caller, ObjectType
 from hepato.common.constants import Priority
 from hepato.common.exceptions import InvalidSlide, QueueFull
 from hepato.common.images import display_name
@@ -65,7 +67,7 @@ def submit_slide(
     res: Resources,
     upload: SlideUpload,
     *,
-    tenant: str,
+    caller: Caller,
     model: ModelManifest,
     priority: Priority,
     deadline_s: float | None,
@@ -74,6 +76,7 @@ def submit_slide(
     mpp: float | None,
 ) -> SubmittedSlide:
     settings = res.settings
+    tenant = caller.tenant
     check_model(model)
     if callback_url is not None:
         check_callback(res, tenant, callback_url)
@@ -116,6 +119,16 @@ def submit_slide(
     except QueueFull:
         res.store.remove([key])
         raise
+    audit.record_after_commit(
+        res.engine,
+        caller,
+        Action.submit,
+        ObjectType.slide,
+        accepted.slide_id,
+        format=fmt,
+        size_bytes=size,
+        deidentify=deidentify,
+    )
     try:
         dispatch.push(res.redis, model.name, priority, [str(accepted.plan_job_id)], tenant)
     except redis.RedisError:

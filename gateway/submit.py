@@ -11,7 +11,8 @@ number of statements per request whatever its number of files: the room check, t
 one transaction with the room held (common.room) and one multi-row insert per table
 (common.jobs). A callback_url is
 checked first (common.egress: where it resolves to) and so is the tenant's signing secret,
-both before any upload is read."""
+both before any upload is read. The submission's one audit row (common.audit) is written
+after the push, so the worker's start does not wait for it."""
 
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import redis
 from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from hepato.common import dispatch, egress, jobs, metrics, room, stages, webhooks
+from hepato.common import audit, dispatch, egress, jobs, metrics, room, stages, webhooks
+from hepato.common.audit import Action, Caller, ObjectType
 from hepato.common.constants import Priority
 from hepato.common.exceptions import CallbackRefused, HepatoError, InvalidImage, QueueFull
 from hepato.common.images import ImageInfo, display_name, inspect_image
@@ -64,7 +66,7 @@ def submit(
     res: Resources,
     uploads: list[Upload],
     *,
-    tenant: str,
+    caller: Caller,
     model: ModelManifest,
     priority: Priority,
     deadline_s: float | None,
@@ -72,8 +74,11 @@ def submit(
     question: str | None = None,
     callback_url: str | None = None,
     job_id: uuid.UUID | None = None,
+    wait: bool = False,
 ) -> Submission:
+    """``wait``: the caller waits for the result (/v1/predict), as its audit row says."""
     settings = res.settings
+    tenant = caller.tenant
     started = time.perf_counter()
     if callback_url is not None:
         check_callback(res, tenant, callback_url)
@@ -119,6 +124,16 @@ def submit(
         with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
             list(pool.map(put, zip(keys, valid, strict=True)))
 
+    detail: dict[str, Any] = {"accepted": len(valid), "rejected": len(rejected)}
+    if wait:
+        detail["wait"] = True
+
+    def audit_row(batch_id: uuid.UUID | None, job_ids: list[uuid.UUID]) -> dict[str, Any]:
+        # Jobs without a batch come one per request.
+        if batch_id is not None:
+            return audit.row(caller, Action.submit, ObjectType.batch, batch_id, **detail)
+        return audit.row(caller, Action.submit, ObjectType.job, job_ids[0], **detail)
+
     try:
         created = jobs.create(
             res.engine,
@@ -138,6 +153,7 @@ def submit(
             stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
             # A caller that waits has subscribed to its job's id before the job exists.
             job_ids=[job_id] if job_id is not None and len(valid) == 1 else None,
+            audit_row=audit_row,
         )
     except QueueFull:
         # Concurrent submissions filled the queue while these uploaded: keep none of it.

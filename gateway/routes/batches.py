@@ -9,10 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 
-from hepato.common import jobs, schemas
+from hepato.common import audit, jobs, schemas
+from hepato.common.audit import Action, ObjectType
 from hepato.common.constants import batch_state
 from hepato.common.job_counts import state_counts
 from hepato.common.tables import Job
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import ResourcesDep, SessionDep
 from hepato.gateway.lookups import NOT_FOUND, BatchDep, public_url
 from hepato.gateway.routes.jobs import job_out
@@ -32,6 +34,7 @@ def get_batch(
     request: Request,
     res: ResourcesDep,
     session: SessionDep,
+    caller: CallerDep,
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> schemas.BatchOut:
@@ -52,6 +55,9 @@ def get_batch(
     if more:
         base = public_url(request, res, "get_batch", batch_id=batch_id)
         next_url = f"{base}?page={page + 1}&page_size={size}"
+    audit.commit(
+        session, caller, Action.read_batch, ObjectType.batch, bid, page=page, jobs=len(jobs)
+    )
     return schemas.BatchOut(
         id=batch.id,
         state=batch_state(counts),
@@ -74,9 +80,16 @@ def get_batch(
     summary="Cancel the jobs of a batch that have not started",
 )
 def cancel_batch(
-    batch_id: str, batch: BatchDep, request: Request, res: ResourcesDep
+    batch_id: str,
+    batch: BatchDep,
+    request: Request,
+    res: ResourcesDep,
+    session: SessionDep,
+    caller: CallerDep,
 ) -> schemas.Canceled:
+    canceled = jobs.cancel(res.engine, batch_id=batch.id)
+    audit.commit(session, caller, Action.cancel, ObjectType.batch, batch.id, canceled=canceled)
     return schemas.Canceled(
-        canceled=jobs.cancel(res.engine, batch_id=batch.id),
+        canceled=canceled,
         status_url=public_url(request, res, "get_batch", batch_id=batch_id),
     )

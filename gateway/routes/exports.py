@@ -18,10 +18,12 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import ColumnElement, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from hepato.common import schemas
+from hepato.common import audit, schemas
+from hepato.common.audit import Action, Caller, ObjectType
 from hepato.common.constants import JobState
 from hepato.common.results import TASK_RESULT, DetectResult
 from hepato.common.tables import Job
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import Resources, ResourcesDep, SessionDep
 from hepato.gateway.export_formats import (
     MEDIA_TYPES,
@@ -97,11 +99,14 @@ def _require_detect(model: str, task: str) -> None:
 def _response(
     res: Resources,
     session: Session,
+    caller: Caller,
+    target: tuple[ObjectType, uuid.UUID],
     fmt: ExportFormat,
     scope: ColumnElement[bool],
     model: str,
     name: str,
 ) -> StreamingResponse:
+    audit.commit(session, caller, Action.export, *target, format=fmt.value)
     # The request's session would otherwise hold its transaction open while the file streams.
     session.close()
     return StreamingResponse(
@@ -130,12 +135,17 @@ EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="A batch's detections as QuPath GeoJSON, COCO JSON or CSV (done jobs only)",
 )
 def export_batch(
-    batch: BatchDep, res: ResourcesDep, session: SessionDep, fmt: FormatQuery = ExportFormat.geojson
+    batch: BatchDep,
+    res: ResourcesDep,
+    session: SessionDep,
+    caller: CallerDep,
+    fmt: FormatQuery = ExportFormat.geojson,
 ) -> StreamingResponse:
     for task in session.scalars(select(Job.task).where(Job.batch_id == batch.id).distinct()):
         _require_detect(batch.model, task)
     scope = (Job.batch_id == batch.id) & (Job.tenant == batch.tenant)
-    return _response(res, session, fmt, scope, batch.model, f"batch-{batch.id}")
+    target = (ObjectType.batch, batch.id)
+    return _response(res, session, caller, target, fmt, scope, batch.model, f"batch-{batch.id}")
 
 
 @router.get(
@@ -145,8 +155,13 @@ def export_batch(
     summary="A job's detections as QuPath GeoJSON, COCO JSON or CSV",
 )
 def export_job(
-    job: JobDep, res: ResourcesDep, session: SessionDep, fmt: FormatQuery = ExportFormat.geojson
+    job: JobDep,
+    res: ResourcesDep,
+    session: SessionDep,
+    caller: CallerDep,
+    fmt: FormatQuery = ExportFormat.geojson,
 ) -> StreamingResponse:
     _require_detect(job.model, job.task)
     scope = (Job.id == job.id) & (Job.tenant == job.tenant)
-    return _response(res, session, fmt, scope, job.model, f"job-{job.id}")
+    target = (ObjectType.job, job.id)
+    return _response(res, session, caller, target, fmt, scope, job.model, f"job-{job.id}")

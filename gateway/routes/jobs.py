@@ -9,10 +9,12 @@ from datetime import UTC, datetime, timedelta
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import Response
 
-from hepato.common import jobs, schemas, stages
+from hepato.common import audit, jobs, schemas, stages
+from hepato.common.audit import Action, ObjectType
 from hepato.common.constants import JobState
 from hepato.common.results import TASK_RESULT
 from hepato.common.tables import Job
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import Resources, ResourcesDep, SessionDep
 from hepato.gateway.lookups import NOT_FOUND, JobDep, public_url
 
@@ -72,8 +74,12 @@ def job_out(request: Request, res: Resources, job: Job) -> schemas.JobOut:
     responses=NOT_FOUND,
     summary="A job's state and, when done, its typed result",
 )
-def get_job(job: JobDep, request: Request, res: ResourcesDep) -> schemas.JobOut:
-    return job_out(request, res, job)
+def get_job(
+    job: JobDep, request: Request, res: ResourcesDep, session: SessionDep, caller: CallerDep
+) -> schemas.JobOut:
+    out = job_out(request, res, job)
+    audit.commit(session, caller, Action.read_job, ObjectType.job, job.id)
+    return out
 
 
 @router.get(
@@ -82,8 +88,11 @@ def get_job(job: JobDep, request: Request, res: ResourcesDep) -> schemas.JobOut:
     responses={200: {"content": {"image/*": {}}}, **NOT_FOUND},
     summary="The uploaded image of a job",
 )
-def get_job_image(job: JobDep, res: ResourcesDep) -> Response:
+def get_job_image(
+    job: JobDep, res: ResourcesDep, session: SessionDep, caller: CallerDep
+) -> Response:
     data = res.store.get(job.object_key)
+    audit.commit(session, caller, Action.read_image, ObjectType.job, job.id)
     return Response(content=data, media_type=f"image/{job.image_format}")
 
 
@@ -93,14 +102,16 @@ def get_job_image(job: JobDep, res: ResourcesDep) -> Response:
     responses=NOT_FOUND,
     summary="A presigned link to the uploaded image, valid for HEPATO_PRESIGN_EXPIRY_S",
 )
-def get_job_image_url(job: JobDep, res: ResourcesDep) -> schemas.PresignedImage:
+def get_job_image_url(
+    job: JobDep, res: ResourcesDep, session: SessionDep, caller: CallerDep
+) -> schemas.PresignedImage:
     expiry_s = res.settings.presign_expiry_s
     expires_at = datetime.now(UTC) + timedelta(seconds=expiry_s)
-    return schemas.PresignedImage(
-        url=res.store.presigned_url(job.object_key, expiry_s),
-        expires_in_s=expiry_s,
-        expires_at=expires_at,
+    url = res.store.presigned_url(job.object_key, expiry_s)
+    audit.commit(
+        session, caller, Action.read_image_url, ObjectType.job, job.id, expires_in_s=expiry_s
     )
+    return schemas.PresignedImage(url=url, expires_in_s=expiry_s, expires_at=expires_at)
 
 
 @router.delete(
@@ -110,13 +121,21 @@ def get_job_image_url(job: JobDep, res: ResourcesDep) -> schemas.PresignedImage:
     summary="Cancel a job that has not started",
 )
 def cancel_job(
-    job_id: str, job: JobDep, request: Request, res: ResourcesDep, session: SessionDep
+    job_id: str,
+    job: JobDep,
+    request: Request,
+    res: ResourcesDep,
+    session: SessionDep,
+    caller: CallerDep,
 ) -> schemas.Canceled:
-    if jobs.cancel(res.engine, job_id=job.id) == 0:
+    canceled = jobs.cancel(res.engine, job_id=job.id)
+    if canceled == 0:
         session.refresh(job)
         if job.state != JobState.canceled:
             raise HTTPException(
                 status.HTTP_409_CONFLICT, f"job is {job.state}: only pending jobs can be canceled"
             )
+    # The cancel committed on its own connection (common.jobs); this row follows it.
+    audit.commit(session, caller, Action.cancel, ObjectType.job, job.id, canceled=canceled)
     url = public_url(request, res, "get_job", job_id=job_id)
     return schemas.Canceled(canceled=1, status_url=url)

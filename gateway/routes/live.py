@@ -20,10 +20,11 @@ from fastapi import APIRouter, Depends, Header
 from sqlalchemy import Engine
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from hepato.common import event_log, schemas
+from hepato.common import audit, event_log, schemas
+from hepato.common.audit import Action, ObjectType
 from hepato.common.constants import batch_events_channel, batch_state, job_events_channel
 from hepato.common.job_counts import all_finished, state_counts
-from hepato.gateway.auth import TenantDep
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import Resources, ResourcesDep
 from hepato.gateway.lookups import batch_or_404, job_or_404
 from hepato.gateway.wakeups import WakeupHub, get_hub
@@ -156,11 +157,14 @@ def batch_events(
     batch_id: str,
     res: ResourcesDep,
     hub: HubDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     with res.sessions() as session:
-        batch = batch_or_404(session, batch_id, tenant)
+        batch = batch_or_404(session, batch_id, caller.tenant)
+        audit.commit(
+            session, caller, Action.watch, ObjectType.batch, batch.id, resume_after=last_event_id
+        )
     return _response(res, hub, Scope(batch_id=batch.id), last_event_id)
 
 
@@ -174,9 +178,12 @@ def job_events(
     job_id: str,
     res: ResourcesDep,
     hub: HubDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     with res.sessions() as session:
-        job = job_or_404(session, job_id, tenant)
+        job = job_or_404(session, job_id, caller.tenant)
+        audit.commit(
+            session, caller, Action.watch, ObjectType.job, job.id, resume_after=last_event_id
+        )
     return _response(res, hub, Scope(job_id=job.id), last_event_id)

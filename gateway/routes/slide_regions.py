@@ -36,8 +36,10 @@ from pydantic import BaseModel, Field
 from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
 
+from hepato.common import audit
+from hepato.common.audit import Action, ObjectType
 from hepato.common.tables import Slide
-from hepato.gateway.auth import TenantDep
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import SessionDep
 from hepato.gateway.lookups import NOT_FOUND, slide_or_404
 
@@ -279,7 +281,7 @@ Side = Annotated[int, Query(ge=1, le=_COORD, description="Level-0 px")]
 def slide_detections(
     slide_id: str,
     session: SessionDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     x: Coord,
     y: Coord,
     w: Side,
@@ -299,15 +301,32 @@ def slide_detections(
 ) -> JSONResponse:
     """Boxes that overlap [x, x + w) x [y, y + h) in level-0 px; a density grid when the
     rectangle's tiles hold more than ``limit`` (see the module's docstring)."""
-    slide = slide_or_404(session, slide_id, tenant)
+    slide = slide_or_404(session, slide_id, caller.tenant)
     wanted = _labels(labels)
     window = tile_window(slide, x, y, w, h)
+
+    def audited(answer: dict[str, Any]) -> JSONResponse:
+        audit.commit(
+            session,
+            caller,
+            Action.read_slide_region,
+            ObjectType.slide,
+            slide.id,
+            x=x,
+            y=y,
+            w=w,
+            h=h,
+            mode=answer["mode"],
+            count=answer["count"],
+        )
+        return JSONResponse(answer)
+
     if window is None:
-        return JSONResponse(RegionBoxes(boxes=[], count=0).model_dump(mode="json"))
+        return audited(RegionBoxes(boxes=[], count=0).model_dump(mode="json"))
     # One read of the tiles' counts, grouped by cell: the decision and, past the limit,
     # the answer.
     grid = density(session, slide.id, window, wanted)
     if grid.count > limit:
-        return JSONResponse(grid.model_dump(mode="json"))
+        return audited(grid.model_dump(mode="json"))
     found = boxes(session, slide.id, window, wanted, min_score, limit)
-    return JSONResponse({"mode": "boxes", "boxes": found, "count": len(found)})
+    return audited({"mode": "boxes", "boxes": found, "count": len(found)})

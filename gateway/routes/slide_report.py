@@ -15,9 +15,11 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from sqlalchemy import Connection, select, text
 
+from hepato.common import audit
+from hepato.common.audit import Action, ObjectType
 from hepato.common.exceptions import ObjectMissing
 from hepato.common.tables import Job
-from hepato.gateway.auth import TenantDep
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import ResourcesDep, SessionDep
 from hepato.gateway.lookups import NOT_FOUND, slide_or_404
 from hepato.gateway.routes.slides import slide_out
@@ -74,9 +76,9 @@ def _model_version(conn: Connection, slide_id: uuid.UUID) -> str | None:
     "thumbnail with a detection heat map, the summary), printable to PDF; research use only",
 )
 def slide_report(
-    slide_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+    slide_id: str, res: ResourcesDep, session: SessionDep, caller: CallerDep
 ) -> HTMLResponse:
-    slide = slide_or_404(session, slide_id, tenant)
+    slide = slide_or_404(session, slide_id, caller.tenant)
     out = slide_out(session, slide)
     conn = session.connection()
     tiles = tile_counts_of(conn, slide.id)
@@ -96,4 +98,6 @@ def slide_report(
     page = render_report(
         out, overlay, model_version=version, generated_at=datetime.now(UTC), image_note=note
     )
+    # The session was closed before the thumbnail was fetched: a row of its own.
+    audit.record_now(res.engine, caller, Action.read_report, ObjectType.slide, slide.id)
     return HTMLResponse(page, headers=HEADERS)

@@ -23,11 +23,13 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from hepato.common import audit
+from hepato.common.audit import Action, Caller, ObjectType
 from hepato.common.constants import JobState
 from hepato.common.exceptions import ObjectFetchError, ObjectMissing
 from hepato.common.results import TASK_RESULT, Box, DetectResult
 from hepato.common.tables import Job
-from hepato.gateway.auth import TenantDep
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import ResourcesDep, SessionDep
 from hepato.gateway.export_formats import chunked, class_color
 from hepato.gateway.lookups import NOT_FOUND
@@ -140,11 +142,12 @@ def export_slide(
     slide_id: str,
     res: ResourcesDep,
     session: SessionDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     fmt: Annotated[SlideExportFormat, Query(alias="format")] = SlideExportFormat.geojson,
     accept_encoding: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    slide = slide_or_404(session, slide_id, tenant)
+    slide = slide_or_404(session, slide_id, caller.tenant)
+    audit.commit(session, caller, Action.export, ObjectType.slide, slide.id, format=fmt.value)
     session.close()
     found = iter_detections(res.sessions, slide.id, res.settings.export_page_size)
     pieces = geojson_pieces(found) if fmt is SlideExportFormat.geojson else csv_pieces(found)
@@ -158,7 +161,9 @@ def export_slide(
     return StreamingResponse(body, media_type=_MEDIA[fmt], headers=headers)
 
 
-def _png(res: ResourcesDep, key: str | None, what: str) -> Response:
+def _png(
+    res: ResourcesDep, caller: Caller, slide_id: uuid.UUID, key: str | None, what: str
+) -> Response:
     if key is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"the slide has no {what} yet")
     try:
@@ -169,6 +174,11 @@ def _png(res: ResourcesDep, key: str | None, what: str) -> Response:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "the object store is unavailable"
         ) from None
+    # After the store answered; the request's session is closed by now.
+    image = what.replace(" ", "_")
+    audit.record_now(
+        res.engine, caller, Action.read_slide_image, ObjectType.slide, slide_id, image=image
+    )
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
@@ -179,11 +189,11 @@ def _png(res: ResourcesDep, key: str | None, what: str) -> Response:
     summary="The slide's thumbnail (from its pyramid, never its label or macro image)",
 )
 def slide_thumbnail(
-    slide_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+    slide_id: str, res: ResourcesDep, session: SessionDep, caller: CallerDep
 ) -> Response:
-    key = slide_or_404(session, slide_id, tenant).thumbnail_key
+    slide = slide_or_404(session, slide_id, caller.tenant)
     session.close()
-    return _png(res, key, "thumbnail")
+    return _png(res, caller, slide.id, slide.thumbnail_key, "thumbnail")
 
 
 @router.get(
@@ -193,8 +203,8 @@ def slide_thumbnail(
     summary="The slide's tissue mask (white: tissue), at about 8 µm per pixel",
 )
 def slide_tissue_mask(
-    slide_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+    slide_id: str, res: ResourcesDep, session: SessionDep, caller: CallerDep
 ) -> Response:
-    key = slide_or_404(session, slide_id, tenant).mask_key
+    slide = slide_or_404(session, slide_id, caller.tenant)
     session.close()
-    return _png(res, key, "tissue mask")
+    return _png(res, caller, slide.id, slide.mask_key, "tissue mask")

@@ -18,12 +18,13 @@ from fastapi import APIRouter, Header, HTTPException, status
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
-from hepato.common import schemas
+from hepato.common import audit, schemas
+from hepato.common.audit import Action, ObjectType
 from hepato.common.exceptions import InvalidSlide, ObjectFetchError, ObjectMissing
 from hepato.common.slides import deepzoom
 from hepato.common.slides.reader import SlideReader
 from hepato.common.tables import Slide
-from hepato.gateway.auth import TenantDep
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import Resources, ResourcesDep, SessionDep
 from hepato.gateway.lookups import NOT_FOUND, slide_or_404
 
@@ -121,14 +122,20 @@ def slide_dzi(
     slide_id: str,
     res: ResourcesDep,
     session: SessionDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    slide = _viewable(session, slide_id, tenant)
+    slide = _viewable(session, slide_id, caller.tenant)
     etag = _etag(slide.object_key, "dzi")
+    # Rows after the answer is known good: the session is closed by now (a slide's first
+    # copy can take long), so each is one autocommit INSERT of its own.
     if _matches(if_none_match, etag):
+        audit.record_now(
+            res.engine, caller, Action.read_slide_dzi, ObjectType.slide, slide.id, not_modified=True
+        )
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=_headers(etag))
     width, height = _dimensions(res, slide)
+    audit.record_now(res.engine, caller, Action.read_slide_dzi, ObjectType.slide, slide.id)
     return Response(
         deepzoom.descriptor_xml(width, height), media_type="application/xml", headers=_headers(etag)
     )
@@ -147,15 +154,25 @@ def slide_dzi_tile(
     row: int,
     res: ResourcesDep,
     session: SessionDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    slide = _viewable(session, slide_id, tenant)
+    slide = _viewable(session, slide_id, caller.tenant)
     key = (slide.object_key, level, col, row)
     etag = _etag(*key)
+    tile = {"level": level, "col": col, "row": row}
     # Before the range check: a slide not planned yet needs its copy for its size, and a
     # tag we issued names a tile in range.
     if _matches(if_none_match, etag):
+        audit.record_now(
+            res.engine,
+            caller,
+            Action.read_slide_tile,
+            ObjectType.slide,
+            slide.id,
+            not_modified=True,
+            **tile,
+        )
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=_headers(etag))
     width, height = _dimensions(res, slide)
     try:
@@ -166,4 +183,5 @@ def slide_dzi_tile(
     if data is None:
         data = _read(res, slide, lambda reader: deepzoom.render_tile(reader, level, col, row))
         res.tiles.put(key, data)
+    audit.record_now(res.engine, caller, Action.read_slide_tile, ObjectType.slide, slide.id, **tile)
     return Response(data, media_type="image/jpeg", headers=_headers(etag))

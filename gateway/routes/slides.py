@@ -19,7 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from hepato.common import jobs, schemas
+from hepato.common import audit, jobs, schemas
+from hepato.common.audit import Action, ObjectType
 from hepato.common.constants import Priority, batch_events_channel
 from hepato.common.slide_finish import tile_counts
 from hepato.common.slide_schemas import (
@@ -30,7 +31,7 @@ from hepato.common.slide_schemas import (
     SlideSummary,
 )
 from hepato.common.tables import JobEvent, Slide
-from hepato.gateway.auth import TenantDep
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import ResourcesDep, SessionDep
 from hepato.gateway.idempotency import IdempotencyDep
 from hepato.gateway.lookups import NOT_FOUND, public_url, slide_or_404
@@ -97,7 +98,7 @@ DeidentifyField = Annotated[
 async def submit(
     request: Request,
     res: ResourcesDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     idempotency: IdempotencyDep,
     file: SlideFile,
     model: ModelField = None,
@@ -113,7 +114,7 @@ async def submit(
             submit_slide,
             res,
             SlideUpload(file.filename or "unnamed", file.file),
-            tenant=tenant,
+            caller=caller,
             model=manifest,
             priority=priority,
             deadline_s=deadline_s,
@@ -136,15 +137,17 @@ async def submit(
 
 @router.get("/slides", summary="The tenant's slides, newest first")
 def list_slides(
-    session: SessionDep, tenant: TenantDep, limit: int = 50
+    session: SessionDep, caller: CallerDep, limit: int = 50
 ) -> dict[str, list[SlideOut]]:
     rows = session.scalars(
         select(Slide)
-        .where(Slide.tenant == tenant)
+        .where(Slide.tenant == caller.tenant)
         .order_by(Slide.created_at.desc())
         .limit(max(1, min(limit, 500)))
     ).all()
-    return {"slides": [slide_out(session, s) for s in rows]}
+    slides = [slide_out(session, s) for s in rows]
+    audit.commit(session, caller, Action.list_slides, count=len(slides))
+    return {"slides": slides}
 
 
 @router.get(
@@ -153,8 +156,10 @@ def list_slides(
     responses=NOT_FOUND,
     summary="A slide's state, metadata, tiles by state and summary",
 )
-def get_slide(slide_id: str, session: SessionDep, tenant: TenantDep) -> SlideOut:
-    return slide_out(session, slide_or_404(session, slide_id, tenant))
+def get_slide(slide_id: str, session: SessionDep, caller: CallerDep) -> SlideOut:
+    out = slide_out(session, slide_or_404(session, slide_id, caller.tenant))
+    audit.commit(session, caller, Action.read_slide, ObjectType.slide, out.id)
+    return out
 
 
 @router.delete(
@@ -163,11 +168,15 @@ def get_slide(slide_id: str, session: SessionDep, tenant: TenantDep) -> SlideOut
     summary="Cancel what of a slide has not started (its tiles that are still pending)",
 )
 def cancel_slide(
-    slide_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+    slide_id: str, res: ResourcesDep, session: SessionDep, caller: CallerDep
 ) -> dict[str, object]:
-    slide = slide_or_404(session, slide_id, tenant)
+    slide = slide_or_404(session, slide_id, caller.tenant)
     session.close()
-    return {"slide_id": str(slide.id), "canceled": jobs.cancel(res.engine, batch_id=slide.id)}
+    canceled = jobs.cancel(res.engine, batch_id=slide.id)
+    audit.record_now(
+        res.engine, caller, Action.cancel, ObjectType.slide, slide.id, canceled=canceled
+    )
+    return {"slide_id": str(slide.id), "canceled": canceled}
 
 
 def _snapshot(
@@ -207,10 +216,13 @@ def slide_events(
     slide_id: str,
     res: ResourcesDep,
     hub: HubDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     with res.sessions() as session:
-        slide = slide_or_404(session, slide_id, tenant)
+        slide = slide_or_404(session, slide_id, caller.tenant)
+        audit.commit(
+            session, caller, Action.watch, ObjectType.slide, slide.id, resume_after=last_event_id
+        )
     after = last_event_id if last_event_id is not None else -1
-    return event_stream(res, _stream(res, hub, slide.id, tenant, after))
+    return event_stream(res, _stream(res, hub, slide.id, caller.tenant, after))

@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AnyHttpUrl
 
 from hepato.common import schemas
+from hepato.common.audit import Caller
 from hepato.common.constants import JobState, Priority
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TASK_RESULT
-from hepato.gateway.auth import TenantDep
+from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import Resources, ResourcesDep
 from hepato.gateway.finish_watch import FinishWatch, get_finish_watch
 from hepato.gateway.idempotency import IdempotencyDep
@@ -105,7 +106,7 @@ def _model(res: Resources, form: SubmissionForm) -> ModelManifest:
 
 async def _store(
     res: Resources,
-    tenant: str,
+    caller: Caller,
     files: list[UploadFile],
     model: ModelManifest,
     form: SubmissionForm,
@@ -121,7 +122,7 @@ async def _store(
         submit,
         res,
         uploads,
-        tenant=tenant,
+        caller=caller,
         model=model,
         priority=form.priority,
         deadline_s=form.deadline_s,
@@ -129,6 +130,8 @@ async def _store(
         question=form.question,
         callback_url=str(form.callback_url) if form.callback_url else None,
         job_id=job_id,
+        # Only /v1/predict names its job's id (it watches for it before it exists).
+        wait=job_id is not None,
     )
 
 
@@ -162,14 +165,14 @@ def _rejected(sub: Submission) -> list[schemas.RejectedFile]:
 async def submit_batch(
     request: Request,
     res: ResourcesDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     idempotency: IdempotencyDep,
     files: FilesField,
     form: SubmissionFormDep,
 ) -> schemas.BatchAccepted | Response:
     async def run() -> schemas.BatchAccepted | JSONResponse:
         model = _model(res, form)
-        sub = await _store(res, tenant, files, model, form, as_batch=True)
+        sub = await _store(res, caller, files, model, form, as_batch=True)
         if sub.batch_id is None:
             return JSONResponse(
                 status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -206,13 +209,13 @@ router.add_api_route(
 async def _submit_one(
     request: Request,
     res: Resources,
-    tenant: str,
+    caller: Caller,
     file: UploadFile,
     form: SubmissionForm,
     job_id: uuid.UUID | None = None,
 ) -> schemas.JobAccepted:
     model = _model(res, form)
-    sub = await _store(res, tenant, [file], model, form, as_batch=False, job_id=job_id)
+    sub = await _store(res, caller, [file], model, form, as_batch=False, job_id=job_id)
     if sub.rejected:
         bad = sub.rejected[0]
         raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
@@ -236,13 +239,13 @@ async def _submit_one(
 async def submit_job(
     request: Request,
     res: ResourcesDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     idempotency: IdempotencyDep,
     file: FileField,
     form: SubmissionFormDep,
 ) -> schemas.JobAccepted | Response:
     return await idempotency.run(
-        status.HTTP_202_ACCEPTED, lambda: _submit_one(request, res, tenant, file, form)
+        status.HTTP_202_ACCEPTED, lambda: _submit_one(request, res, caller, file, form)
     )
 
 
@@ -268,7 +271,7 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def predict(
     request: Request,
     res: ResourcesDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     file: FileField,
     form: Annotated[SubmissionForm, Depends(predict_form)],
     watch: Annotated[FinishWatch, Depends(get_finish_watch)],
@@ -278,7 +281,7 @@ async def predict(
     # per round. It listens for the job before the job exists: no wake-up can be missed.
     job_id = uuid.uuid4()
     async with watch.watching(job_id) as wait:
-        accepted = await _submit_one(request, res, tenant, file, form, job_id)
+        accepted = await _submit_one(request, res, caller, file, form, job_id)
         finished = await wait(res.settings.detect_timeout_s)
     if finished is None:
         # Still queued or running: the job goes on; the caller polls the status URL.

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from hepato.bench.cli import app as bench_app
+from hepato.cli.audit import audit_command
 from hepato.cli.client import register as register_client_commands
 from hepato.cli.keys import app as keys_app
 from hepato.cli.models import app as models_app
@@ -23,6 +24,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(keys_app, name="keys")
 register_client_commands(app)  # hepato submit | status | results
+app.command("audit")(audit_command)  # who read and did what (common.audit)
 
 
 def _logging(level: str = "INFO") -> None:
