@@ -49,6 +49,11 @@ class BackendError(HepatoError):
     """A model runtime cannot be used as installed or configured (the message says why)."""
 
 
+class ModelUnavailable(HepatoError):
+    """The server a model runs on (Triton) cannot be reached now, after retries: the
+    microbatch goes back to the queue whole, as for a store outage; no image is to blame."""
+
+
 class ObjectFetchError(HepatoError):
     """An image could not be read back from the object store."""
 

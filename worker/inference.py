@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from hepato.common.exceptions import ModelUnavailable
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.results import TaskResult
 from hepato.worker.backends.base import AsksQuestions, Model
@@ -33,12 +34,13 @@ def infer(
 ) -> tuple[list[JobResult], dict[uuid.UUID, str]]:
     """Results, and the jobs to retry. A model call that raises on a microbatch is run
     again one image at a time, so that one poison input costs only its own job an
-    attempt; a call that overruns ``timeout_s`` retries the whole batch."""
+    attempt; a call that overruns ``timeout_s``, or finds the model's server unreachable
+    (ModelUnavailable), retries the whole batch."""
     if not ready:
         return [], {}
     try:
         return predict(model, ready, images, timeout_s), {}
-    except ModelTimeout as exc:
+    except (ModelTimeout, ModelUnavailable) as exc:
         log.error("%s; %d jobs go back to the queue", exc, len(ready))
         return [], {job.id: str(exc) for job in ready}
     except Exception as exc:
@@ -123,7 +125,7 @@ def run_prepared(
     started = time.perf_counter()
     try:
         raws = with_timeout(partial(phased.run, prepared), timeout_s)
-    except ModelTimeout as exc:
+    except (ModelTimeout, ModelUnavailable) as exc:
         log.error("%s; %d jobs go back to the queue", exc, len(ready))
         return None, 0.0, {job.id: str(exc) for job in ready}
     except Exception as exc:

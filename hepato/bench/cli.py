@@ -44,6 +44,13 @@ def models(
     calls: Annotated[int, typer.Option(help="Least model calls per measurement")] = 3,
     samples: Annotated[Path, typer.Option(help="Folder of input images")] = REPO_ROOT / "samples",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write results here")] = None,
+    triton: Annotated[
+        bool,
+        typer.Option(
+            help="Also through a real Triton (started from .venv-triton): images/s over gRPC "
+            "and HTTP / in process, for each ONNX detector and classifier"
+        ),
+    ] = False,
 ) -> None:
     """Bare-model images/s at each microbatch size, for every model with weights present."""
     from hepato.bench.models import bench_models, sample_images
@@ -60,10 +67,11 @@ def models(
             typer.echo(f"skipping {m.name}: weights missing at {m.weights_path}", err=True)
     batches = batch or [1, 8]
     runtime = Runtime(settings.device, settings.cpu_threads, settings.ultralytics_dir)
+    images = sample_images(samples)
     results = bench_models(
         present,
         runtime,
-        sample_images(samples),
+        images,
         batches,
         min_seconds=seconds,
         min_calls=calls,
@@ -84,12 +92,19 @@ def models(
             m.name, m.task, m.backend, str(m.input_size), *[f"{s:.1f}" for s in speeds], *ratio
         )
     Console(width=160).print(table)
+    hops = []
+    if triton:
+        from hepato.bench.triton_hop import bench_triton, hop_table
+
+        hops = bench_triton(present, results, runtime, images, min_seconds=seconds, min_calls=calls)
+        Console(width=160).print(hop_table(hops, device))
     if json_out:
         json_out.write_text(
             json.dumps(
                 {
                     "device": device,
                     "results": [{**r.__dict__, "images_per_s": r.images_per_s} for r in results],
+                    **({"triton": [h.as_dict() for h in hops]} if triton else {}),
                 },
                 indent=2,
             )

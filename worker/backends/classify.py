@@ -130,7 +130,27 @@ class ResNetTorch:
         return to_results(logits, m.labels)
 
 
-class ResNetOnnx:
+class ResNetGraph:
+    """The numpy pre- and post-processing around one model call on the whole microbatch,
+    ``logits``, which each runtime of an exported graph gives (ONNX Runtime here, Triton
+    in triton.py)."""
+
+    manifest: ClassifyManifest
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """A normalised NCHW float32 batch to its (N, classes) logits."""
+        raise NotImplementedError
+
+    def predict(self, images: list[np.ndarray]) -> Prediction[TaskResult]:
+        return predict_whole(images, self._run)
+
+    def _run(self, images: list[np.ndarray]) -> list[TaskResult]:
+        m = self.manifest
+        batch = preprocess(images, m.input_size, m.options.mean, m.options.std)
+        return to_results(np.asarray(self.logits(batch)), m.labels)
+
+
+class ResNetOnnx(ResNetGraph):
     """An exported ResNet on ONNX Runtime (see ``export_onnx``); no torch needed."""
 
     def __init__(self, manifest: ClassifyManifest, runtime: Runtime) -> None:
@@ -148,14 +168,9 @@ class ResNetOnnx:
             "float16" if half else "float32",
         )
 
-    def predict(self, images: list[np.ndarray]) -> Prediction[TaskResult]:
-        return predict_whole(images, self._run)
-
-    def _run(self, images: list[np.ndarray]) -> list[TaskResult]:
-        m = self.manifest
-        batch = preprocess(images, m.input_size, m.options.mean, m.options.std)
+    def logits(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(None, {self.input_name: batch})
-        return to_results(np.asarray(logits), m.labels)
+        return np.asarray(logits)
 
 
 def export_onnx(manifest: ClassifyManifest, out: Path) -> ClassifyManifest:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from hepato.common.exceptions import BackendError
 from hepato.common.manifest import DetectManifest
 from hepato.common.results import DetectResult, TaskResult, make_box
 from hepato.worker.backends.base import Runtime
@@ -104,16 +105,20 @@ def postprocess(
     ]
 
 
-class YoloOnnx:
-    """YOLOv8 on ONNX Runtime, giving what ultralytics gives for the same weights. Images
-    run in groups of equal shape, letterboxed to their minimal rectangle, as ultralytics
-    does."""
+class Yolo:
+    """YOLOv8's pre- and post-processing around one model call per equal-shape group,
+    ``infer``, which each runtime gives (ONNX Runtime here, Triton in triton.py). Images
+    are letterboxed as ultralytics does: to their minimal rectangle for a graph with a
+    dynamic input, to the square for one exported with a fixed input."""
 
-    def __init__(self, manifest: DetectManifest, runtime: Runtime) -> None:
+    def __init__(self, manifest: DetectManifest, *, square: bool) -> None:
         self.manifest = manifest
-        self.session = session(manifest, runtime)
-        self.input_name = self.session.get_inputs()[0].name
         self.options = manifest.options
+        self.square = square
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        """One group's NCHW float32 batch to the graph's first output."""
+        raise NotImplementedError
 
     def predict(self, images: list[np.ndarray]) -> Prediction[TaskResult]:
         return predict_phased(self, images)
@@ -123,10 +128,7 @@ class YoloOnnx:
         return prepare_by_shape(images, self._letterbox)
 
     def run(self, prepared: Prepared[_Letterboxed]) -> list[np.ndarray]:
-        return [
-            self.session.run(None, {self.input_name: group.tensor})[0]
-            for _, group in prepared.groups
-        ]
+        return [self.infer(group.tensor) for _, group in prepared.groups]
 
     def finish(
         self, prepared: Prepared[_Letterboxed], raws: list[np.ndarray]
@@ -134,7 +136,8 @@ class YoloOnnx:
         return finish_groups(prepared, raws, self._boxes)
 
     def _letterbox(self, images: list[np.ndarray]) -> _Letterboxed:
-        boxed = [letterbox(image, self.manifest.input_size, auto=True) for image in images]
+        size, auto = self.manifest.input_size, not self.square
+        boxed = [letterbox(image, size, auto=auto) for image in images]
         batch = np.stack([b[0] for b in boxed]).transpose(0, 3, 1, 2)
         tensor = np.ascontiguousarray(batch, dtype=np.float32) / 255.0
         return _Letterboxed(
@@ -168,3 +171,30 @@ class _Letterboxed:
 
     tensor: np.ndarray
     placement: list[tuple[float, tuple[int, int], tuple[int, int]]]  # scale, pad, (h, w)
+
+
+def fixed_square(manifest: DetectManifest, height: object, width: object) -> bool:
+    """Whether a graph's input (its height and width: an int when fixed) is a fixed
+    square, which must then be the manifest's input_size; False when both are dynamic."""
+    fixed = [d for d in (height, width) if isinstance(d, int) and d > 0]
+    if not fixed:
+        return False
+    if fixed != [manifest.input_size] * 2:
+        raise BackendError(
+            f"model {manifest.name!r}: the graph takes {height}x{width} images; a fixed "
+            f"input must be the manifest's input_size square ({manifest.input_size})"
+        )
+    return True
+
+
+class YoloOnnx(Yolo):
+    """YOLOv8 on ONNX Runtime, giving what ultralytics gives for the same weights."""
+
+    def __init__(self, manifest: DetectManifest, runtime: Runtime) -> None:
+        self.session = session(manifest, runtime)
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        super().__init__(manifest, square=fixed_square(manifest, *graph_input.shape[2:4]))
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: tensor})[0])
