@@ -10,12 +10,14 @@ import logging
 import re
 from collections.abc import Sequence
 from functools import partial
+from importlib.util import find_spec
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from hepato.common.exceptions import BackendError
 from hepato.common.manifest import VqaManifest
 from hepato.common.results import TaskResult, VqaResult
 from hepato.worker.backends.base import Runtime, require_weights
@@ -45,6 +47,40 @@ def parse_answer(text: str) -> tuple[Verdict | None, str]:
     return verdict, text[match.end() :].strip()
 
 
+# What transformers needs to load a model in 8-bit with bitsandbytes (hepato[int8-gpu]).
+EIGHT_BIT_PACKAGES = ("bitsandbytes", "accelerate")
+
+
+def loads_in_8bit(manifest: VqaManifest, device: torch.device) -> bool:
+    """8-bit weights are for a GPU: bitsandbytes' int8 matmul is CUDA's."""
+    return manifest.load_in_8bit and device.type == "cuda"
+
+
+def pretrained_kwargs(
+    manifest: VqaManifest, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """``from_pretrained``'s keyword arguments. In 8-bit, bitsandbytes quantizes the linear
+    layers as they load and transformers places the model on ``device`` itself (an 8-bit
+    model cannot be moved with ``.to`` afterwards); the other layers are in ``dtype``."""
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
+    if loads_in_8bit(manifest, device):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # The whole model on the one GPU: "cuda" alone means the first, as torch reads it.
+        kwargs["device_map"] = {"": device.index or 0}
+    return kwargs
+
+
+def require_8bit_packages(manifest: VqaManifest) -> None:
+    missing = [name for name in EIGHT_BIT_PACKAGES if find_spec(name) is None]
+    if missing:
+        raise BackendError(
+            f"model {manifest.name!r} has load_in_8bit on a GPU, which needs "
+            f"{' and '.join(missing)}: install hepato[int8-gpu]"
+        )
+
+
 class VisionLanguageQa:
     """A checkpoint directory loadable by AutoProcessor and AutoModelForImageTextToText."""
 
@@ -53,7 +89,15 @@ class VisionLanguageQa:
         self.options = manifest.options
         path = require_weights(manifest)
         self.device, self.dtype = place(manifest, runtime)
-        if self.dtype == torch.float16:
+        eight_bit = loads_in_8bit(manifest, self.device)
+        if manifest.load_in_8bit and not eight_bit:
+            log.info(
+                "model %s: load_in_8bit is for a GPU; ignored on %s", manifest.name, self.device
+            )
+        if eight_bit:
+            require_8bit_packages(manifest)
+        # 8-bit matmuls take half-precision activations, as float16 does.
+        if self.dtype == torch.float16 or eight_bit:
             # Gemma 3 overflows in float16 (its activations exceed 65504); bfloat16 has
             # float32's range and is what MedGemma is trained and shipped in.
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -61,19 +105,20 @@ class VisionLanguageQa:
         # Batched generation appends to the right end of every row.
         self.processor.tokenizer.padding_side = "left"
         model: Any = AutoModelForImageTextToText.from_pretrained(
-            path, local_files_only=True, dtype=self.dtype
+            path, **pretrained_kwargs(manifest, self.device, self.dtype)
         )
-        self.model: Any = model.to(self.device).eval()
+        self.model: Any = (model if eight_bit else model.to(self.device)).eval()
         generation = self.model.generation_config
         eos = generation.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos else [])
         self._prompts: dict[str, tuple[str, bool]] = {}
         log.info(
-            "loaded %s: backend transformers (%s), device %s, dtype %s",
+            "loaded %s: backend transformers (%s), device %s, dtype %s%s",
             manifest.name,
             type(self.model).__name__,
             self.device,
             str(self.dtype).removeprefix("torch."),
+            ", 8-bit linear layers (bitsandbytes)" if eight_bit else "",
         )
 
     def question_text(self, question: str | None = None) -> str:
