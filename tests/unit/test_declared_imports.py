@@ -19,6 +19,8 @@ TRANSITIVE = {
     "anyio": "fastapi",  # starlette's and FastAPI's concurrency
     "starlette": "fastapi",
     "urllib3": "minio",  # minio's HTTP client, configured by us
+    "google": "tritonclient",  # protobuf: Triton's ModelConfig message (config.pbtxt)
+    "huggingface_hub": "transformers",  # the hub client transformers loads through
 }
 
 
