@@ -117,7 +117,9 @@ class Job(Base):
     stages: Mapped[dict[str, float] | None] = mapped_column(JSONB)
 
     __table_args__ = (
-        Index("ix_jobs_batch_state", "batch_id", "state"),
+        # A batch's jobs by state; in (created_at, id) order for an export's keyset pages
+        # (gateway.routes.exports.page_query).
+        Index("ix_jobs_batch_state_created", "batch_id", "state", "created_at", "id"),
         Index("ix_jobs_state_enqueued", "state", "enqueued_at"),
         Index("ix_jobs_state_lease", "state", "lease_until"),
         # The queue bound counts a model's pending jobs at every submission.
@@ -307,3 +309,28 @@ class AuditEvent(Base):
         # "Who read this slide": an object's rows without a scan of its tenant's.
         Index("ix_audit_events_object", "object_id", "at"),
     )
+
+
+class JobStateCount(Base):
+    """Jobs of one model and tenant in one state, as of the last fold of the deltas:
+    kept by triggers on ``jobs`` (migration 0012, common.job_state_counts)."""
+
+    __tablename__ = "job_state_counts"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobStateDelta(Base):
+    """What one statement on ``jobs`` changed in one (model, tenant, state), appended by
+    the triggers and not yet folded into ``job_state_counts``."""
+
+    __tablename__ = "job_state_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128))
+    tenant: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    n: Mapped[int] = mapped_column(BigInteger)
