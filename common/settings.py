@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,18 @@ class Settings(BaseSettings):
     s3_bucket: str = "hepato"
     s3_secure: bool = Field(False, description="Use HTTPS to reach the object store.")
     s3_region: str = "us-east-1"
+    s3_public_endpoint: str = Field(
+        "",
+        description="S3 host:port (no scheme, no path) that clients reach the object store "
+        "at, named in presigned image links: MinIO's published port, or a proxy in front "
+        "of it that passes the Host header through unchanged (links are signed for this "
+        "host); empty = s3_endpoint, the address the services use.",
+    )
+    s3_public_secure: bool | None = Field(
+        None,
+        description="HTTPS in presigned image links, e.g. true for a TLS-terminating proxy "
+        "in front of a plain-HTTP store; unset = s3_secure.",
+    )
     data_dir: Path = Field(
         REPO_ROOT / ".data", description="Local state: embedded services, ultralytics config."
     )
@@ -239,6 +251,18 @@ class Settings(BaseSettings):
         description="Address a worker's /metrics listens on; loopback by default, "
         "docker-compose.yml sets 0.0.0.0 so Prometheus can reach the container.",
     )
+
+    @field_validator("s3_public_endpoint")
+    @classmethod
+    def _host_port_only(cls, value: str) -> str:
+        # minio-py refuses "https://host" as "path in endpoint is not allowed": say why.
+        value = value.strip()
+        if "://" in value or "/" in value:
+            raise ValueError(
+                "s3_public_endpoint is host[:port], without scheme or path "
+                "(HTTPS: s3_public_secure=true)"
+            )
+        return value
 
     @property
     def ultralytics_dir(self) -> Path:

@@ -44,6 +44,23 @@ class ObjectStore:
             region=settings.s3_region,
             http_client=http,
         )
+        # Presigned links name the address clients reach (s3_public_endpoint). SigV4 signs
+        # the Host header, so a link signed for the internal host cannot just be rewritten:
+        # a second client signs for the public one. It never connects: presigning is
+        # local, and the explicit region spares it the GetBucketLocation call it would
+        # otherwise send to the public address (which the services may not reach).
+        public = settings.s3_public_endpoint
+        secure = settings.s3_public_secure
+        if public or secure is not None:
+            self.signer = Minio(
+                public or settings.s3_endpoint,
+                access_key=settings.s3_access_key,
+                secret_key=settings.s3_secret_key,
+                secure=settings.s3_secure if secure is None else secure,
+                region=settings.s3_region,
+            )
+        else:
+            self.signer = self.client
 
     def ensure_bucket(self) -> None:
         if not self.client.bucket_exists(self.bucket):
@@ -165,7 +182,8 @@ class ObjectStore:
         return True
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
-        return self.client.presigned_get_object(
+        """A GET link for clients, at the public address when one is set."""
+        return self.signer.presigned_get_object(
             self.bucket, key, expires=timedelta(seconds=expires_s)
         )
 

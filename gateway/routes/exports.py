@@ -15,14 +15,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy import ColumnElement, select, tuple_
+from sqlalchemy import ColumnElement, Select, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
 from hepato.common import audit, schemas
 from hepato.common.audit import Action, Caller, ObjectType
 from hepato.common.constants import JobState
 from hepato.common.results import TASK_RESULT, DetectResult
-from hepato.common.tables import Job
+from hepato.common.tables import Batch, Job
 from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import Resources, ResourcesDep, SessionDep
 from hepato.gateway.export_formats import (
@@ -40,6 +40,27 @@ from hepato.gateway.lookups import BatchDep, JobDep
 router = APIRouter(prefix="/v1", tags=["exports"])
 
 
+def batch_scope(batch: Batch) -> ColumnElement[bool]:
+    return (Job.batch_id == batch.id) & (Job.tenant == batch.tenant)
+
+
+def page_query(
+    scope: ColumnElement[bool], after: tuple[datetime, uuid.UUID] | None, page_size: int
+) -> Select[Any]:
+    """One page of done jobs after the keyset ``after``. A batch's pages are read through
+    ix_jobs_batch_state_created (batch_id, state, created_at, id): in order, no sort, and
+    from the keyset on, however deep the page (tests/e2e/test_export_plan.py)."""
+    query = (
+        select(Job.created_at, Job.id, Job.filename, Job.width, Job.height, Job.result)
+        .where(scope, Job.state == JobState.done)
+        .order_by(Job.created_at, Job.id)
+        .limit(page_size)
+    )
+    if after is not None:
+        query = query.where(tuple_(Job.created_at, Job.id) > tuple_(*after))
+    return query
+
+
 def iter_images(
     sessions: sessionmaker[Session], scope: ColumnElement[bool], page_size: int
 ) -> Iterator[Image]:
@@ -47,14 +68,7 @@ def iter_images(
     page per query."""
     after: tuple[datetime, uuid.UUID] | None = None
     while True:
-        query = (
-            select(Job.created_at, Job.id, Job.filename, Job.width, Job.height, Job.result)
-            .where(scope, Job.state == JobState.done)
-            .order_by(Job.created_at, Job.id)
-            .limit(page_size)
-        )
-        if after is not None:
-            query = query.where(tuple_(Job.created_at, Job.id) > tuple_(*after))
+        query = page_query(scope, after, page_size)
         with sessions() as session:
             # Autocommit: a read-only page needs no transaction, and none is left open
             # between the query and the session's close while the file streams.
@@ -143,7 +157,7 @@ def export_batch(
 ) -> StreamingResponse:
     for task in session.scalars(select(Job.task).where(Job.batch_id == batch.id).distinct()):
         _require_detect(batch.model, task)
-    scope = (Job.batch_id == batch.id) & (Job.tenant == batch.tenant)
+    scope = batch_scope(batch)
     target = (ObjectType.batch, batch.id)
     return _response(res, session, caller, target, fmt, scope, batch.model, f"batch-{batch.id}")
 

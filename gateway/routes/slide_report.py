@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1", tags=["slides"])
 
 # Each done tile with a detection: its core and its count over every class. One row per
 # tile (tens of thousands on a large slide: a few MB at most), read through
-# ix_jobs_batch_state.
+# ix_jobs_batch_state_created.
 _TILE_COUNTS = text(
     "SELECT j.core_x0, j.core_y0, j.core_x1, j.core_y1, "
     "sum((c.value->>'count')::bigint)::bigint AS n "
