@@ -204,6 +204,28 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = Field(60.0, ge=0, description="Longest retry wait, s.")
     fetch_concurrency: int = Field(16, ge=1, description="Parallel object-store downloads.")
     sweep_interval_s: float = Field(5.0, gt=0, description="Period of the recovery sweeper, s.")
+    retention_days: float | None = Field(
+        None,
+        ge=0,
+        description="Finished jobs (done, failed, canceled, expired) are deleted this long "
+        "after they finished, with their events, emptied batches, finished slides and "
+        "objects; also expired idempotency keys and settled webhook deliveries "
+        "(common.retention). Unset or 0 = kept forever, days.",
+    )
+    retention_chunk: int = Field(
+        1000, ge=1, description="Jobs deleted per retention transaction, jobs."
+    )
+    retention_chunks_per_sweep: int = Field(
+        10,
+        ge=1,
+        description="Retention transactions one worker's sweep may run (the rate: at most "
+        "this x retention_chunk jobs per sweep_interval_s, by one worker at a time).",
+    )
+    retention_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="Once retention has caught up, the next pass starts this much later, s.",
+    )
     requeue_pending_after_s: float = Field(
         30.0,
         gt=0,

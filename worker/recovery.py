@@ -1,7 +1,8 @@
 """How a worker gets work back after a fault: the sweeper that finds jobs lost to dead
-workers or ids Redis lost, pushes them again and expires the overdue ones; the heartbeat
-that says this worker is alive, the re-push of requeued ids, and the retry that rides
-out a Postgres restart."""
+workers or ids Redis lost, pushes them again and expires the overdue ones (and, when
+HEPATO_RETENTION_DAYS is set, deletes old finished work a bounded step at a time); the
+heartbeat that says this worker is alive, the re-push of requeued ids, and the retry
+that rides out a Postgres restart."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from tenacity import (
     wait_exponential,
 )
 
-from hepato.common import dispatch, jobs, lost_ids, metrics
+from hepato.common import dispatch, jobs, lost_ids, metrics, retention
 from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, worker_key
 from hepato.common.settings import Settings
+from hepato.common.storage import ObjectStore
 from hepato.common.sweep import sweep
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class Recovery:
         self.models = list(models)
         self.stopping = stopping
         self._thread = threading.Thread(target=self._loop, name="sweeper", daemon=True)
+        self._store: ObjectStore | None = None
+        self._retain_after = 0.0
 
     def start(self) -> None:
         self.heartbeat()
@@ -91,6 +95,10 @@ class Recovery:
                 self.sweep_once()
             except Exception:
                 log.warning("sweep failed", exc_info=True)
+            try:
+                self.retain_once()
+            except Exception:
+                log.warning("retention failed; the next sweep retries", exc_info=True)
 
     def heartbeat(self) -> None:
         """Tell operators (and ``hepato up``) this worker is loaded and alive."""
@@ -115,6 +123,29 @@ class Recovery:
             lost_ids.recover(self.engine, self.redis, self.settings.requeue_pending_after_s)
         except redis.RedisError:
             log.warning("could not look for ids Redis lost; the next sweep will", exc_info=True)
+
+    def retain_once(self) -> None:
+        """A bounded step of retention (common.retention) when it is on and due: at most
+        retention_chunks_per_sweep transactions, so the heartbeat is not held up; one
+        worker at a time (the others find the lock taken and go on)."""
+        days = self.settings.retention_days
+        if not days or time.monotonic() < self._retain_after:
+            return
+        if self._store is None:
+            self._store = ObjectStore(self.settings, pool_size=4)
+        done = retention.run(
+            self.engine,
+            self._store,
+            days,
+            chunk=self.settings.retention_chunk,
+            max_chunks=self.settings.retention_chunks_per_sweep,
+            stop=self.stopping,
+        )
+        if done.jobs or done.idempotency_keys or done.webhook_deliveries:
+            log.info("retention: %s", done.counts())
+        # Behind: go on at the next sweep; caught up (or another worker's turn): wait.
+        wait = self.settings.sweep_interval_s if done.more else self.settings.retention_interval_s
+        self._retain_after = time.monotonic() + wait
 
     def push(self, requeue: Sequence[jobs.Requeue]) -> None:
         """Put requeued jobs back on their own model's and priority's queue (a retry in

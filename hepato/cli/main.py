@@ -13,6 +13,7 @@ from hepato.cli.audit import audit_command
 from hepato.cli.client import register as register_client_commands
 from hepato.cli.keys import app as keys_app
 from hepato.cli.models import app as models_app
+from hepato.cli.retention import app as retention_app
 from hepato.common.settings import REPO_ROOT, get_settings
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(keys_app, name="keys")
+app.add_typer(retention_app, name="retention")  # old finished jobs (common.retention)
 register_client_commands(app)  # hepato submit | status | results
 app.command("audit")(audit_command)  # who read and did what (common.audit)
 
