@@ -18,16 +18,12 @@ import torch
 from hepato.common.exceptions import BackendError, ModelWeightsNotFound
 from hepato.common.manifest import ZeroShotManifest, load_manifest, parse_manifest
 from hepato.common.results import ZeroShotResult
-from hepato.worker.backends.base import Runtime, load_model
+from hepato.worker.backends.base import load_model
 from hepato.worker.builders.open_clip import build_open_clip
 from hepato.worker.builders.zero_shot import DEFAULT_LABELS, PROMPT_TEMPLATE
+from tests.models.test_zero_shot import BATCH_TOL, RUNTIME, SUM_TOL, _flat, _scores
 
-RUNTIME = Runtime(device="cpu", threads=2)
-# float32 through a different batch size changes matmul blocking, hence rounding, by a
-# few ulps of values of order 1; 1e-5 is well above that and far below any real change.
-BATCH_TOL = 1e-5
-# Softmax of float32 logits sums to 1 within float32 rounding over a handful of terms.
-SUM_TOL = 1e-5
+# The first size is the tiny tower's own input (160 px), so one image needs no resize.
 SIZES = [(160, 160), (40, 60), (100, 30), (17, 23), (256, 256), (33, 200), (64, 48), (5, 9)]
 
 
@@ -49,14 +45,6 @@ def model(manifest_path: Path) -> Any:
 def images() -> list[np.ndarray]:
     rng = np.random.default_rng(7)
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
-
-
-def _scores(result: ZeroShotResult) -> dict[str, tuple[float, float]]:
-    return {s.label: (s.probability, s.similarity) for s in result.scores}
-
-
-def _flat(result: ZeroShotResult) -> list[float]:
-    return [x for s in result.scores for x in (s.probability, s.similarity)]
 
 
 def _copy(manifest_path: Path, tmp_path: Path) -> tuple[ZeroShotManifest, Path]:

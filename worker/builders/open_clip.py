@@ -23,8 +23,8 @@ from typing import Any, Literal
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from hepato.common.manifest import ZeroShotManifest, dump_manifest, parse_manifest
-from hepato.worker.builders.zero_shot import DEFAULT_LABELS, PROMPT_TEMPLATE
+from hepato.common.manifest import dump_manifest
+from hepato.worker.builders.zero_shot import DEFAULT_LABELS, zero_shot_manifest
 
 SEED = 0
 # open_clip's (and BiomedCLIP's) image normalisation: OpenAI CLIP's mean and std.
@@ -138,37 +138,24 @@ def build_open_clip(
 
     spec = _SIZES[size]
     name = name or f"open-clip-zero-shot-{size}"
-    prompts = (
-        list(prompts)
-        if prompts is not None
-        else [PROMPT_TEMPLATE.format(label=label) for label in labels]
-    )
     directory = Path(directory)
-    # Validate before writing anything: a prompt/label mismatch fails here, not at load.
-    manifest = parse_manifest(
-        {
-            "name": name,
-            "task": "zero-shot",
-            "backend": "open_clip",
-            "description": (
-                f"open_clip model in BiomedCLIP's layout ({size}) with random weights, "
-                "for tests and benchmarks"
-            ),
-            "weights": name,
-            "labels": list(labels),
-            "input_size": spec["image_size"],
-            "options": {"prompts": prompts},
-        },
-        directory / f"{name}.yaml",
+    manifest = zero_shot_manifest(
+        directory,
+        name,
+        "open_clip",
+        f"open_clip model in BiomedCLIP's layout ({size}) with random weights, for tests "
+        "and benchmarks",
+        labels,
+        prompts,
+        spec["image_size"],
     )
-    assert isinstance(manifest, ZeroShotManifest)
 
     target = directory / name
     target.mkdir(parents=True, exist_ok=True)
     (target / CONFIG_FILE).write_text(
         json.dumps(open_clip_config(size), indent=2) + "\n", encoding="utf-8"
     )
-    _write_text_tower(target / TEXT_DIR, size, prompts)
+    _write_text_tower(target / TEXT_DIR, size, manifest.options.prompts)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         # The structure open_clip itself builds from this config, so the keys are its own.

@@ -73,6 +73,38 @@ def _tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CONTEXT_LENGTH)
 
 
+def zero_shot_manifest(
+    directory: Path,
+    name: str,
+    backend: str,
+    description: str,
+    labels: tuple[str, ...] | list[str],
+    prompts: list[str] | None,
+    input_size: int,
+) -> ZeroShotManifest:
+    """A built model's manifest (one prompt per label by default), validated before any
+    weights are written: a prompt/label mismatch fails here, not at load."""
+    manifest = parse_manifest(
+        {
+            "name": name,
+            "task": "zero-shot",
+            "backend": backend,
+            "description": description,
+            "weights": name,
+            "labels": list(labels),
+            "input_size": input_size,
+            "options": {
+                "prompts": list(prompts)
+                if prompts is not None
+                else [PROMPT_TEMPLATE.format(label=label) for label in labels]
+            },
+        },
+        directory / f"{name}.yaml",
+    )
+    assert isinstance(manifest, ZeroShotManifest)
+    return manifest
+
+
 def build_clip(
     directory: Path,
     *,
@@ -88,27 +120,16 @@ def build_clip(
 
     spec = _SIZES[size]
     name = name or f"clip-zero-shot-{size}"
-    prompts = (
-        list(prompts)
-        if prompts is not None
-        else [PROMPT_TEMPLATE.format(label=label) for label in labels]
-    )
     directory = Path(directory)
-    # Validate before writing anything: a prompt/label mismatch fails here, not at load.
-    manifest = parse_manifest(
-        {
-            "name": name,
-            "task": "zero-shot",
-            "backend": "transformers",
-            "description": f"CLIP ({size}) with random weights, for tests and benchmarks",
-            "weights": name,
-            "labels": list(labels),
-            "input_size": spec["image_size"],
-            "options": {"prompts": prompts},
-        },
-        directory / f"{name}.yaml",
+    manifest = zero_shot_manifest(
+        directory,
+        name,
+        "transformers",
+        f"CLIP ({size}) with random weights, for tests and benchmarks",
+        labels,
+        prompts,
+        spec["image_size"],
     )
-    assert isinstance(manifest, ZeroShotManifest)
 
     tokenizer = _tokenizer()
     side = spec["image_size"]
