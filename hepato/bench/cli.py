@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hepato.bench.options import BenchOptions, scenario_names
+from hepato.bench.scale_cli import scale as scale_command
 from hepato.common.manifest import ModelManifest, load_registry
 from hepato.common.settings import REPO_ROOT, get_settings
 
@@ -26,6 +27,7 @@ def _shown(values: tuple[float, ...]) -> str:
 
 
 app = typer.Typer(help="Benchmarks; figures come as ratios from one run.", no_args_is_help=True)
+app.command("scale")(scale_command)  # hepato bench scale (issue 18)
 
 
 @app.command()

@@ -1,0 +1,212 @@
+"""What ``hepato bench scale`` shows and writes: a line per run as it goes, the table,
+the targets of issue 18 next to this run's figures, and bench-scale.json and
+bench-scale.md. Nothing here measures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from hepato.bench.report import console, plain, print_targets
+
+REPORT_NAME = "bench-scale.json"
+MARKDOWN_NAME = "bench-scale.md"
+# Lock wait per job may be this much above one worker's before it counts as growing,
+# plus a floor for the sampling's noise (a wait shorter than the period is seen or not:
+# 0.05 ms/job is five 20 ms samples over 2,000 jobs).
+GROWTH_SLACK = 1.1
+NOISE_MS_PER_JOB = 0.05
+
+
+def busy() -> list[str]:
+    """Other benchmarks or test runs on this machine while this one ran: with them, the
+    figures are indicative only."""
+    found = subprocess.run(
+        ["pgrep", "-af", "hepato bench|pytest"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    me = os.getpid()
+    return [line for line in found if line.split(" ", 1)[0] not in {str(me), str(os.getppid())}]
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _tx(row: dict[str, Any], kind: str, key: str) -> float | None:
+    tx = row.get(kind) or {}
+    return tx.get(key)
+
+
+def progress(row: dict[str, Any]) -> None:
+    console.print(
+        f"  scale: {row['rows']:,} rows, {row['workers']} workers: {row['done']} of "
+        f"{row['submitted']} jobs done, [bold]{_f(row['jobs_per_s'])} jobs/s[/], claim p99 "
+        f"{_f(_tx(row, 'claim', 'p99_ms'), 2)} ms, complete p99 "
+        f"{_f(_tx(row, 'complete', 'p99_ms'), 2)} ms, lock wait "
+        f"{_f(row['lock_wait']['total_s'], 3)} s, Postgres CPU "
+        f"{_f(row['postgres_cpu_ms_per_job'], 2)} ms/job"
+    )
+
+
+def _target(name: str, value: Any, goal: str, met: bool | None) -> dict[str, Any]:
+    return {"target": name, "value": value, "goal": goal, "met": met, "issue": 18}
+
+
+def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 18's three targets, each against this run's figures (met: None when the run
+    did not measure what it needs)."""
+    out = []
+    by = {(r["rows"], r["workers"]): r for r in runs}
+    sizes = sorted({r["rows"] for r in runs})
+    counts = sorted({r["workers"] for r in runs})
+    if len(sizes) > 1:
+        small, large = sizes[0], sizes[-1]
+        ratios = {}
+        for n in counts:
+            a, b = by.get((small, n)), by.get((large, n))
+            if a and b and a["jobs_per_s"] and b["jobs_per_s"]:
+                ratios[n] = round(b["jobs_per_s"] / a["jobs_per_s"], 3)
+        out.append(
+            _target(
+                f"throughput at {large:,} rows / at {small:,} rows, per worker count",
+                ratios or None,
+                ">= 0.9 at every worker count",
+                all(v >= 0.9 for v in ratios.values()) if ratios else None,
+            )
+        )
+    if len(counts) > 1:
+        growth = {}
+        for size in sizes:
+            one, most = by.get((size, counts[0])), by.get((size, counts[-1]))
+            if one and most:
+                growth[size] = (one["lock_wait"]["ms_per_job"], most["lock_wait"]["ms_per_job"])
+        met = all(
+            m is not None and o is not None and m <= max(o * GROWTH_SLACK, o + NOISE_MS_PER_JOB)
+            for o, m in growth.values()
+        )
+        out.append(
+            _target(
+                f"lock wait ms/job, {counts[0]} -> {counts[-1]} workers, per size",
+                {f"{s:,}": f"{o} -> {m}" for s, (o, m) in growth.items()} or None,
+                f"not growing (<= {GROWTH_SLACK}x, or + {NOISE_MS_PER_JOB} ms/job)",
+                met if growth else None,
+            )
+        )
+    jobs_writes = sorted(
+        {w for r in runs if r.get("complete") for w in r["complete"]["jobs_write_statements"]}
+    )
+    writes = sorted(
+        {w for r in runs if r.get("complete") for w in r["complete"]["write_statements"]}
+    )
+    out.append(
+        _target(
+            "write statements to jobs per microbatch complete",
+            jobs_writes or None,
+            "1",
+            jobs_writes == [1] if jobs_writes else None,
+        )
+    )
+    out.append(
+        _target(
+            "write statements per microbatch complete, the event log's insert included",
+            writes or None,
+            "1",
+            writes == [1] if writes else None,
+        )
+    )
+    return out
+
+
+def _table(result: dict[str, Any]) -> Table:
+    t = Table(title="claim + complete against a filled jobs table (null model, burst workers)")
+    cols = (
+        "rows",
+        "workers",
+        "done",
+        "jobs/s",
+        "claim p99 ms",
+        "complete p99 ms",
+        "writes/complete",
+        "lock wait s",
+        "event-log lock share",
+        "PG CPU ms/job",
+    )
+    for col in cols:
+        t.add_column(col, justify="right")
+    for _, cells in _rows(result):
+        t.add_row(*cells)
+    return t
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
+    rows = []
+    for r in result["runs"]:
+        lock = r["lock_wait"]
+        share = lock["event_log_share"]
+        writes = (r.get("complete") or {}).get("write_statements") or []
+        rows.append(
+            (
+                r,
+                [
+                    f"{r['rows']:,}",
+                    str(r["workers"]),
+                    f"{r['done']}/{r['submitted']}",
+                    _f(r["jobs_per_s"]),
+                    _f(_tx(r, "claim", "p99_ms"), 2),
+                    _f(_tx(r, "complete", "p99_ms"), 2),
+                    "/".join(str(w) for w in writes) or "-",
+                    _f(lock["total_s"], 3),
+                    "-" if share is None else f"{100 * share:.0f}%",
+                    _f(r["postgres_cpu_ms_per_job"], 2),
+                ],
+            )
+        )
+    return rows
+
+
+def print_report(result: dict[str, Any]) -> None:
+    console.print(_table(result))
+    print_targets(result["targets"])
+    if result.get("busy"):
+        console.print("[yellow]other runs on this machine meanwhile (figures indicative):")
+        for line in result["busy"]:
+            console.print(f"  {line}")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The same table and targets as GitHub markdown, for the README."""
+    head = (
+        "| rows | workers | done | jobs/s | claim p99 ms | complete p99 ms | writes/complete "
+        "| lock wait s | event-log lock share | PG CPU ms/job |"
+    )
+    lines = [
+        f"`{' '.join(result['command'])}` on {result['machine']['cpu']}, "
+        f"{result['machine']['cores']} cores, {result['started_at']}",
+        "",
+        head,
+        "|" + "---:|" * 10,
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for _, cells in _rows(result)]
+    lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
+    for t in result["targets"]:
+        met = {True: "yes", False: "no", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['value']} | {t['goal']} | {met} |")
+    if result.get("busy"):
+        lines += ["", "Other runs on the machine meanwhile: figures indicative."]
+    if result.get("error"):
+        lines += ["", f"Failed: {result['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / REPORT_NAME, out / MARKDOWN_NAME]
+    result["files"] = [str(p) for p in written]
+    written[0].write_text(json.dumps(plain(result), indent=2) + "\n")
+    written[1].write_text(markdown(result))
+    return written
