@@ -5,11 +5,19 @@ Postgres is the truth; the wake-up only saves readers latency. Readers re-read t
 on every wake-up and at a bounded interval, so a lost publish (Redis down, flushed,
 restarted) delays an event and never drops it.
 
-Why the advisory lock: a bigserial is drawn at insert time but becomes visible at
-commit, so without it a reader could see id 11 before id 10 commits and move its cursor
-past 10 for good. Each writer takes one transaction-scoped lock in its insert (the last
-statement of its transaction), so ids commit in the order they were drawn and
-what a reader sees is always a prefix of the log."""
+Order without a lock: a bigserial is drawn at insert time but becomes visible at commit,
+so a reader could see id 11 before id 10 commits and move its cursor past 10 for good.
+Each row also carries its writing transaction's id (``xid``), and a reader takes only
+rows with an xid below its snapshot's xmin, in ``(xid, id)`` order: every transaction
+below that xmin has ended, and every transaction still to write draws an xid at or
+above it, so no event can ever appear below a cursor taken from such rows. The cost: an
+event is read once every older transaction still writing has ended, so one long write
+transaction anywhere in the cluster delays delivery by its length.
+
+Finishing a batch once: the transactions that end the last jobs of a batch with a
+webhook, or of a slide, run their finish checks one after another under an advisory
+lock of that batch (``_finish_locks``), so exactly one of them sees the last job end.
+Other batches' writers take no lock at all."""
 
 from __future__ import annotations
 
@@ -22,7 +30,17 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from sqlalchemy import ColumnElement, Connection, Engine, func, insert, select, true
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Engine,
+    func,
+    insert,
+    literal,
+    select,
+    tuple_,
+)
 
 from hepato.common import slide_finish, webhooks
 from hepato.common.constants import (
@@ -31,12 +49,12 @@ from hepato.common.constants import (
     job_events_channel,
     job_finished_channel,
 )
-from hepato.common.tables import Job, JobEvent
+from hepato.common.tables import Batch, Job, JobEvent, Slide, Xid8
 
 log = logging.getLogger(__name__)
 
-# Any constant works; it only has to be the same for every writer.
-_LOG_LOCK_KEY = 4711002
+# The advisory-lock namespace (first key) of a batch's finish; the second is from its id.
+_FINISH_LOCK_SPACE = 4711003
 _WAKE = "hepato.events.wake"
 
 # Which Redis each engine's writers publish on (set once per process by gateway and worker).
@@ -56,7 +74,9 @@ def record(
     each. Call once per transition, after its writes, inside ``transaction``. ``where``
     instead of ids names a set too large for a parameter list (a slide's tiles, created
     together); their wake-ups go to their batch's channel only, as no one can be
-    watching jobs whose ids were never published."""
+    watching jobs whose ids were never published. A transaction that ends jobs of
+    batches should do so in one call: the finish locks are taken in one sorted order per
+    call, and two calls could take them in two."""
     if where is None:
         if not job_ids:
             return
@@ -64,24 +84,19 @@ def record(
         per_job = True
     else:
         per_job = False
-    # The lock joins the insert's SELECT (one round trip, not two): it is taken before
-    # the first row is produced, so before any id is drawn.
-    lock = select(func.pg_advisory_xact_lock(_LOG_LOCK_KEY).label("held")).subquery("log_lock")
     rows = conn.execute(
         insert(JobEvent)
         .from_select(
             ["job_id", "batch_id", "tenant", "state", "error", "at"],
             select(Job.id, Job.batch_id, Job.tenant, Job.state, Job.error, func.now())
-            .select_from(Job)
-            .join(lock, true())
             .where(where)
             .order_by(Job.id),
         )
         .returning(JobEvent.job_id, JobEvent.batch_id, JobEvent.state)
     ).all()
     recorded = [(job, batch, state) for job, batch, state in rows]
+    _finish_locks(conn, {batch for _, batch, state in recorded if state in TERMINAL_STATES})
     webhooks.enqueue_finished(conn, recorded)
-    # Under the same lock: the last tile of a slide is seen ending by exactly one writer.
     slide_finish.finish_slides(conn, recorded)
     wake = conn.info.setdefault(_WAKE, set())
     wake.update(batch_events_channel(str(batch_id)) for _, batch_id, _ in rows if batch_id)
@@ -92,6 +107,30 @@ def record(
             for job_id, batch_id, state in rows
             if batch_id is None and state in TERMINAL_STATES
         )
+
+
+def _finish_locks(conn: Connection, batches: set[uuid.UUID | None]) -> None:
+    """Lock, for this transaction, each of ``batches`` whose end does something (a
+    webhook, a slide to finish), so that the finish checks after it run one transaction
+    at a time per batch. Each check is a statement of its own after the lock: under READ
+    COMMITTED it sees what the lock's previous holder committed."""
+    batches.discard(None)
+    if not batches:
+        return
+    ids = list(batches)
+    finishing = conn.execute(
+        select(Batch.id)
+        .where(Batch.id.in_(ids), Batch.callback_url.is_not(None))
+        .union(select(Slide.id).where(Slide.id.in_(ids)))
+    ).scalars()
+    # In one order everywhere, so two transactions never wait on each other's.
+    for key in sorted({_lock_key(batch) for batch in finishing}):
+        conn.execute(select(func.pg_advisory_xact_lock(_FINISH_LOCK_SPACE, key)))
+
+
+def _lock_key(batch_id: uuid.UUID) -> int:
+    # Two batches that share a key only wait on each other now and then.
+    return int.from_bytes(batch_id.bytes[:4], "big", signed=True)
 
 
 @contextmanager
@@ -121,6 +160,29 @@ def publish(engine: Engine, channels: Collection[str]) -> None:
         log.debug("wake-up not published; readers catch up at their interval", exc_info=True)
 
 
+# Where a stream resumes: after this (xid, id); (0, 0) is from the start.
+Cursor = tuple[int, int]
+START: Cursor = (0, 0)
+
+
+def parse_cursor(text: str) -> Cursor:
+    """A cursor from an event id: ``"<xid>-<id>"``, or a bare id, as given before ids
+    had an xid (those events all have xid 0). ValueError if it is neither."""
+    xid, sep, event_id = text.strip().rpartition("-")
+    if not sep:
+        xid = "0"
+    if not (xid.isascii() and xid.isdigit() and event_id.isascii() and event_id.isdigit()):
+        raise ValueError(f"not an event id: {text!r}")
+    cursor = int(xid), int(event_id)
+    if cursor[0] >= 2**64 or cursor[1] >= 2**63:  # beyond xid8 and bigint
+        raise ValueError(f"not an event id: {text!r}")
+    return cursor
+
+
+def format_cursor(cursor: Cursor) -> str:
+    return f"{cursor[0]}-{cursor[1]}"
+
+
 @dataclass(frozen=True)
 class Event:
     id: int
@@ -129,6 +191,11 @@ class Event:
     state: str
     error: str | None
     at: datetime
+    xid: int = 0
+
+    @property
+    def cursor(self) -> Cursor:
+        return self.xid, self.id
 
     def data(self) -> dict[str, Any]:
         return {
@@ -140,16 +207,34 @@ class Event:
         }
 
 
+@dataclass(frozen=True)
+class Read:
+    """Events that may be sent, and whether later ones (committed, or not yet) wait
+    behind a transaction still running: read again soon, not at the usual interval."""
+
+    events: list[Event]
+    held: bool
+
+
+def horizon() -> ColumnElement[Any]:
+    """The xid below which every transaction has ended, as of this statement's snapshot."""
+    return select(func.pg_snapshot_xmin(func.pg_current_snapshot())).scalar_subquery()
+
+
 def read(
     conn: Connection,
-    after: int,
+    after: Cursor,
     *,
     job_id: uuid.UUID | None = None,
     batch_id: uuid.UUID | None = None,
     limit: int = 1000,
-) -> list[Event]:
-    """Events of one job or one batch with ids above ``after``, oldest first."""
+) -> Read:
+    """Events of one job or one batch after the cursor ``after``, in log order: those of
+    transactions below the horizon only, so a later read never finds one below them."""
     scope = JobEvent.job_id == job_id if job_id is not None else JobEvent.batch_id == batch_id
+    position = tuple_(JobEvent.xid, JobEvent.id)
+    # Read one row past the page, unfiltered: in (xid, id) order those below the horizon
+    # come first, and a row at or above it tells that more are held back.
     rows = conn.execute(
         select(
             JobEvent.id,
@@ -158,9 +243,27 @@ def read(
             JobEvent.state,
             JobEvent.error,
             JobEvent.at,
+            JobEvent.xid,
+            (JobEvent.xid < horizon()).label("ended"),
         )
-        .where(scope, JobEvent.id > after)
-        .order_by(JobEvent.id)
-        .limit(limit)
+        .where(
+            scope,
+            position > tuple_(literal(after[0], Xid8()), literal(after[1], BigInteger())),
+        )
+        .order_by(JobEvent.xid, JobEvent.id)
+        .limit(limit + 1)
     ).all()
-    return [Event(*row) for row in rows]
+    events = [Event(*row[:7]) for row in rows[:limit] if row.ended]
+    held = any(not row.ended for row in rows)
+    return Read(events, held)
+
+
+def last(conn: Connection, batch_id: uuid.UUID) -> Cursor:
+    """The cursor of a batch's last event that a read would send now (START if none)."""
+    row = conn.execute(
+        select(JobEvent.xid, JobEvent.id)
+        .where(JobEvent.batch_id == batch_id, JobEvent.xid < horizon())
+        .order_by(JobEvent.xid.desc(), JobEvent.id.desc())
+        .limit(1)
+    ).first()
+    return (row.xid, row.id) if row else START

@@ -217,7 +217,7 @@ def create(
         insert_rows(conn, Job, per_file, same)
         if audit_row is not None:
             conn.execute(insert(AuditEvent), audit_row(batch_id, job_ids))
-        event_log.record(conn, job_ids)  # last: it holds the event log's lock until COMMIT
+        event_log.record(conn, job_ids)
     return Created(batch_id, job_ids, queued_before)
 
 

@@ -1,9 +1,11 @@
 """Finishing a whole slide: in the transaction that ends its last job, its state and
 summary (per class: count, count per mm² of tissue, fraction of tissue its boxes cover).
 
-Called by common.event_log.record under the event log's lock, so transactions that end a
-slide's jobs run this one after another and exactly one of them sees the last job end,
-as for a batch's webhook. The summary is sums over the tiles' own statistics
+Called by common.event_log.record once it holds the slide's finish lock (an advisory
+lock per batch, taken by the writers of a slide's terminal transitions only), so
+transactions that end a slide's jobs run this one after another, each reading after the
+lock what the ones before committed, and exactly one of them sees the last job end, as
+for a batch's webhook. The summary is sums over the tiles' own statistics
 (``jobs.tile_stats``, written with each tile's result): no detection is re-read."""
 
 from __future__ import annotations

@@ -18,15 +18,42 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    cast,
     func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql.base import ischema_names
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import UserDefinedType
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class Xid8(UserDefinedType[int]):
+    """Postgres ``xid8``: a 64-bit transaction id that never wraps, read as an int."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
+
+    def bind_expression(self, bindvalue: Any) -> ColumnElement[int]:
+        # psycopg sends the value as text; the server reads it as an xid8.
+        return cast(bindvalue, self)
+
+    def bind_processor(self, dialect: Any) -> Any:
+        return lambda value: None if value is None else str(value)
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        return lambda value: None if value is None else int(value)
+
+
+# Reflection (the ORM-against-migrations check) then knows the column's type.
+ischema_names.setdefault("xid8", Xid8)
 
 
 class Batch(Base):
@@ -193,8 +220,10 @@ class Slide(Base):
 
 class JobEvent(Base):
     """One state change of a job, written in the transaction that made it: the log the
-    event streams replay. ``id`` is the SSE event id; writers take an advisory lock
-    before inserting (see common.event_log), so ids become visible in increasing order."""
+    event streams replay, in ``(xid, id)`` order (the SSE event id is both). ``xid`` is
+    the writing transaction's: readers read only below their snapshot's xmin, where no
+    transaction is still running, so nothing can later commit below their cursor (see
+    common.event_log). Rows older than the column have xid 0."""
 
     __tablename__ = "job_events"
 
@@ -205,10 +234,11 @@ class JobEvent(Base):
     state: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    xid: Mapped[int] = mapped_column(Xid8, server_default=func.pg_current_xact_id())
 
     __table_args__ = (
-        Index("ix_job_events_batch_id", "batch_id", "id"),
-        Index("ix_job_events_job_id", "job_id", "id"),
+        Index("ix_job_events_batch_xid", "batch_id", "xid", "id"),
+        Index("ix_job_events_job_xid", "job_id", "xid", "id"),
     )
 
 

@@ -39,9 +39,11 @@ def enqueue_finished(
     conn: Connection, recorded: Sequence[tuple[uuid.UUID, uuid.UUID | None, str]]
 ) -> None:
     """Queue the webhooks that the state changes ``recorded`` (job, batch, state) make
-    due. Called by common.event_log.record under its lock: transactions that finish jobs
-    run this one after another, each seeing the ones before committed, so the last job of
-    a batch is seen finishing by exactly one of them."""
+    due. Called by common.event_log.record once it holds the finish lock of each batch
+    with a callback_url among them: transactions that end jobs of one such batch run this
+    one after another, each (its reads are statements after the lock) seeing the ones
+    before committed, so the last job of a batch is seen finishing by exactly one of them.
+    A job without a batch needs no lock: its row is changed by one transaction at a time."""
     finished = [(job, batch) for job, batch, state in recorded if state in TERMINAL_STATES]
     if not finished:
         return

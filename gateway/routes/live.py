@@ -5,7 +5,9 @@ the ``job_events`` table (common.event_log), never from Redis: a Redis wake-up
 (gateway.wakeups) only makes the stream re-read the table sooner. Without one the stream
 re-reads every ``events_poll_interval_s``, so a lost wake-up (Redis restarted, flushed,
 another gateway replica's subscriber) costs latency, never an event, and no client makes
-Postgres read faster than that while nothing happens."""
+Postgres read faster than that while nothing happens. An event committed behind an older
+transaction still running is not readable yet (common.event_log): a stream that finds
+one held back looks again soon, and never ends on counts that include it."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Header
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy import Engine
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -37,22 +40,54 @@ HubDep = Annotated[WakeupHub, Depends(get_hub)]
 PAGE = 500
 # A burst of wake-ups (one per worker commit) is folded into one read per this many s.
 COALESCE_S = 0.05
+# Events committed but held back behind an older running transaction (common.event_log)
+# had their wake-up already: the stream looks again after this long, doubled while they
+# stay held (a long transaction), up to the usual interval.
+HELD_RETRY_S = 0.05
 
-LastEventId = Annotated[
-    int | None,
-    Header(
-        alias="Last-Event-ID",
-        ge=0,
-        description="Resume: only the events after this id (what an EventSource sends "
-        "when it reconnects)",
-    ),
-]
+
+def _last_event_id(
+    value: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="Resume: only the events after this id (what an EventSource sends "
+            "when it reconnects). Ids are opaque; a bare integer, an id from before they "
+            "named a transaction, is still accepted.",
+        ),
+    ] = None,
+) -> event_log.Cursor | None:
+    if value is None:
+        return None
+    try:
+        return event_log.parse_cursor(value)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("header", "Last-Event-ID"),
+                    "msg": "not an event id of this service",
+                    "input": value,
+                }
+            ]
+        ) from exc
+
+
+LastEventId = Annotated[event_log.Cursor | None, Depends(_last_event_id)]
+
+
+def resume_point(cursor: event_log.Cursor | None) -> int | None:
+    """What the audit trail keeps of a resume cursor: the event's id (the row's key)."""
+    return cursor[1] if cursor is not None else None
+
 
 STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "content": {"text/event-stream": {}},
-        "description": "`event: job` per state change (id strictly increasing); the batch "
-        "stream ends with `event: batch`, the job stream after the job's terminal event",
+        "description": "`event: job` per state change (id: an opaque resume point, "
+        "for Last-Event-ID); the batch stream ends with `event: batch`, the job stream "
+        "after the job's terminal event",
     },
     404: {"model": schemas.ErrorOut},
 }
@@ -77,30 +112,33 @@ class Page:
     events: list[event_log.Event]
     # Counts per job state from the same snapshot as ``events``; None when not read.
     counts: dict[str, int] | None
+    # Events committed but not yet readable (common.event_log.Read.held).
+    held: bool = False
 
 
-def _read(engine: Engine, scope: Scope, after: int, with_counts: bool) -> Page:
+def _read(engine: Engine, scope: Scope, after: event_log.Cursor, with_counts: bool) -> Page:
     # One snapshot for the events and the states: each state change commits with its
-    # event, so "every job terminal" here means every terminal event is in ``found``.
+    # event, so "every job terminal" here, with none held back, means every terminal
+    # event is in ``found``.
     with (
         engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
         conn.begin(),
     ):
-        found = event_log.read(
-            conn, after, job_id=scope.job_id, batch_id=scope.batch_id, limit=PAGE
-        )
-        if len(found) == PAGE or not (found or with_counts):
-            return Page(found, None)
+        got = event_log.read(conn, after, job_id=scope.job_id, batch_id=scope.batch_id, limit=PAGE)
+        found = got.events
+        if len(found) == PAGE or got.held or not (found or with_counts):
+            return Page(found, None, got.held)
         counts = state_counts(conn, job_id=scope.job_id, batch_id=scope.batch_id)
     return Page(found, counts)
 
 
 async def _stream(
-    res: Resources, hub: WakeupHub, scope: Scope, after: int
+    res: Resources, hub: WakeupHub, scope: Scope, after: event_log.Cursor
 ) -> AsyncIterator[ServerSentEvent]:
     # A batch's jobs change in bursts: one re-read per burst, not one per job.
     coalesce_s = COALESCE_S if scope.batch_id is not None else 0.0
     first = True
+    held_wait = HELD_RETRY_S
     # Subscribed before the first read: a change committed between that read and the
     # first wait still wakes the stream.
     async with hub.wakeup(scope.channel, coalesce_s) as wake:
@@ -110,8 +148,10 @@ async def _stream(
             for event in page.events:
                 data = event.data()
                 data["error"] = schemas.public_error(event.error)
-                yield ServerSentEvent(json.dumps(data), event="job", id=str(event.id))
-                after = event.id
+                yield ServerSentEvent(
+                    json.dumps(data), event="job", id=event_log.format_cursor(event.cursor)
+                )
+                after = event.cursor
             counts = page.counts
             if counts is not None and all_finished(counts):
                 if scope.batch_id is not None:
@@ -125,8 +165,14 @@ async def _stream(
                     yield ServerSentEvent(json.dumps(data), event="batch")
                 return
             if counts is None and page.events:
-                continue  # a full page: more are waiting
-            await wake.wait(res.settings.events_poll_interval_s)
+                continue  # a full page, or some held back: more are waiting
+            interval = res.settings.events_poll_interval_s
+            if page.held:
+                await wake.wait(min(held_wait, interval))
+                held_wait *= 2
+            else:
+                held_wait = HELD_RETRY_S
+                await wake.wait(interval)
 
 
 def event_stream(res: Resources, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
@@ -140,9 +186,9 @@ def event_stream(res: Resources, events: AsyncIterator[ServerSentEvent]) -> Even
 
 
 def _response(
-    res: Resources, hub: WakeupHub, scope: Scope, last_event_id: int | None
+    res: Resources, hub: WakeupHub, scope: Scope, last_event_id: event_log.Cursor | None
 ) -> EventSourceResponse:
-    return event_stream(res, _stream(res, hub, scope, last_event_id or 0))
+    return event_stream(res, _stream(res, hub, scope, last_event_id or event_log.START))
 
 
 # Plain sessions, not SessionDep: a yield dependency would hold its connection for as long
@@ -158,12 +204,17 @@ def batch_events(
     res: ResourcesDep,
     hub: HubDep,
     caller: CallerDep,
-    last_event_id: LastEventId = None,
+    last_event_id: LastEventId,
 ) -> EventSourceResponse:
     with res.sessions() as session:
         batch = batch_or_404(session, batch_id, caller.tenant)
         audit.commit(
-            session, caller, Action.watch, ObjectType.batch, batch.id, resume_after=last_event_id
+            session,
+            caller,
+            Action.watch,
+            ObjectType.batch,
+            batch.id,
+            resume_after=resume_point(last_event_id),
         )
     return _response(res, hub, Scope(batch_id=batch.id), last_event_id)
 
@@ -179,11 +230,16 @@ def job_events(
     res: ResourcesDep,
     hub: HubDep,
     caller: CallerDep,
-    last_event_id: LastEventId = None,
+    last_event_id: LastEventId,
 ) -> EventSourceResponse:
     with res.sessions() as session:
         job = job_or_404(session, job_id, caller.tenant)
         audit.commit(
-            session, caller, Action.watch, ObjectType.job, job.id, resume_after=last_event_id
+            session,
+            caller,
+            Action.watch,
+            ObjectType.job,
+            job.id,
+            resume_after=resume_point(last_event_id),
         )
     return _response(res, hub, Scope(job_id=job.id), last_event_id)

@@ -15,11 +15,11 @@ import anyio
 from fastapi import APIRouter, File, Form, Request, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from hepato.common import audit, jobs, schemas
+from hepato.common import audit, event_log, jobs, schemas
 from hepato.common.audit import Action, ObjectType
 from hepato.common.constants import Priority, batch_events_channel
 from hepato.common.slide_finish import tile_counts
@@ -30,12 +30,12 @@ from hepato.common.slide_schemas import (
     SlideState,
     SlideSummary,
 )
-from hepato.common.tables import JobEvent, Slide
+from hepato.common.tables import Slide
 from hepato.gateway.auth import CallerDep
 from hepato.gateway.deps import ResourcesDep, SessionDep
 from hepato.gateway.idempotency import IdempotencyDep
 from hepato.gateway.lookups import NOT_FOUND, public_url, slide_or_404
-from hepato.gateway.routes.live import HubDep, LastEventId, event_stream
+from hepato.gateway.routes.live import HubDep, LastEventId, event_stream, resume_point
 from hepato.gateway.routes.submissions import (
     CallbackField,
     DeadlineField,
@@ -181,24 +181,29 @@ def cancel_slide(
 
 def _snapshot(
     sessions: sessionmaker[Session], slide_id: uuid.UUID, tenant: str
-) -> tuple[int, SlideOut]:
+) -> tuple[event_log.Cursor, SlideOut]:
     # The cursor first: a change committed after it shows in the snapshot and again at
-    # the next wake-up, never not at all.
+    # the next wake-up, never not at all. The cursor only grows: a later event, even one
+    # held back now behind an older transaction, comes in above it (common.event_log).
     with sessions() as session:
-        cursor = session.execute(
-            select(func.coalesce(func.max(JobEvent.id), 0)).where(JobEvent.batch_id == slide_id)
-        ).scalar_one()
-        return int(cursor), slide_out(session, slide_or_404(session, str(slide_id), tenant))
+        cursor = event_log.last(session.connection(), slide_id)
+        return cursor, slide_out(session, slide_or_404(session, str(slide_id), tenant))
 
 
 async def _stream(
-    res: ResourcesDep, hub: HubDep, slide_id: uuid.UUID, tenant: str, after: int
+    res: ResourcesDep,
+    hub: HubDep,
+    slide_id: uuid.UUID,
+    tenant: str,
+    after: event_log.Cursor | None,
 ) -> AsyncIterator[ServerSentEvent]:
     async with hub.wakeup(batch_events_channel(str(slide_id)), COALESCE_S) as wake:
         while True:
             cursor, out = await anyio.to_thread.run_sync(_snapshot, res.sessions, slide_id, tenant)
             if cursor != after or out.state in SLIDE_TERMINAL_STATES:
-                yield ServerSentEvent(out.model_dump_json(), event="slide", id=str(cursor))
+                yield ServerSentEvent(
+                    out.model_dump_json(), event="slide", id=event_log.format_cursor(cursor)
+                )
                 after = cursor
             if out.state in SLIDE_TERMINAL_STATES:
                 return
@@ -217,12 +222,16 @@ def slide_events(
     res: ResourcesDep,
     hub: HubDep,
     caller: CallerDep,
-    last_event_id: LastEventId = None,
+    last_event_id: LastEventId,
 ) -> EventSourceResponse:
     with res.sessions() as session:
         slide = slide_or_404(session, slide_id, caller.tenant)
         audit.commit(
-            session, caller, Action.watch, ObjectType.slide, slide.id, resume_after=last_event_id
+            session,
+            caller,
+            Action.watch,
+            ObjectType.slide,
+            slide.id,
+            resume_after=resume_point(last_event_id),
         )
-    after = last_event_id if last_event_id is not None else -1
-    return event_stream(res, _stream(res, hub, slide.id, caller.tenant, after))
+    return event_stream(res, _stream(res, hub, slide.id, caller.tenant, last_event_id))

@@ -146,7 +146,8 @@ class AsyncHepatoClient(SlideMethods):
     async def _events(self, path: str, *, batch: bool) -> AsyncIterator[Event]:
         async with aclosing(self._sse(path, ("job", "batch"))) as stream:
             async for sse in stream:
-                event_id = int(sse.id) if sse.id.isdigit() else None
+                # Opaque: only ever sent back as Last-Event-ID.
+                event_id = sse.id or None
                 data = {**json.loads(sse.data), "event_id": event_id}
                 if sse.event == "batch":
                     yield BatchEvent.model_validate(data)

@@ -56,7 +56,7 @@ class HepatoAPIError(HepatoClientError):
 class JobEvent(BaseModel):
     """One state change of a job (``event: job`` on an events stream)."""
 
-    event_id: int | None = None
+    event_id: str | None = None
     job_id: uuid.UUID
     batch_id: uuid.UUID | None = None
     state: JobState
@@ -69,7 +69,7 @@ class BatchEvent(BaseModel):
     fallback of ``wait`` reports whenever the counts change. ``event_id``: the stream's
     last id (SSE keeps it for an event that names none); None when polled."""
 
-    event_id: int | None = None
+    event_id: str | None = None
     batch_id: uuid.UUID
     state: BatchState
     counts: dict[str, int]

@@ -96,7 +96,7 @@ def test_submit_a_directory_wait_on_events_and_read_typed_results(
     done = {e.job_id for e in job_events if e.state == "done"}
     assert done == {j.job_id for r in refs for j in r.jobs}
     ids = [e.event_id for e in job_events]
-    assert all(isinstance(i, int) for i in ids)
+    assert all(isinstance(i, str) and i for i in ids)
     # Five pages of five per batch of eight or six, read to the end, each job once.
     assert len(jobs) == 30 and len({j.id for j in jobs}) == 30
     assert all(isinstance(j, JobOut) and j.state == "done" for j in jobs)

@@ -134,7 +134,7 @@ def test_a_dropped_event_stream_resumes_after_the_last_event_id() -> None:
         events = list(client.events(batch_id))
     assert asked == [None, "2"]
     # SSE keeps the last id for an event that names none, as the closing batch event.
-    assert [e.event_id for e in events] == [1, 2, 3, 3]
+    assert [e.event_id for e in events] == ["1", "2", "3", "3"]
     assert isinstance(events[-1], BatchEvent) and events[-1].counts == {"done": 3}
     assert [e.state for e in events[:3]] == ["processing", "done", "done"]
 

@@ -111,24 +111,24 @@ def in_thread(target: Callable[[], object]) -> threading.Thread:
     return thread
 
 
-def logged(settings: Settings, batch_id: str) -> list[tuple[int, str, str]]:
-    """The batch's event log as stored: (id, job id, state)."""
+def logged(settings: Settings, batch_id: str) -> list[tuple[str, str, str]]:
+    """The batch's event log as stored, in log order: (event id, job id, state)."""
     with get_engine(settings.database_url).connect() as conn:
         rows = conn.execute(
-            select(JobEvent.id, JobEvent.job_id, JobEvent.state)
+            select(JobEvent.xid, JobEvent.id, JobEvent.job_id, JobEvent.state)
             .where(JobEvent.batch_id == uuid.UUID(batch_id))
-            .order_by(JobEvent.id)
+            .order_by(JobEvent.xid, JobEvent.id)
         ).all()
-    return [(i, str(j), s) for i, j, s in rows]
+    return [(f"{x}-{i}", str(j), s) for x, i, j, s in rows]
 
 
-def as_log(got: list[Sse]) -> list[tuple[int, str, str]]:
-    return [(int(e.id), e.data["job_id"], e.data["state"]) for e in got if e.event == "job"]
+def as_log(got: list[Sse]) -> list[tuple[str, str, str]]:
+    return [(e.id, e.data["job_id"], e.data["state"]) for e in got if e.event == "job"]
 
 
 def check_complete_batch_stream(got: list[Sse], accepted: dict[str, Any]) -> None:
     jobs = [e for e in got if e.event == "job"]
-    ids = [int(e.id) for e in jobs]
+    ids = [event_log.parse_cursor(e.id) for e in jobs]
     assert ids == sorted(set(ids)), f"ids not strictly increasing: {ids}"
     per_job: dict[str, list[str]] = {}
     for e in jobs:

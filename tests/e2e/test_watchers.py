@@ -18,7 +18,7 @@ import redis
 from httpx_sse import aconnect_sse
 from sqlalchemy import Engine, event
 
-from hepato.common import claim, jobs
+from hepato.common import claim, event_log, jobs
 from hepato.common.constants import PUBLIC_TENANT, Priority
 from hepato.common.db import get_engine
 from hepato.common.images import ImageInfo
@@ -89,7 +89,7 @@ class Watcher:
 
     def job_events(self) -> list[tuple[str, str]]:
         """(job id, state) of each job event; their ids strictly increasing."""
-        ids = [int(i) for kind, i, _ in self.events if kind == "job"]
+        ids = [event_log.parse_cursor(i) for kind, i, _ in self.events if kind == "job"]
         assert ids == sorted(set(ids)), ids
         return [(d["job_id"], d["state"]) for kind, _, d in self.events if kind == "job"]
 
