@@ -22,7 +22,9 @@ Other batches' writers take no lock at all."""
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Update,
     func,
     insert,
     literal,
@@ -53,6 +56,7 @@ from hepato.common.tables import Batch, Job, JobEvent, Slide, Xid8
 
 log = logging.getLogger(__name__)
 
+_EVENT_COLUMNS = ["job_id", "batch_id", "tenant", "state", "error", "at"]
 # The advisory-lock namespace (first key) of a batch's finish; the second is from its id.
 _FINISH_LOCK_SPACE = 4711003
 _WAKE = "hepato.events.wake"
@@ -87,45 +91,109 @@ def record(
     rows = conn.execute(
         insert(JobEvent)
         .from_select(
-            ["job_id", "batch_id", "tenant", "state", "error", "at"],
+            _EVENT_COLUMNS,
             select(Job.id, Job.batch_id, Job.tenant, Job.state, Job.error, func.now())
             .where(where)
             .order_by(Job.id),
         )
         .returning(JobEvent.job_id, JobEvent.batch_id, JobEvent.state)
     ).all()
-    recorded = [(job, batch, state) for job, batch, state in rows]
-    _finish_locks(conn, {batch for _, batch, state in recorded if state in TERMINAL_STATES})
-    webhooks.enqueue_finished(conn, recorded)
-    slide_finish.finish_slides(conn, recorded)
+    _recorded(conn, [(job, batch, state) for job, batch, state in rows], per_job=per_job)
+
+
+def record_update(conn: Connection, change: Update) -> set[uuid.UUID]:
+    """Run ``change`` (an UPDATE of jobs) and log the state it leaves each row in, in one
+    statement (the UPDATE as a data-modifying CTE of the events' INSERT): a microbatch's
+    write is one round trip. Returns the ids it changed. As ``record``, once per
+    transition, inside ``transaction``."""
+    changed = change.returning(Job.id, Job.batch_id, Job.tenant, Job.state, Job.error).cte(
+        "changed"
+    )
+    rows = conn.execute(
+        insert(JobEvent)
+        .add_cte(changed)
+        .from_select(
+            _EVENT_COLUMNS,
+            select(
+                changed.c.id,
+                changed.c.batch_id,
+                changed.c.tenant,
+                changed.c.state,
+                changed.c.error,
+                func.now(),
+            ).order_by(changed.c.id),
+        )
+        .returning(JobEvent.job_id, JobEvent.batch_id, JobEvent.state)
+    ).all()
+    _recorded(conn, [(job, batch, state) for job, batch, state in rows], per_job=True)
+    return {job for job, _, _ in rows}
+
+
+def _recorded(
+    conn: Connection,
+    recorded: list[tuple[uuid.UUID, uuid.UUID | None, str]],
+    *,
+    per_job: bool,
+) -> None:
+    """What follows the events' insert: a batch's finish, and the wake-ups to publish."""
+    finishing = _finish_locks(
+        conn, {batch for _, batch, state in recorded if state in TERMINAL_STATES}
+    )
+    # Only jobs whose end can do something are looked at again: a lone job (its own
+    # webhook) and jobs of the batches just locked.
+    concerned = [r for r in recorded if r[1] is None or r[1] in finishing]
+    webhooks.enqueue_finished(conn, concerned)
+    slide_finish.finish_slides(conn, [r for r in concerned if r[1] is not None])
     wake = conn.info.setdefault(_WAKE, set())
-    wake.update(batch_events_channel(str(batch_id)) for _, batch_id, _ in rows if batch_id)
+    wake.update(batch_events_channel(str(batch_id)) for _, batch_id, _ in recorded if batch_id)
     if per_job:
-        wake.update(job_events_channel(str(job_id)) for job_id, _, _ in rows)
+        wake.update(job_events_channel(str(job_id)) for job_id, _, _ in recorded)
         wake.update(
             job_finished_channel(str(job_id))
-            for job_id, batch_id, state in rows
+            for job_id, batch_id, state in recorded
             if batch_id is None and state in TERMINAL_STATES
         )
 
 
-def _finish_locks(conn: Connection, batches: set[uuid.UUID | None]) -> None:
+def _finish_locks(conn: Connection, batches: set[uuid.UUID | None]) -> set[uuid.UUID]:
     """Lock, for this transaction, each of ``batches`` whose end does something (a
     webhook, a slide to finish), so that the finish checks after it run one transaction
-    at a time per batch. Each check is a statement of its own after the lock: under READ
-    COMMITTED it sees what the lock's previous holder committed."""
+    at a time per batch; return those batches. Each check is a statement of its own after
+    the lock: under READ COMMITTED it sees what the lock's previous holder committed."""
     batches.discard(None)
-    if not batches:
-        return
-    ids = list(batches)
-    finishing = conn.execute(
-        select(Batch.id)
-        .where(Batch.id.in_(ids), Batch.callback_url.is_not(None))
-        .union(select(Slide.id).where(Slide.id.in_(ids)))
-    ).scalars()
+    known = {b for b in batches if b is not None and b in _finishes}
+    unknown = [b for b in batches if b is not None and b not in _finishes]
+    if unknown:
+        found = set(
+            conn.execute(
+                select(Batch.id)
+                .where(Batch.id.in_(unknown), Batch.callback_url.is_not(None))
+                .union(select(Slide.id).where(Slide.id.in_(unknown)))
+            ).scalars()
+        )
+        for batch in unknown:
+            _remember(batch, batch in found)
+        known.update(unknown)
+    finishing = {b for b in known if _finishes.get(b, True)}
     # In one order everywhere, so two transactions never wait on each other's.
     for key in sorted({_lock_key(batch) for batch in finishing}):
         conn.execute(select(func.pg_advisory_xact_lock(_FINISH_LOCK_SPACE, key)))
+    return finishing
+
+
+# Whether a batch's end does something (a webhook, a slide): fixed when the batch is
+# created, so each process asks once per batch (a microbatch's write is then one
+# statement). Bounded: the oldest answers are forgotten and asked again.
+_finishes: OrderedDict[uuid.UUID, bool] = OrderedDict()
+_FINISHES_KEPT = 10_000
+_finishes_lock = threading.Lock()
+
+
+def _remember(batch: uuid.UUID, finishes: bool) -> None:
+    with _finishes_lock:
+        _finishes[batch] = finishes
+        while len(_finishes) > _FINISHES_KEPT:
+            _finishes.popitem(last=False)
 
 
 def _lock_key(batch_id: uuid.UUID) -> int:

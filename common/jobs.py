@@ -262,32 +262,28 @@ def complete(
         types={"tile_stats": JSONB(none_as_null=True)},
     )
     with event_log.transaction(engine) as conn:
-        # One statement for the whole microbatch, fenced row by row: a job another
-        # worker has taken over since is neither written nor returned.
-        owned = set(
-            conn.execute(
-                update(Job)
-                .where(_owned(token, [r.id for r in results]), Job.id == rows.c.id)
-                .values(
-                    state=JobState.done,
-                    finished_at=func.now(),
-                    lease_until=None,
-                    batch_size=rows.c.batch_size,
-                    inference_ms=rows.c.inference_ms,
-                    error=None,
-                    model_version=model_version,
-                    result=rows.c.result,
-                    fetched_at=rows.c.fetched_at,
-                    inferred_at=rows.c.inferred_at,
-                    tile_stats=rows.c.tile_stats,
-                    # The gateway's steps stay; this run's replace an earlier run's.
-                    stages=func.coalesce(Job.stages, cast({}, JSONB)).op("||")(rows.c.stages),
-                )
-                .returning(Job.id)
-            ).scalars()
+        # One statement for the whole microbatch, its events included, fenced row by
+        # row: a job another worker has taken over since is neither written nor logged.
+        return event_log.record_update(
+            conn,
+            update(Job)
+            .where(_owned(token, [r.id for r in results]), Job.id == rows.c.id)
+            .values(
+                state=JobState.done,
+                finished_at=func.now(),
+                lease_until=None,
+                batch_size=rows.c.batch_size,
+                inference_ms=rows.c.inference_ms,
+                error=None,
+                model_version=model_version,
+                result=rows.c.result,
+                fetched_at=rows.c.fetched_at,
+                inferred_at=rows.c.inferred_at,
+                tile_stats=rows.c.tile_stats,
+                # The gateway's steps stay; this run's replace an earlier run's.
+                stages=func.coalesce(Job.stages, cast({}, JSONB)).op("||")(rows.c.stages),
+            ),
         )
-        event_log.record(conn, owned)
-    return owned
 
 
 def fail(

@@ -11,6 +11,7 @@ complete writes the result; others (a sweep, a failure) are not timed."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -25,6 +26,21 @@ from hepato.common import event_log
 
 _STATEMENTS = "hepato.bench.statements"
 _WRITES = ("INSERT", "UPDATE", "DELETE")
+# A write as the data-modifying CTE of another (event_log.record_update): "WITH name AS (".
+_CTE = re.compile(r"^\s*WITH\s+\w+\s+AS\s+\(", re.IGNORECASE)
+
+
+def _heads(sql: str) -> list[str]:
+    """The writes one statement makes: itself, and a data-modifying CTE's."""
+    match = _CTE.match(sql)
+    if match is None:
+        return [sql.lstrip().upper()]
+    depth, end = 1, match.end()
+    while depth and end < len(sql):
+        depth += {"(": 1, ")": -1}.get(sql[end], 0)
+        end += 1
+    return [sql[match.end() :].lstrip().upper(), sql[end:].lstrip().upper()]
+
 
 _lock = threading.Lock()
 _found: dict[str, dict[str, list[float]]] = {
@@ -37,7 +53,7 @@ def kind_of(statements: list[str]) -> str | None:
     """claim, complete or None (another transition: a fail, a sweep), by the UPDATE of
     ``jobs`` among ``statements``."""
     for sql in statements:
-        if not sql.lstrip().upper().startswith("UPDATE JOBS"):
+        if not any(head.startswith("UPDATE JOBS") for head in _heads(sql)):
             continue
         # The claim is the one write that counts an attempt; the sweeper's and a
         # failure's writes also touch the lease token.
@@ -49,12 +65,12 @@ def kind_of(statements: list[str]) -> str | None:
 
 
 def _is_write(sql: str) -> bool:
-    return sql.lstrip().upper().startswith(_WRITES)
+    return any(head.startswith(_WRITES) for head in _heads(sql))
 
 
 def _writes_jobs(sql: str) -> bool:
-    head = sql.lstrip().upper()
-    return head.startswith(("UPDATE JOBS ", "INSERT INTO JOBS ", "DELETE FROM JOBS "))
+    jobs = ("UPDATE JOBS ", "INSERT INTO JOBS ", "DELETE FROM JOBS ")
+    return any(head.startswith(jobs) for head in _heads(sql))
 
 
 def _seen(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:

@@ -274,3 +274,49 @@ def test_event_ids_parse_in_both_forms_and_nothing_else() -> None:
     for bad in ("", "x", "-1", "1-2-3", "7-", "1e3", str(2**63), f"{2**64}-1", "٣"):
         with pytest.raises(ValueError):
             event_log.parse_cursor(bad)
+
+
+def test_a_microbatch_complete_is_one_statement_with_its_events(engine: Engine) -> None:
+    """The results, the state and the events of a microbatch go in one statement, and
+    nothing else is sent for a batch whose end does nothing; a job another worker has
+    taken over is neither written nor logged."""
+    from sqlalchemy import event
+
+    from hepato.common import jobs
+    from hepato.common.results import DetectResult
+
+    ids = make_batch(engine, 4)
+    token, other = uuid.uuid4(), uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            update(Job).where(Job.id.in_(ids)).values(state="processing", lease_token=token)
+        )
+        conn.execute(update(Job).where(Job.id == ids[3]).values(lease_token=other))
+    statements: list[str] = []
+
+    def seen(conn: Connection, cursor: object, sql: str, *args: object) -> None:
+        statements.append(sql)
+
+    def results(of: list[uuid.UUID]) -> list[jobs.JobResult]:
+        return [
+            jobs.JobResult(j, DetectResult(boxes=[]), batch_size=3, inference_ms=1.0) for j in of
+        ]
+
+    # The first microbatch of a batch also asks whether its end does something (a
+    # webhook, a slide); each process asks that once per batch.
+    assert jobs.complete(engine, token, results(ids[:1]), "1") == {ids[0]}
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        written = jobs.complete(engine, token, results(ids[1:]), "1")
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert written == set(ids[1:3])
+    assert len(statements) == 1, statements
+    assert " ".join(statements[0].split()).startswith("WITH changed AS (UPDATE jobs")
+    with engine.connect() as conn:
+        logged = conn.execute(
+            select(JobEvent.job_id).where(JobEvent.job_id.in_(ids), JobEvent.state == "done")
+        ).scalars()
+        assert set(logged) == set(ids[:3])
+        states = dict(conn.execute(select(Job.id, Job.state).where(Job.id.in_(ids))).all())
+    assert [states[j] for j in ids] == ["done", "done", "done", "processing"]
