@@ -62,6 +62,13 @@ class Console:
         return [m for line in list(self.lines) if (m := re.search(pattern, line))]
 
 
+def _interruptible() -> None:
+    """In the child before exec: Ctrl-C's default action. A test run started in the
+    background by a non-interactive shell (``./.ci/run &``) ignores SIGINT, children
+    inherit that, and Python then never turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     # Not pytest's tmp_path: embedded Postgres runs as its own user (see test_up.py).
@@ -103,7 +110,13 @@ def test_a_killed_worker_is_restarted_and_its_jobs_finish(data_dir: Path) -> Non
     cmd = [sys.executable, "-m", "hepato", "up", "--workers", "1", "--port", str(port)]
     cmd += ["--samples", str(SAMPLES), "--repeat", str(repeat), "--keep-running", "--no-slide"]
     up = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_interruptible,
     )
     console = Console(up)
     try:
