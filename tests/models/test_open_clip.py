@@ -21,7 +21,18 @@ from hepato.common.results import ZeroShotResult
 from hepato.worker.backends.base import load_model
 from hepato.worker.builders.open_clip import build_open_clip
 from hepato.worker.builders.zero_shot import DEFAULT_LABELS, PROMPT_TEMPLATE
-from tests.models.test_zero_shot import BATCH_TOL, RUNTIME, SUM_TOL, _flat, _scores
+
+# Tolerances and helpers of the zero-shot tests, and those of its tests that hold for
+# any backend (pytest runs the imported ones here, on this module's model).
+from tests.models.test_zero_shot import (  # noqa: F401
+    BATCH_TOL,
+    RUNTIME,
+    SUM_TOL,
+    _flat,
+    _scores,
+    test_empty_batch,
+    test_identical_images_get_identical_scores,
+)
 
 # The first size is the tiny tower's own input (160 px), so one image needs no resize.
 SIZES = [(160, 160), (40, 60), (100, 30), (17, 23), (256, 256), (33, 200), (64, 48), (5, 9)]
@@ -174,16 +185,6 @@ def test_text_tower_is_not_run_per_batch(
     finally:
         hook.remove()
     assert len(results) == len(images) and calls == []
-
-
-def test_identical_images_get_identical_scores(model: Any, images: list[np.ndarray]) -> None:
-    first, other, again = model.predict([images[1], images[2], images[1].copy()])[0]
-    assert _flat(again) == pytest.approx(_flat(first), abs=BATCH_TOL)
-    assert _flat(other) != pytest.approx(_flat(first), abs=BATCH_TOL)
-
-
-def test_empty_batch(model: Any) -> None:
-    assert model.predict([])[0] == []
 
 
 def test_loads_without_network_or_hub(manifest_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,7 +41,7 @@ from hepato.common.results import ZeroShotResult
 from hepato.worker.backends.base import Runtime, require_weights
 from hepato.worker.backends.calls import Prediction, predict_whole
 from hepato.worker.backends.torch_runtime import place, to_device
-from hepato.worker.backends.zero_shot import prompt_matrix, score_images
+from hepato.worker.backends.zero_shot import log_loaded, prompt_matrix, score_images
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,7 @@ class OpenClipZeroShot:
             self.text = prompt_matrix(self.model.encode_text(tokens))
             # A logit_bias (SigLIP) would not change a softmax over prompts.
             self.scale = float(self.model.logit_scale.float().exp())
-        log.info(
-            "loaded %s (backend %s, %s) on %s, %s, %d prompts",
-            manifest.name,
-            manifest.backend,
-            type(self.model).__name__,
-            self.device,
-            str(self.dtype).removeprefix("torch."),
-            len(self.prompts),
-        )
+        log_loaded(manifest, self.model, self.device, self.dtype)
 
     @property
     def preprocess_size(self) -> int:

@@ -30,6 +30,18 @@ def _embeddings(output: Any) -> torch.Tensor:
     return output.pooler_output
 
 
+def log_loaded(manifest: ZeroShotManifest, model: Any, device: Any, dtype: Any) -> None:
+    log.info(
+        "loaded %s (backend %s, %s) on %s, %s, %d prompts",
+        manifest.name,
+        manifest.backend,
+        type(model).__name__,
+        device,
+        str(dtype).removeprefix("torch."),
+        len(manifest.options.prompts),
+    )
+
+
 def prompt_matrix(text: torch.Tensor) -> torch.Tensor:
     """The prompts' embeddings (prompts, embedding) as the unit columns (embedding,
     prompts) that every batch multiplies by: similarities are then one matmul."""
@@ -93,15 +105,7 @@ class ClipZeroShot:
             ).to(self.device)
             self.text = prompt_matrix(_embeddings(self.model.get_text_features(**tokens)))
             self.scale = float(self.model.logit_scale.float().exp())
-        log.info(
-            "loaded %s (backend %s, %s) on %s, %s, %d prompts",
-            manifest.name,
-            manifest.backend,
-            type(self.model).__name__,
-            self.device,
-            str(self.dtype).removeprefix("torch."),
-            len(self.prompts),
-        )
+        log_loaded(manifest, self.model, self.device, self.dtype)
 
     def predict(self, images: list[np.ndarray]) -> Prediction[ZeroShotResult]:
         # Every image is resized and cropped to one input, so a batch is one call.
