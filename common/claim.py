@@ -7,7 +7,20 @@ import uuid
 from collections.abc import Iterable
 from datetime import timedelta
 
-from sqlalchemy import Connection, Engine, extract, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Update,
+    and_,
+    exists,
+    extract,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import aliased
 
 from hepato.common import event_log
 from hepato.common.constants import JobState
@@ -22,32 +35,71 @@ def claim(
     are no longer pending (duplicates, canceled, done) are dropped; jobs whose deadline
     has passed become ``expired`` instead of running. A job tried before runs alone (see
     ``_isolate``): the pending ones left unclaimed are returned, to go back to the front
-    of their queue."""
+    of their queue.
+
+    The usual microbatch (every popped job fresh, due and within its deadline) is claimed
+    with its events in one statement; only what that leaves is looked at again."""
     job_ids = list(dict.fromkeys(_uuids(ids)))
     token = uuid.uuid4()
     if not job_ids:
         return token, [], []
-    now = func.now()
     with event_log.transaction(engine) as conn:
-        overdue, chosen, left = _isolate(conn, job_ids)
-        # Only when one is overdue: the usual claim is one read and one write.
-        expired = expire_overdue(conn, overdue) if overdue else []
-        rows = conn.execute(
-            update(Job)
-            .where(Job.id.in_(chosen), Job.state == JobState.pending)
-            .values(
-                state=JobState.processing,
-                attempts=Job.attempts + 1,
-                lease_token=token,
-                lease_until=now + timedelta(seconds=lease_s),
-                worker_id=worker_id,
-                started_at=now,
-                queue_wait_ms=extract("epoch", now - Job.created_at) * 1000.0,
-            )
-            .returning(*CLAIMED_COLUMNS)
-        ).all()
-        event_log.record(conn, [*expired, *(row[0] for row in rows)])
-    return token, [claimed_job(row) for row in rows], left
+        rows = event_log.record_update(
+            conn, _take(token, worker_id, lease_s, job_ids, _fresh(job_ids)), *CLAIMED_COLUMNS
+        )
+        claimed = [claimed_job(row[-len(CLAIMED_COLUMNS) :]) for row in rows]
+        rest = [job_id for job_id in job_ids if job_id not in {job.id for job in claimed}]
+        left: list[Requeue] = []
+        if rest:
+            overdue, chosen, left = _isolate(conn, rest)
+            expired = expire_overdue(conn, overdue) if overdue else []
+            if expired:
+                event_log.record(conn, expired)
+            if chosen:
+                more = event_log.record_update(
+                    conn, _take(token, worker_id, lease_s, chosen), *CLAIMED_COLUMNS
+                )
+                claimed += [claimed_job(row[-len(CLAIMED_COLUMNS) :]) for row in more]
+    return token, claimed, left
+
+
+def _take(
+    token: uuid.UUID,
+    worker_id: str,
+    lease_s: float,
+    ids: list[uuid.UUID],
+    *where: ColumnElement[bool],
+) -> Update:
+    """The UPDATE that makes the pending ones among ``ids`` (and ``where``) processing
+    under ``token``."""
+    now = func.now()
+    return (
+        update(Job)
+        .where(Job.id.in_(ids), Job.state == JobState.pending, *where)
+        .values(
+            state=JobState.processing,
+            attempts=Job.attempts + 1,
+            lease_token=token,
+            lease_until=now + timedelta(seconds=lease_s),
+            worker_id=worker_id,
+            started_at=now,
+            queue_wait_ms=extract("epoch", now - Job.created_at) * 1000.0,
+        )
+    )
+
+
+def _fresh(ids: list[uuid.UUID]) -> ColumnElement[bool]:
+    """Those ``_isolate`` would take together when no job among ``ids`` was tried before:
+    never tried, due, within their deadline. With one tried before among them the fast
+    claim takes none, and ``_isolate`` decides (such a job may have to run alone)."""
+    tried = aliased(Job)
+    now = func.now()
+    return and_(
+        Job.attempts == 0,
+        or_(Job.not_before.is_(None), Job.not_before <= now),
+        or_(Job.deadline_at.is_(None), Job.deadline_at >= now),
+        ~exists().where(tried.id.in_(ids), tried.state == JobState.pending, tried.attempts > 0),
+    )
 
 
 def _isolate(

@@ -37,6 +37,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Row,
     Update,
     func,
     insert,
@@ -44,6 +45,7 @@ from sqlalchemy import (
     select,
     tuple_,
 )
+from sqlalchemy.orm import QueryableAttribute
 
 from hepato.common import slide_finish, webhooks
 from hepato.common.constants import (
@@ -101,17 +103,21 @@ def record(
     _recorded(conn, [(job, batch, state) for job, batch, state in rows], per_job=per_job)
 
 
-def record_update(conn: Connection, change: Update) -> set[uuid.UUID]:
+def record_update(
+    conn: Connection, change: Update, *columns: ColumnElement[Any] | QueryableAttribute[Any]
+) -> list[Row[Any]]:
     """Run ``change`` (an UPDATE of jobs) and log the state it leaves each row in, in one
-    statement (the UPDATE as a data-modifying CTE of the events' INSERT): a microbatch's
-    write is one round trip. Returns the ids it changed. As ``record``, once per
+    statement (the UPDATE and the events' INSERT as data-modifying CTEs): a microbatch's
+    write is one round trip. Returns one row per job changed, by id: its ``id``,
+    ``batch_id``, ``tenant``, ``state``, ``error``, then ``columns`` as the UPDATE left
+    them. As ``record``, once per
     transition, inside ``transaction``."""
-    changed = change.returning(Job.id, Job.batch_id, Job.tenant, Job.state, Job.error).cte(
-        "changed"
-    )
-    rows = conn.execute(
+    keys = (Job.id, Job.batch_id, Job.tenant, Job.state, Job.error)
+    # Labelled: the CTE's columns must not repeat a name (``id`` is often asked for).
+    extra = [column.label(f"c{i}") for i, column in enumerate(columns)]
+    changed = change.returning(*keys, *extra).cte("changed")
+    logged = (
         insert(JobEvent)
-        .add_cte(changed)
         .from_select(
             _EVENT_COLUMNS,
             select(
@@ -123,10 +129,12 @@ def record_update(conn: Connection, change: Update) -> set[uuid.UUID]:
                 func.now(),
             ).order_by(changed.c.id),
         )
-        .returning(JobEvent.job_id, JobEvent.batch_id, JobEvent.state)
-    ).all()
-    _recorded(conn, [(job, batch, state) for job, batch, state in rows], per_job=True)
-    return {job for job, _, _ in rows}
+        .returning(JobEvent.job_id)
+        .cte("logged")
+    )
+    rows = conn.execute(select(changed).add_cte(logged).order_by(changed.c.id)).all()
+    _recorded(conn, [(row.id, row.batch_id, row.state) for row in rows], per_job=True)
+    return list(rows)
 
 
 def _recorded(

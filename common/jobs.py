@@ -264,7 +264,7 @@ def complete(
     with event_log.transaction(engine) as conn:
         # One statement for the whole microbatch, its events included, fenced row by
         # row: a job another worker has taken over since is neither written nor logged.
-        return event_log.record_update(
+        written = event_log.record_update(
             conn,
             update(Job)
             .where(_owned(token, [r.id for r in results]), Job.id == rows.c.id)
@@ -284,6 +284,7 @@ def complete(
                 stages=func.coalesce(Job.stages, cast({}, JSONB)).op("||")(rows.c.stages),
             ),
         )
+    return {row.id for row in written}
 
 
 def fail(

@@ -26,20 +26,26 @@ from hepato.common import event_log
 
 _STATEMENTS = "hepato.bench.statements"
 _WRITES = ("INSERT", "UPDATE", "DELETE")
-# A write as the data-modifying CTE of another (event_log.record_update): "WITH name AS (".
-_CTE = re.compile(r"^\s*WITH\s+\w+\s+AS\s+\(", re.IGNORECASE)
+# Writes as data-modifying CTEs of a statement (event_log.record_update):
+# "WITH name AS (...), name AS (...) <statement>".
+_WITH = re.compile(r"^\s*WITH\s+", re.IGNORECASE)
+_CTE = re.compile(r"\s*,?\s*\w+\s+AS\s+\(", re.IGNORECASE)
 
 
 def _heads(sql: str) -> list[str]:
-    """The writes one statement makes: itself, and a data-modifying CTE's."""
-    match = _CTE.match(sql)
+    """The statements one statement runs: each CTE's, then its own."""
+    match = _WITH.match(sql)
     if match is None:
         return [sql.lstrip().upper()]
-    depth, end = 1, match.end()
-    while depth and end < len(sql):
-        depth += {"(": 1, ")": -1}.get(sql[end], 0)
-        end += 1
-    return [sql[match.end() :].lstrip().upper(), sql[end:].lstrip().upper()]
+    heads, pos = [], match.end()
+    while (cte := _CTE.match(sql, pos)) is not None:
+        depth, end = 1, cte.end()
+        while depth and end < len(sql):
+            depth += {"(": 1, ")": -1}.get(sql[end], 0)
+            end += 1
+        heads.append(sql[cte.end() : end - 1].lstrip().upper())
+        pos = end
+    return [*heads, sql[pos:].lstrip().upper()]
 
 
 _lock = threading.Lock()

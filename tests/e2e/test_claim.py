@@ -1,0 +1,127 @@
+"""Claiming popped ids (common.claim) on real Postgres: the usual microbatch is claimed
+with its events in one statement; a job tried before, one past its deadline, one still
+in its backoff and ids no longer pending are each handled as before the fast claim."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import Connection, Engine, event, select, text, update
+
+from hepato.common import claim
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.common.tables import Job, JobEvent
+from tests.e2e.test_event_order import make_batch
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    yield get_engine(settings.database_url)
+
+
+@contextmanager
+def counted(engine: Engine) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def seen(conn: Connection, cursor: object, sql: str, *args: object) -> None:
+        statements.append(sql)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+
+
+def states(engine: Engine, ids: list[uuid.UUID]) -> list[str]:
+    with engine.connect() as conn:
+        found = dict(conn.execute(select(Job.id, Job.state).where(Job.id.in_(ids))).all())
+    return [found[j] for j in ids]
+
+
+def logged(engine: Engine, ids: list[uuid.UUID]) -> list[tuple[uuid.UUID, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(JobEvent.job_id, JobEvent.state)
+            .where(JobEvent.job_id.in_(ids))
+            .order_by(JobEvent.id)
+        ).all()
+    return [(job, state) for job, state in rows]
+
+
+def set_jobs(engine: Engine, ids: list[uuid.UUID], sql: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE jobs SET {sql} WHERE id = ANY(:ids)"), {"ids": ids})
+
+
+def test_a_fresh_microbatch_is_claimed_with_its_events_in_one_statement(
+    engine: Engine,
+) -> None:
+    ids = make_batch(engine, 4)
+    with counted(engine) as statements:
+        token, claimed, left = claim.claim(engine, [str(j) for j in ids], "w1", 30.0)
+    assert len(statements) == 1, statements
+    assert " ".join(statements[0].split()).startswith("WITH changed AS (UPDATE jobs")
+    assert sorted(job.id for job in claimed) == sorted(ids) and left == []
+    assert all(job.attempts == 1 and job.object_key == "k/a.png" for job in claimed)
+    assert all(job.queue_wait_ms is not None and job.created_at for job in claimed)
+    assert states(engine, ids) == ["processing"] * 4
+    assert sorted(logged(engine, ids)) == sorted((j, "processing") for j in ids)
+    with engine.connect() as conn:
+        tokens = set(conn.execute(select(Job.lease_token).where(Job.id.in_(ids))).scalars())
+    assert tokens == {token}
+
+
+def test_a_job_tried_before_popped_first_runs_alone(engine: Engine) -> None:
+    ids = make_batch(engine, 3)
+    set_jobs(engine, ids[:1], "attempts = 1")
+    _, claimed, left = claim.claim(engine, ids, "w1", 30.0)
+    assert [job.id for job in claimed] == ids[:1]
+    assert [r.id for r in left] == ids[1:] and all(r.delay_s == 0 for r in left)
+    assert states(engine, ids) == ["processing", "pending", "pending"]
+    assert logged(engine, ids) == [(ids[0], "processing")]
+
+
+def test_fresh_jobs_popped_before_one_tried_before_run_without_it(engine: Engine) -> None:
+    ids = make_batch(engine, 3)
+    set_jobs(engine, ids[2:], "attempts = 1")
+    _, claimed, left = claim.claim(engine, ids, "w1", 30.0)
+    assert sorted(job.id for job in claimed) == sorted(ids[:2])
+    assert [r.id for r in left] == ids[2:]
+    assert states(engine, ids) == ["processing", "processing", "pending"]
+
+
+def test_an_overdue_job_expires_and_the_others_run(engine: Engine) -> None:
+    ids = make_batch(engine, 3)
+    set_jobs(engine, ids[1:2], "deadline_at = now() - interval '1 second'")
+    _, claimed, left = claim.claim(engine, ids, "w1", 30.0)
+    assert sorted(job.id for job in claimed) == sorted([ids[0], ids[2]]) and left == []
+    assert states(engine, ids) == ["processing", "expired", "processing"]
+    assert (ids[1], "expired") in logged(engine, ids)
+
+
+def test_a_job_in_its_backoff_goes_back_with_what_is_left_of_it(engine: Engine) -> None:
+    ids = make_batch(engine, 2)
+    set_jobs(engine, ids[1:], "not_before = now() + interval '30 seconds'")
+    _, claimed, left = claim.claim(engine, ids, "w1", 30.0)
+    assert [job.id for job in claimed] == ids[:1]
+    assert [r.id for r in left] == ids[1:] and 20 < left[0].delay_s <= 30
+    assert states(engine, ids) == ["processing", "pending"]
+
+
+def test_ids_no_longer_pending_duplicates_and_garbage_are_dropped(engine: Engine) -> None:
+    ids = make_batch(engine, 3)
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == ids[1]).values(state="canceled"))
+    popped = [str(ids[0]), "not-a-uuid", str(ids[1]), str(ids[0]), str(uuid.uuid4()), ids[2]]
+    _, claimed, left = claim.claim(engine, popped, "w1", 30.0)
+    assert sorted(job.id for job in claimed) == sorted([ids[0], ids[2]]) and left == []
+    assert states(engine, ids) == ["processing", "canceled", "processing"]
+    # Claimed again (popped twice, by two workers): nothing, and nothing logged twice.
+    _, again, _ = claim.claim(engine, [ids[0]], "w2", 30.0)
+    assert again == []
+    assert logged(engine, [ids[0]]) == [(ids[0], "processing")]
