@@ -2,8 +2,15 @@
 
 OpenCV decodes (the decoder ultralytics itself uses for files, so the PyTorch YOLO backend
 sees exactly the pixels it would from a path); models get RGB. A hostile or broken file
-can crash or hang a C decoder, so decoding runs in a pool of child processes with a time
-bound: the worker survives either, and the job is retried, then failed."""
+can crash or hang a C decoder, so decoding runs in child processes with a time bound: the
+worker survives either, and the job is retried, then failed.
+
+Each child has a pipe for small messages and a shared-memory arena: the worker writes the
+encoded bytes there and the child writes the decoded pixels back over them, so an image
+crosses between processes as two memory copies, not as pickles pushed through a pipe
+(which on a busy machine costs a context switch per 64 KiB). An image larger than the
+arena travels through the pipe instead. One image at a time per child: a crash or a
+hang names its image."""
 
 from __future__ import annotations
 
@@ -13,10 +20,14 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
 
 import cv2
 import numpy as np
@@ -41,103 +52,184 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+Outcome = np.ndarray | InvalidImage | DecoderFault
+
+
+@dataclass
+class _Child:
+    """One decoder process: its pipe, its arena, and the image it is on (index, sent at)."""
+
+    process: BaseProcess
+    conn: Connection
+    arena: SharedMemory | None
+    busy: tuple[int, float] | None = None
+
+    def send(self, index: int, data: bytes) -> None:
+        if self.arena is not None and len(data) <= self.arena.size:
+            _view(self.arena)[: len(data)] = data
+            self.conn.send(len(data))
+        else:
+            self.conn.send(data)
+        self.busy = (index, time.monotonic())
+
+    def receive(self) -> np.ndarray | InvalidImage:
+        kind, *rest = self.conn.recv()
+        self.busy = None
+        if kind == "arena":
+            assert self.arena is not None
+            shape, dtype = rest
+            return np.ndarray(shape, np.dtype(dtype), buffer=_view(self.arena)).copy()
+        if kind == "array":
+            return rest[0]
+        return InvalidImage(rest[0])
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena.unlink()
+
+
+@dataclass
 class IsolatedDecoder:
     """Decodes a microbatch in child processes. ``decode`` must be importable by name (it
-    runs in a spawned process)."""
+    runs in a spawned process). ``arena_bytes``: each child's shared memory (0: none,
+    everything through its pipe)."""
 
-    def __init__(self, processes: int, timeout_s: float, decode: Decode = decode_rgb) -> None:
-        self.processes, self.timeout_s, self.decode = processes, timeout_s, decode
-        self._pool: ProcessPoolExecutor | None = None
-
-    def _get_pool(self, processes: int | None = None) -> ProcessPoolExecutor:
-        if self._pool is None:
-            # spawn, not fork: the worker has runtime threads (ONNX Runtime, torch) that a
-            # forked child would inherit in an unknown state.
-            self._pool = ProcessPoolExecutor(
-                processes or self.processes,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_die_with_parent,
-                initargs=(os.getpid(),),
-            )
-        return self._pool
-
-    def _kill_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        # A hung child never returns; Python 3.11's executor has no public way to kill it.
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
+    processes: int
+    timeout_s: float
+    decode: Decode = decode_rgb
+    arena_bytes: int = 16 * 2**20
+    _children: list[_Child] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def warm(self) -> None:
         """Start the child processes now rather than on the first batch."""
         self.decode_all([cv2.imencode(".png", np.zeros((2, 2, 3), np.uint8))[1].tobytes()])
 
     def close(self) -> None:
-        self._kill_pool()
+        with self._lock:
+            for child in self._children:
+                child.kill()
+            self._children.clear()
 
-    def decode_all(self, datas: Sequence[bytes]) -> list[np.ndarray | InvalidImage | DecoderFault]:
+    def decode_all(self, datas: Sequence[bytes]) -> list[Outcome]:
         """One entry per input: the RGB image, the reason it is not an image (permanent),
         or the decoder fault it caused (retry)."""
-        out: list[np.ndarray | InvalidImage | DecoderFault | None] = [None] * len(datas)
-        pending = self._run(list(range(len(datas))), datas, out)
-        if pending:
-            # Something crashed or hung the pool: find which image, one at a time, so the
-            # others of the batch are not blamed for it.
-            log.warning("decoder pool failed; decoding %d images one by one", len(pending))
-            for i in pending:
-                if self._run([i], datas, out):
-                    out[i] = DecoderFault(
-                        f"the image decoder crashed or took longer than {self.timeout_s:g}s "
-                        "on this image"
-                    )
+        out: list[Outcome | None] = [None] * len(datas)
+        with self._lock:
+            failed = self._run(list(range(len(datas))), datas, out)
+            if failed:
+                # A crash or a hang: that image again, alone, in a fresh process, so that
+                # a fault of the machine rather than of the file does not fail its job.
+                log.warning("decoder failed on %d images; trying each again", len(failed))
+                for i in failed:
+                    if self._run([i], datas, out):
+                        out[i] = DecoderFault(
+                            f"the image decoder crashed or took longer than {self.timeout_s:g}s "
+                            "on this image"
+                        )
         return [r for r in out if r is not None]
 
     def _run(
-        self,
-        indices: list[int],
-        datas: Sequence[bytes],
-        out: list[np.ndarray | InvalidImage | DecoderFault | None],
+        self, indices: list[int], datas: Sequence[bytes], out: list[Outcome | None]
     ) -> list[int]:
-        """Decode ``indices`` into ``out``; return those the pool failed on."""
-        try:
-            pool = self._get_pool()
-            futures: dict[Future[np.ndarray], int] = {
-                pool.submit(self.decode, datas[i]): i for i in indices
-            }
-        except BrokenProcessPool:
-            self._kill_pool()
-            return indices
-        started = time.monotonic()
-        done, not_done = wait(futures, timeout=self.timeout_s, return_when=FIRST_EXCEPTION)
-        # FIRST_EXCEPTION returns early on a plain InvalidImage too: wait for the rest.
-        while not_done and not any(_broken(f) for f in done):
-            remaining = self.timeout_s - (time.monotonic() - started)
+        """Decode ``indices`` into ``out`` within ``timeout_s``; return those that crashed
+        their process or were not done in time (those never started included)."""
+        waiting, failed = list(reversed(indices)), list[int]()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            self._start()
+            for child in self._children:
+                if child.busy is None and waiting:
+                    try:
+                        child.send(waiting[-1], datas[waiting[-1]])
+                    except OSError:  # it died idle: replaced at the next turn
+                        self._drop(child)
+                        break
+                    waiting.pop()
+            busy = [child for child in self._children if child.busy is not None]
+            if not busy:
+                return sorted(failed)
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
-            more, not_done = wait(not_done, timeout=remaining, return_when=FIRST_EXCEPTION)
-            done |= more
-        failed = [futures[f] for f in not_done]
-        for future in done:
-            i = futures[future]
-            exc = future.exception()
-            if exc is None:
-                out[i] = future.result()
-            elif isinstance(exc, InvalidImage):
-                out[i] = exc
-            elif isinstance(exc, BrokenProcessPool):
-                failed.append(i)
-            else:  # the decoder refused the bytes (cv2.error, ...): not an image we can read
-                out[i] = InvalidImage(f"the image could not be decoded: {exc}")
-        if failed:
-            self._kill_pool()
-        return sorted(failed)
+                for child in busy:
+                    failed.append(self._drop(child))
+                return sorted(failed + waiting)
+            ready = wait([child.conn for child in busy], timeout=remaining)
+            for child in busy:
+                if child.conn not in ready:
+                    continue
+                index = child.busy[0] if child.busy else -1
+                try:
+                    out[index] = child.receive()
+                except (EOFError, OSError):  # it died on this image
+                    failed.append(self._drop(child))
+
+    def _drop(self, child: _Child) -> int:
+        """Kill ``child`` and forget it; the index of the image it was on (-1: none)."""
+        index = child.busy[0] if child.busy else -1
+        child.kill()
+        self._children.remove(child)
+        return index
+
+    def _start(self) -> None:
+        """As many live children as asked for; a dead one is replaced."""
+        for child in [c for c in self._children if not c.process.is_alive()]:
+            child.kill()
+            self._children.remove(child)
+        ctx = multiprocessing.get_context("spawn")
+        while len(self._children) < self.processes:
+            arena = SharedMemory(create=True, size=self.arena_bytes) if self.arena_bytes else None
+            ours, theirs = ctx.Pipe()
+            # spawn, not fork: the worker has runtime threads (ONNX Runtime, torch) that a
+            # forked child would inherit in an unknown state.
+            process = ctx.Process(
+                target=_serve,
+                args=(theirs, arena.name if arena else None, self.decode, os.getpid()),
+                daemon=True,
+                name="hepato-decoder",
+            )
+            process.start()
+            theirs.close()  # the child's end: its death is then EOF on ours
+            self._children.append(_Child(process, ours, arena))
+
+
+def _serve(conn: Connection, arena_name: str | None, decode: Decode, parent: int) -> None:
+    """A decoder process: one image at a time, until the worker's end of the pipe closes."""
+    _die_with_parent(parent)
+    # Registered with the worker's resource tracker once more (a set): the worker unlinks it.
+    arena = SharedMemory(name=arena_name) if arena_name else None
+    while True:
+        try:
+            message: Any = conn.recv()
+        except EOFError:
+            return
+        data = (
+            bytes(_view(arena)[:message])
+            if arena is not None and isinstance(message, int)
+            else message
+        )
+        try:
+            image = np.ascontiguousarray(decode(data))
+        except InvalidImage as exc:
+            conn.send(("invalid", str(exc)))
+            continue
+        except Exception as exc:  # the decoder refused the bytes (cv2.error, ...)
+            conn.send(("invalid", f"the image could not be decoded: {exc}"))
+            continue
+        if arena is not None and image.nbytes <= arena.size:
+            np.ndarray(image.shape, image.dtype, buffer=_view(arena))[...] = image
+            conn.send(("arena", image.shape, image.dtype.str))
+        else:
+            conn.send(("array", image))
 
 
 def _die_with_parent(parent: int) -> None:
     """In each decoder process: a worker killed with SIGKILL cannot stop its children, so
-    ask Linux to kill them with it (elsewhere they exit at their next read of the pool)."""
+    ask Linux to kill them with it (elsewhere they exit when the pipe closes)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -149,5 +241,7 @@ def _die_with_parent(parent: int) -> None:
 PR_SET_PDEATHSIG = 1
 
 
-def _broken(future: Future[np.ndarray]) -> bool:
-    return isinstance(future.exception(), BrokenProcessPool)
+def _view(arena: SharedMemory) -> memoryview:
+    view = arena.buf
+    assert view is not None  # None only once closed
+    return view

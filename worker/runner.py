@@ -73,7 +73,12 @@ class Worker:
         # Reading a slide's tiles is JPEG decoding, CPU work like decoding uploads: as many
         # threads as decoder processes, not the download pool's 16.
         self.tile_pool = ThreadPoolExecutor(settings.decode_processes, thread_name_prefix="tile")
-        self.decoder = IsolatedDecoder(settings.decode_processes, settings.decode_timeout_s, decode)
+        self.decoder = IsolatedDecoder(
+            settings.decode_processes,
+            settings.decode_timeout_s,
+            decode,
+            arena_bytes=settings.decode_arena_mib * 2**20,
+        )
         # stopping: finish what is in hand, take nothing new. abort: a stage died; every
         # wait gives up at once.
         self.stopping = threading.Event()

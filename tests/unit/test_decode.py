@@ -1,0 +1,111 @@
+"""The isolated decoder (worker.decode) with real child processes: the same pixels as
+decoding in-process, through the shared arena or the pipe; a file that is not an image,
+one that crashes its process and one that hangs it each get their own answer and leave
+the others of the microbatch decoded, and the decoder keeps working after them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from hepato.common.exceptions import InvalidImage
+from hepato.worker.decode import DecoderFault, IsolatedDecoder, decode_rgb
+from tests.chaos import poison
+
+
+def encoded(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return cv2.imencode(".png", pixels)[1].tobytes()
+
+
+IMAGES = [encoded(320, 320, 1), encoded(64, 48, 2), encoded(700, 500, 3), encoded(31, 17, 4)]
+
+
+@pytest.fixture
+def decoder() -> Iterator[IsolatedDecoder]:
+    made = IsolatedDecoder(2, 2.0, poison.decode_or_die)
+    yield made
+    made.close()
+
+
+class Recorder:
+    """A child's pipe that records what the worker sends through it."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn, self.sent = conn, list[Any]()
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+        self.conn.send(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+@pytest.mark.parametrize("arena_bytes", [16 * 2**20, 2**16, 0])
+def test_pixels_equal_decoding_in_process(arena_bytes: int) -> None:
+    """16 MiB: every image through the arena; 64 KiB: the largest through the pipe; 0: no
+    arena."""
+    decoder = IsolatedDecoder(2, 10.0, arena_bytes=arena_bytes)
+    try:
+        decoder.warm()
+        recorders = [Recorder(child.conn) for child in decoder._children]
+        for child, recorder in zip(decoder._children, recorders, strict=True):
+            child.conn = recorder  # type: ignore[assignment]
+        got = decoder.decode_all(IMAGES * 2)
+    finally:
+        decoder.close()
+    for image, data in zip(got, IMAGES * 2, strict=True):
+        assert isinstance(image, np.ndarray)
+        np.testing.assert_array_equal(image, decode_rgb(data))
+    sent = [m for recorder in recorders for m in recorder.sent]
+    through_arena = [data for data in IMAGES * 2 if len(data) <= arena_bytes]
+    assert sorted(m for m in sent if isinstance(m, int)) == sorted(map(len, through_arena))
+    assert len(sent) == len(IMAGES) * 2
+
+
+def test_a_file_that_is_not_an_image_is_named_and_the_others_decode(
+    decoder: IsolatedDecoder,
+) -> None:
+    got = decoder.decode_all([IMAGES[0], b"not an image at all", IMAGES[1]])
+    assert isinstance(got[0], np.ndarray) and isinstance(got[2], np.ndarray)
+    assert isinstance(got[1], InvalidImage) and "could not be decoded" in str(got[1])
+
+
+def test_a_crash_fails_its_image_alone_and_the_decoder_goes_on(
+    decoder: IsolatedDecoder,
+) -> None:
+    batch = [IMAGES[0], poison.png(poison.CRASH), IMAGES[1], IMAGES[3]]
+    got = decoder.decode_all(batch)
+    assert isinstance(got[1], DecoderFault) and "crashed" in str(got[1])
+    for i in (0, 2, 3):
+        np.testing.assert_array_equal(got[i], decode_rgb(batch[i]))
+    again = decoder.decode_all(IMAGES)
+    assert all(isinstance(image, np.ndarray) for image in again)
+    assert len(decoder._children) == 2
+
+
+def test_a_hang_is_cut_at_the_timeout_and_the_others_decode(decoder: IsolatedDecoder) -> None:
+    batch = [poison.png(poison.HANG), IMAGES[0], IMAGES[1], IMAGES[2]]
+    got = decoder.decode_all(batch)
+    assert isinstance(got[0], DecoderFault) and "longer than 2s" in str(got[0])
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(got[i], decode_rgb(batch[i]))
+    assert all(child.process.is_alive() for child in decoder._children)
+
+
+def test_closing_stops_the_processes_and_frees_the_arenas(decoder: IsolatedDecoder) -> None:
+    decoder.warm()
+    children = list(decoder._children)
+    names = [child.arena.name for child in children if child.arena]
+    decoder.close()
+    assert len(names) == 2 and not any(child.process.is_alive() for child in children)
+    for name in names:
+        with pytest.raises(FileNotFoundError):
+            from multiprocessing.shared_memory import SharedMemory
+
+            SharedMemory(name=name)
