@@ -44,7 +44,7 @@ def claim(
     if not job_ids:
         return token, [], []
     with event_log.transaction(engine) as conn:
-        rows = event_log.record_update(
+        rows = event_log.record_change(
             conn, _take(token, worker_id, lease_s, job_ids, _fresh(job_ids)), *CLAIMED_COLUMNS
         )
         claimed = [claimed_job(row[-len(CLAIMED_COLUMNS) :]) for row in rows]
@@ -56,7 +56,7 @@ def claim(
             if expired:
                 event_log.record(conn, expired)
             if chosen:
-                more = event_log.record_update(
+                more = event_log.record_change(
                     conn, _take(token, worker_id, lease_s, chosen), *CLAIMED_COLUMNS
                 )
                 claimed += [claimed_job(row[-len(CLAIMED_COLUMNS) :]) for row in more]

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    Insert,
     bindparam,
     cast,
     create_engine,
@@ -80,6 +81,11 @@ def unnest_rows(
 def insert_rows(
     conn: Connection, table: Any, per_row: dict[str, list[Any]], same: dict[str, Any]
 ) -> None:
+    """One INSERT for any number of rows of ``table`` (a mapped class): see ``rows_insert``."""
+    conn.execute(rows_insert(table, per_row, same))
+
+
+def rows_insert(table: Any, per_row: dict[str, list[Any]], same: dict[str, Any]) -> Insert:
     """One INSERT for any number of rows of ``table`` (a mapped class): the per-row
     columns as ``unnest_rows``; ``same`` holds the values every row shares. (executemany
     sends an INSERT per row, and a VALUES list takes a parameter per column and row, past
@@ -92,4 +98,4 @@ def insert_rows(
         for n, v in same.items()
     )
     values = select(*(rows.c[n] for n in per_row), *shared)
-    conn.execute(insert(table).from_select([*per_row, *same], values))
+    return insert(table).from_select([*per_row, *same], values)

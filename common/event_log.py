@@ -37,6 +37,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Insert,
     Row,
     Update,
     func,
@@ -103,12 +104,14 @@ def record(
     _recorded(conn, [(job, batch, state) for job, batch, state in rows], per_job=per_job)
 
 
-def record_update(
-    conn: Connection, change: Update, *columns: ColumnElement[Any] | QueryableAttribute[Any]
+def record_change(
+    conn: Connection,
+    change: Insert | Update,
+    *columns: ColumnElement[Any] | QueryableAttribute[Any],
 ) -> list[Row[Any]]:
-    """Run ``change`` (an UPDATE of jobs) and log the state it leaves each row in, in one
-    statement (the UPDATE and the events' INSERT as data-modifying CTEs): a microbatch's
-    write is one round trip. Returns one row per job changed, by id: its ``id``,
+    """Run ``change`` (an INSERT or UPDATE of jobs) and log the state it leaves each row
+    in, in one statement (the change and the events' INSERT as data-modifying CTEs): a
+    microbatch's write is one round trip. Returns one row per job changed, by id: its ``id``,
     ``batch_id``, ``tenant``, ``state``, ``error``, then ``columns`` as the UPDATE left
     them. As ``record``, once per
     transition, inside ``transaction``."""

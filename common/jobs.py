@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from hepato.common import event_log
 from hepato.common.constants import PUBLIC_TENANT, JobState, Priority
-from hepato.common.db import insert_rows, unnest_rows
+from hepato.common.db import rows_insert, unnest_rows
 from hepato.common.images import ImageInfo
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TaskResult
@@ -214,10 +214,10 @@ def create(
                     callback_url=callback_url,
                 )
             )
-        insert_rows(conn, Job, per_file, same)
         if audit_row is not None:
             conn.execute(insert(AuditEvent), audit_row(batch_id, job_ids))
-        event_log.record(conn, job_ids)
+        # The rows and their first events in one statement.
+        event_log.record_change(conn, rows_insert(Job, per_file, same))
     return Created(batch_id, job_ids, queued_before)
 
 
@@ -264,7 +264,7 @@ def complete(
     with event_log.transaction(engine) as conn:
         # One statement for the whole microbatch, its events included, fenced row by
         # row: a job another worker has taken over since is neither written nor logged.
-        written = event_log.record_update(
+        written = event_log.record_change(
             conn,
             update(Job)
             .where(_owned(token, [r.id for r in results]), Job.id == rows.c.id)

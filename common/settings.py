@@ -244,7 +244,7 @@ class Settings(BaseSettings):
         ge=0,
         description="Shared memory of each decoder process, through which images go to it "
         "and pixels come back, MiB (a 2048 px RGB image is 12). A larger image, or all with "
-        "0, goes through a pipe instead. Containers: /dev/shm must hold processes × this.",
+        "0, goes through a pipe instead. /dev/shm must hold decode_processes times this.",
     )
     model_timeout_s: float = Field(
         600.0, gt=0, description="Longest one model call may take before its jobs retry, s."

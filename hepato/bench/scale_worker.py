@@ -26,7 +26,7 @@ from hepato.common import event_log
 
 _STATEMENTS = "hepato.bench.statements"
 _WRITES = ("INSERT", "UPDATE", "DELETE")
-# Writes as data-modifying CTEs of a statement (event_log.record_update):
+# Writes as data-modifying CTEs of a statement (event_log.record_change):
 # "WITH name AS (...), name AS (...) <statement>".
 _WITH = re.compile(r"^\s*WITH\s+", re.IGNORECASE)
 _CTE = re.compile(r"\s*,?\s*\w+\s+AS\s+\(", re.IGNORECASE)

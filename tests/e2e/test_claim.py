@@ -1,6 +1,7 @@
-"""Claiming popped ids (common.claim) on real Postgres: the usual microbatch is claimed
-with its events in one statement; a job tried before, one past its deadline, one still
-in its backoff and ids no longer pending are each handled as before the fast claim."""
+"""Creating and claiming jobs on real Postgres: new jobs are inserted with their first
+events in one statement; the usual microbatch is claimed with its events in one
+statement; a job tried before, one past its deadline, one still in its backoff and ids
+no longer pending are each handled as before the fast claim."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import Connection, Engine, event, select, text, update
 
-from hepato.common import claim
+from hepato.common import claim, jobs
+from hepato.common.constants import PUBLIC_TENANT, Priority
 from hepato.common.db import get_engine
+from hepato.common.images import ImageInfo
+from hepato.common.manifest import load_registry
 from hepato.common.settings import Settings
 from hepato.common.tables import Job, JobEvent
 from tests.e2e.test_event_order import make_batch
@@ -125,3 +129,31 @@ def test_ids_no_longer_pending_duplicates_and_garbage_are_dropped(engine: Engine
     _, again, _ = claim.claim(engine, [ids[0]], "w2", 30.0)
     assert again == []
     assert logged(engine, [ids[0]]) == [(ids[0], "processing")]
+
+
+def test_new_jobs_and_their_first_events_are_one_statement(
+    engine: Engine, settings: Settings
+) -> None:
+    model = load_registry(settings.models_dir)[settings.default_model]
+    image = ImageInfo("png", "image/png", 32, 32, 100)
+    new = [jobs.NewJob(f"t{i}.png", f"test/{uuid.uuid4()}", image) for i in range(3)]
+    with counted(engine) as statements:
+        created = jobs.create(
+            engine,
+            new,
+            as_batch=True,
+            tenant=PUBLIC_TENANT,
+            model=model,
+            priority=Priority.routine,
+            max_attempts=2,
+            deadline_s=None,
+            question=None,
+            callback_url=None,
+        )
+    flat = [" ".join(sql.split()) for sql in statements]
+    assert [sql.split(" (")[0] for sql in flat] == ["INSERT INTO batches", "WITH changed AS"]
+    assert flat[1].startswith("WITH changed AS (INSERT INTO jobs")
+    assert states(engine, created.job_ids) == ["pending"] * 3
+    assert sorted(logged(engine, created.job_ids)) == sorted(
+        (j, "pending") for j in created.job_ids
+    )
