@@ -8,23 +8,17 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Engine,
-    Update,
-    and_,
-    exists,
     extract,
     func,
-    or_,
     select,
-    update,
 )
-from sqlalchemy.orm import aliased
 
-from hepato.common import event_log
+from hepato.common import event_log, job_statements
 from hepato.common.constants import JobState
-from hepato.common.jobs import CLAIMED_COLUMNS, ClaimedJob, Requeue, claimed_job, expire_overdue
+from hepato.common.job_statements import CLAIMED_COLUMNS
+from hepato.common.jobs import ClaimedJob, Requeue, claimed_job, expire_overdue
 from hepato.common.tables import Job
 
 
@@ -43,63 +37,30 @@ def claim(
     token = uuid.uuid4()
     if not job_ids:
         return token, [], []
+    params = {"token": token, "worker_id": worker_id, "lease": timedelta(seconds=lease_s)}
+    # One statement, committed by itself: the claim's only round trip, as a rule.
+    with event_log.transaction(engine, autocommit=True) as conn:
+        rows = event_log.record_logged(
+            conn, job_statements.claiming(fresh=True), {**params, "ids": job_ids}
+        )
+    claimed = [claimed_job(row[-len(CLAIMED_COLUMNS) :]) for row in rows]
+    taken = {job.id for job in claimed}
+    rest = [job_id for job_id in job_ids if job_id not in taken]
+    left: list[Requeue] = []
+    if not rest:
+        return token, claimed, left
+    # What it left (a job tried before, overdue, in its backoff, gone) as before it.
     with event_log.transaction(engine) as conn:
-        rows = event_log.record_change(
-            conn, _take(token, worker_id, lease_s, job_ids, _fresh(job_ids)), *CLAIMED_COLUMNS
-        )
-        claimed = [claimed_job(row[-len(CLAIMED_COLUMNS) :]) for row in rows]
-        rest = [job_id for job_id in job_ids if job_id not in {job.id for job in claimed}]
-        left: list[Requeue] = []
-        if rest:
-            overdue, chosen, left = _isolate(conn, rest)
-            expired = expire_overdue(conn, overdue) if overdue else []
-            if expired:
-                event_log.record(conn, expired)
-            if chosen:
-                more = event_log.record_change(
-                    conn, _take(token, worker_id, lease_s, chosen), *CLAIMED_COLUMNS
-                )
-                claimed += [claimed_job(row[-len(CLAIMED_COLUMNS) :]) for row in more]
+        overdue, chosen, left = _isolate(conn, rest)
+        expired = expire_overdue(conn, overdue) if overdue else []
+        if expired:
+            event_log.record(conn, expired)
+        if chosen:
+            more = event_log.record_logged(
+                conn, job_statements.claiming(fresh=False), {**params, "ids": chosen}
+            )
+            claimed += [claimed_job(row[-len(CLAIMED_COLUMNS) :]) for row in more]
     return token, claimed, left
-
-
-def _take(
-    token: uuid.UUID,
-    worker_id: str,
-    lease_s: float,
-    ids: list[uuid.UUID],
-    *where: ColumnElement[bool],
-) -> Update:
-    """The UPDATE that makes the pending ones among ``ids`` (and ``where``) processing
-    under ``token``."""
-    now = func.now()
-    return (
-        update(Job)
-        .where(Job.id.in_(ids), Job.state == JobState.pending, *where)
-        .values(
-            state=JobState.processing,
-            attempts=Job.attempts + 1,
-            lease_token=token,
-            lease_until=now + timedelta(seconds=lease_s),
-            worker_id=worker_id,
-            started_at=now,
-            queue_wait_ms=extract("epoch", now - Job.created_at) * 1000.0,
-        )
-    )
-
-
-def _fresh(ids: list[uuid.UUID]) -> ColumnElement[bool]:
-    """Those ``_isolate`` would take together when no job among ``ids`` was tried before:
-    never tried, due, within their deadline. With one tried before among them the fast
-    claim takes none, and ``_isolate`` decides (such a job may have to run alone)."""
-    tried = aliased(Job)
-    now = func.now()
-    return and_(
-        Job.attempts == 0,
-        or_(Job.not_before.is_(None), Job.not_before <= now),
-        or_(Job.deadline_at.is_(None), Job.deadline_at >= now),
-        ~exists().where(tried.id.in_(ids), tried.state == JobState.pending, tried.attempts > 0),
-    )
 
 
 def _isolate(

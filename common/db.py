@@ -85,6 +85,17 @@ def insert_rows(
     conn.execute(rows_insert(table, per_row, same))
 
 
+def rows_params(
+    per_row: dict[str, list[Any]], same: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The values of ``rows_insert``'s or ``unnest_rows``' parameters, by name: for running
+    a statement built beforehand (with other values) on these rows."""
+    return {
+        **{f"v_{name}": values for name, values in per_row.items()},
+        **{f"s_{name}": value for name, value in (same or {}).items()},
+    }
+
+
 def rows_insert(table: Any, per_row: dict[str, list[Any]], same: dict[str, Any]) -> Insert:
     """One INSERT for any number of rows of ``table`` (a mapped class): the per-row
     columns as ``unnest_rows``; ``same`` holds the values every row shares. (executemany

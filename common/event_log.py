@@ -25,7 +25,7 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +39,7 @@ from sqlalchemy import (
     Engine,
     Insert,
     Row,
+    Select,
     Update,
     func,
     insert,
@@ -110,16 +111,34 @@ def record_change(
     *columns: ColumnElement[Any] | QueryableAttribute[Any],
 ) -> list[Row[Any]]:
     """Run ``change`` (an INSERT or UPDATE of jobs) and log the state it leaves each row
-    in, in one statement (the change and the events' INSERT as data-modifying CTEs): a
-    microbatch's write is one round trip. Returns one row per job changed, by id: its ``id``,
-    ``batch_id``, ``tenant``, ``state``, ``error``, then ``columns`` as the UPDATE left
-    them. As ``record``, once per
-    transition, inside ``transaction``."""
+    in, in one statement (see ``logged``): a microbatch's write is one round trip.
+    Returns one row per job changed, by id: its ``id``, ``batch_id``, ``tenant``,
+    ``state``, ``error``, then ``columns`` as the change left them. As ``record``, once
+    per transition, inside ``transaction``."""
+    return record_logged(conn, logged(change, *columns))
+
+
+def record_logged(
+    conn: Connection, statement: Select[Any], params: Mapping[str, Any] | None = None
+) -> list[Row[Any]]:
+    """``record_change`` of a statement built by ``logged`` beforehand, with its bound
+    ``params``: a hot path builds its statement once (building one takes longer than
+    Postgres takes to run it)."""
+    rows = conn.execute(statement, dict(params or {})).all()
+    _recorded(conn, [(row.id, row.batch_id, row.state) for row in rows], per_job=True)
+    return list(rows)
+
+
+def logged(
+    change: Insert | Update, *columns: ColumnElement[Any] | QueryableAttribute[Any]
+) -> Select[Any]:
+    """``change`` and the events' INSERT as data-modifying CTEs of one SELECT of the rows
+    changed (the columns ``record_change`` returns)."""
     keys = (Job.id, Job.batch_id, Job.tenant, Job.state, Job.error)
     # Labelled: the CTE's columns must not repeat a name (``id`` is often asked for).
     extra = [column.label(f"c{i}") for i, column in enumerate(columns)]
     changed = change.returning(*keys, *extra).cte("changed")
-    logged = (
+    events = (
         insert(JobEvent)
         .from_select(
             _EVENT_COLUMNS,
@@ -135,9 +154,7 @@ def record_change(
         .returning(JobEvent.job_id)
         .cte("logged")
     )
-    rows = conn.execute(select(changed).add_cte(logged).order_by(changed.c.id)).all()
-    _recorded(conn, [(row.id, row.batch_id, row.state) for row in rows], per_job=True)
-    return list(rows)
+    return select(changed).add_cte(events).order_by(changed.c.id)
 
 
 def _recorded(
@@ -213,11 +230,16 @@ def _lock_key(batch_id: uuid.UUID) -> int:
 
 
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
+def transaction(engine: Engine, *, autocommit: bool = False) -> Iterator[Connection]:
     """``engine.begin()`` that publishes the wake-ups of the events recorded in it once
-    it has committed (never before: a reader woken early would find nothing new)."""
+    it has committed (never before: a reader woken early would find nothing new).
+    ``autocommit``: each statement commits on its own, without the BEGIN and COMMIT
+    round trips; only for one statement that writes a change with its events
+    (``record_logged``), which is then atomic by itself."""
     channels: set[str] = set()
-    with engine.begin() as conn:
+    with engine.connect() if autocommit else engine.begin() as conn:
+        if autocommit:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
         try:
             yield conn
         finally:

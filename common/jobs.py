@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, cast, func, insert, select, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import Connection, Engine, and_, func, insert, select, update
 
-from hepato.common import event_log
+from hepato.common import event_log, job_statements
 from hepato.common.constants import PUBLIC_TENANT, JobState, Priority
-from hepato.common.db import rows_insert, unnest_rows
+from hepato.common.db import rows_params
 from hepato.common.images import ImageInfo
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TaskResult
@@ -45,28 +44,6 @@ class ClaimedJob:
     # A tile's level-0 rectangle (x, y, w, h) and core (x0, y0, x1, y1).
     tile: tuple[int, int, int, int] | None = None
     core: tuple[int, int, int, int] | None = None
-
-
-# What a claim reads back of each job it took, in ClaimedJob's order (see claimed_job).
-CLAIMED_COLUMNS = (
-    Job.id,
-    Job.object_key,
-    Job.attempts,
-    Job.max_attempts,
-    Job.question,
-    Job.created_at,
-    Job.queue_wait_ms,
-    Job.kind,
-    Job.batch_id,
-    Job.tile_x,
-    Job.tile_y,
-    Job.tile_w,
-    Job.tile_h,
-    Job.core_x0,
-    Job.core_y0,
-    Job.core_x1,
-    Job.core_y1,
-)
 
 
 def claimed_job(row: Sequence[Any]) -> ClaimedJob:
@@ -217,7 +194,11 @@ def create(
         if audit_row is not None:
             conn.execute(insert(AuditEvent), audit_row(batch_id, job_ids))
         # The rows and their first events in one statement.
-        event_log.record_change(conn, rows_insert(Job, per_file, same))
+        event_log.record_logged(
+            conn,
+            job_statements.inserting(tuple(per_file), tuple(same)),
+            rows_params(per_file, same),
+        )
     return Created(batch_id, job_ids, queued_before)
 
 
@@ -246,43 +227,23 @@ def complete(
     owns. Returns the ids written; the others were taken over by another worker."""
     if not results:
         return set()
-    rows = unnest_rows(
-        Job,
-        {
-            "id": [r.id for r in results],
-            "batch_size": [r.batch_size for r in results],
-            "inference_ms": [r.inference_ms for r in results],
-            "result": [r.result.model_dump(mode="json") for r in results],
-            "fetched_at": [r.fetched_at for r in results],
-            "inferred_at": [r.inferred_at for r in results],
-            "tile_stats": [r.tile_stats for r in results],
-            "stages": [r.stages or {} for r in results],
-        },
-        # A job without statistics (not a tile) has none: SQL NULL, not JSON null.
-        types={"tile_stats": JSONB(none_as_null=True)},
-    )
+    values: dict[str, list[Any]] = {
+        "id": [r.id for r in results],
+        "batch_size": [r.batch_size for r in results],
+        "inference_ms": [r.inference_ms for r in results],
+        "result": [r.result.model_dump(mode="json") for r in results],
+        "fetched_at": [r.fetched_at for r in results],
+        "inferred_at": [r.inferred_at for r in results],
+        "tile_stats": [r.tile_stats for r in results],
+        "stages": [r.stages or {} for r in results],
+    }
     with event_log.transaction(engine) as conn:
         # One statement for the whole microbatch, its events included, fenced row by
-        # row: a job another worker has taken over since is neither written nor logged.
-        written = event_log.record_change(
+        # row as ``_owned`` (there by lease token and state, the ids joined).
+        written = event_log.record_logged(
             conn,
-            update(Job)
-            .where(_owned(token, [r.id for r in results]), Job.id == rows.c.id)
-            .values(
-                state=JobState.done,
-                finished_at=func.now(),
-                lease_until=None,
-                batch_size=rows.c.batch_size,
-                inference_ms=rows.c.inference_ms,
-                error=None,
-                model_version=model_version,
-                result=rows.c.result,
-                fetched_at=rows.c.fetched_at,
-                inferred_at=rows.c.inferred_at,
-                tile_stats=rows.c.tile_stats,
-                # The gateway's steps stay; this run's replace an earlier run's.
-                stages=func.coalesce(Job.stages, cast({}, JSONB)).op("||")(rows.c.stages),
-            ),
+            job_statements.completing(),
+            {**rows_params(values), "token": token, "model_version": model_version},
         )
     return {row.id for row in written}
 

@@ -96,11 +96,11 @@ def _publish(engine: Engine, channels: Any) -> None:
 
 
 @contextmanager
-def _timed(engine: Engine) -> Iterator[Connection]:
+def _timed(engine: Engine, **options: Any) -> Iterator[Connection]:
     statements: list[str] = []
     _committed.at = None
     started = time.perf_counter()
-    with _plain_transaction(engine) as conn:
+    with _plain_transaction(engine, **options) as conn:
         conn.info[_STATEMENTS] = statements
         try:
             yield conn

@@ -40,7 +40,8 @@ from hepato.bench.registry import threads_for
 from hepato.bench.stack import BenchStack
 from hepato.common.db import get_engine
 from hepato.common.exceptions import BenchFailed
-from hepato.common.jobs import CLAIMED_COLUMNS, ClaimedJob, claimed_job
+from hepato.common.job_statements import CLAIMED_COLUMNS
+from hepato.common.jobs import ClaimedJob, claimed_job
 from hepato.common.manifest import dump_manifest, load_registry
 from hepato.common.settings import REPO_ROOT, Settings
 from hepato.common.slide_schemas import SLIDE_TERMINAL_STATES
