@@ -110,3 +110,35 @@ def test_a_read_before_the_job_exists_does_not_end_the_wait(
     finally:
         worker.stopping.set()
         thread.join(timeout=30)
+
+
+@pytest.mark.parametrize("waiting", [2, finish_watch.WHOLE_ROWS_UP_TO + 5])
+def test_a_round_reads_few_waiters_in_one_statement_and_many_in_two(
+    settings: Settings, waiting: int
+) -> None:
+    """The states of every due job, and the rows of the finished ones only; a job not
+    yet created has no state. A few waiters are one statement."""
+    from sqlalchemy import Connection, event, update
+
+    from hepato.common.db import get_engine
+    from hepato.common.tables import Job
+    from tests.e2e.test_event_order import make_batch
+
+    engine = get_engine(settings.database_url)
+    ids = make_batch(engine, waiting - 1)
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == ids[0]).values(state="done"))
+    not_yet = uuid.uuid4()
+    statements: list[str] = []
+
+    def seen(conn: Connection, cursor: object, sql: str, *args: object) -> None:
+        statements.append(sql)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        read = finish_watch._read(engine, [*ids, not_yet])
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert read.states == {ids[0]: "done", **dict.fromkeys(ids[1:], "pending")}
+    assert list(read.finished) == [ids[0]] and read.finished[ids[0]].filename == "a.png"
+    assert len(statements) == (1 if waiting <= finish_watch.WHOLE_ROWS_UP_TO else 2)
