@@ -206,3 +206,30 @@ def test_collect_any_passes_the_busy_signal_on() -> None:
     got = collect_any(r, [ModelQueue("m", 8, 60.0)], 1.0, busy=lambda: False)
     assert got is not None and got[1] == ["lone"]
     assert r.blpops == 1
+
+
+def test_a_fill_takes_every_key_in_one_round_trip(
+    r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Urgent, then routine, of every tenant: one script call, no LPOP per key."""
+    r.rpush(URGENT, "u1")
+    r.rpush(ROUTINE, "r1", "r2", "r3")
+    other_urgent, other_routine = queue_keys("m", "lab-b")
+    r.rpush(other_routine, "b1")
+    calls: list[str] = []
+    real = r.execute_command
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(r, "execute_command", counted)
+    keys = [URGENT, other_urgent, ROUTINE, other_routine]
+    batch = collect_batch(r, keys, max_batch=4, max_wait_s=0.0, poll_timeout_s=1.0)
+    assert batch == ["u1", "r1", "r2", "r3"]
+    assert "LPOP" not in calls  # the first call also loads the script
+    assert r.lrange(other_routine, 0, -1) == [b"b1"]
+    r.rpush(ROUTINE, "r4")
+    calls.clear()
+    assert collect_batch(r, keys, 4, 0.0, 1.0) == ["r4", "b1"]
+    assert calls == ["BLPOP", "EVALSHA"]
