@@ -62,6 +62,25 @@ def totals(conn: Connection) -> dict[tuple[str, str], int]:
     return {(model, state): int(n) for model, state, n in conn.execute(_TOTALS)}
 
 
+# A model's pending jobs, all tenants' and one tenant's: the queue bounds' count
+# (common.room), at the same cost whatever the queue's length.
+_PENDING = text("""
+    SELECT coalesce(sum(n), 0)::bigint AS everyone,
+           coalesce(sum(n) FILTER (WHERE tenant = :tenant), 0)::bigint AS mine
+    FROM (
+        SELECT tenant, n FROM job_state_counts WHERE model = :model AND state = 'pending'
+        UNION ALL
+        SELECT tenant, n FROM job_state_deltas WHERE model = :model AND state = 'pending'
+    ) AS counted
+""")
+
+
+def pending(conn: Connection, model: str, tenant: str) -> tuple[int, int]:
+    """``model``'s pending jobs: of every tenant, and of ``tenant``."""
+    everyone, mine = conn.execute(_PENDING, {"model": model, "tenant": tenant}).one()
+    return int(everyone), int(mine)
+
+
 def fold(conn: Connection) -> int:
     """Fold the deltas into the counts now (the triggers do it every ``FOLD_EVERY``
     rows): how many delta rows moved; 0 when another fold is open or ``conn``'s
