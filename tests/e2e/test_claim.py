@@ -12,14 +12,13 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import Connection, Engine, event, select, text, update
 
-from hepato.common import claim, jobs
-from hepato.common.constants import PUBLIC_TENANT, Priority
+from hepato.common import claim
 from hepato.common.db import get_engine
-from hepato.common.images import ImageInfo
 from hepato.common.manifest import load_registry
 from hepato.common.settings import Settings
 from hepato.common.tables import Job, JobEvent
 from tests.e2e.test_event_order import make_batch
+from tests.e2e.test_job_state_counts import submit
 
 
 @pytest.fixture
@@ -135,25 +134,10 @@ def test_new_jobs_and_their_first_events_are_one_statement(
     engine: Engine, settings: Settings
 ) -> None:
     model = load_registry(settings.models_dir)[settings.default_model]
-    image = ImageInfo("png", "image/png", 32, 32, 100)
-    new = [jobs.NewJob(f"t{i}.png", f"test/{uuid.uuid4()}", image) for i in range(3)]
     with counted(engine) as statements:
-        created = jobs.create(
-            engine,
-            new,
-            as_batch=True,
-            tenant=PUBLIC_TENANT,
-            model=model,
-            priority=Priority.routine,
-            max_attempts=2,
-            deadline_s=None,
-            question=None,
-            callback_url=None,
-        )
+        job_ids = submit(engine, model, 3)
     flat = [" ".join(sql.split()) for sql in statements]
     assert [sql.split(" (")[0] for sql in flat] == ["INSERT INTO batches", "WITH changed AS"]
     assert flat[1].startswith("WITH changed AS (INSERT INTO jobs")
-    assert states(engine, created.job_ids) == ["pending"] * 3
-    assert sorted(logged(engine, created.job_ids)) == sorted(
-        (j, "pending") for j in created.job_ids
-    )
+    assert states(engine, job_ids) == ["pending"] * 3
+    assert sorted(logged(engine, job_ids)) == sorted((j, "pending") for j in job_ids)
