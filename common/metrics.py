@@ -12,7 +12,8 @@ without samples (or at zero): sums over all targets stay right.
 Worker side (the lead's worker loop records these): batch sizes, per-microbatch stage
 times, per-job queue wait and end-to-end latency, outcomes, retries, dead letters and
 reclaimed leases. Gateway side: submissions and rejected files (counted by
-``gateway.submit``), and ``GatewayCollector``, which reads queue depths from Redis and
+``gateway.submit``), callers waiting on ``/v1/predict`` (gateway.finish_watch), and
+``GatewayCollector``, which reads queue depths from Redis and
 job counts from Postgres at scrape time, so they are right whichever process changed
 them.
 
@@ -29,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import redis
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -136,6 +137,15 @@ REJECTED_FILES = Counter(
     "hepato_rejected_files",
     "Files the gateway refused in a submission (bad or oversized).",
     ["model"],
+)
+
+
+# A waiter holds its connection open: this is what a load balancer's connection count
+# sees of a gateway whose workers are slow or down.
+PREDICT_WAITING = Gauge(
+    "hepato_predict_waiting",
+    "Callers of /v1/predict whose job is accepted and who wait for its result, in this "
+    "gateway process.",
 )
 
 

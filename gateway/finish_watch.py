@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
 
 from hepato.common.constants import TERMINAL_STATES, job_finished_channel
+from hepato.common.metrics import PREDICT_WAITING
 from hepato.common.tables import Job
 from hepato.gateway.wakeups import WakeupHub
 
@@ -118,7 +119,7 @@ class FinishWatch:
         async def wait(timeout_s: float) -> Finished | None:
             # From here on, no row means the job is gone (until now: not yet created).
             self._created.add(job_id)
-            with anyio.move_on_after(timeout_s):
+            with anyio.move_on_after(timeout_s), PREDICT_WAITING.track_inprogress():
                 return Finished(await future)
             return None
 

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 import redis
 from sqlalchemy.exc import OperationalError
 
-from hepato.common import event_log, jobs, metrics, stages
+from hepato.common import event_log, heap, jobs, metrics, stages
 from hepato.common.db import get_engine
 from hepato.common.job_counts import count_unfinished
 from hepato.common.settings import Settings
@@ -366,7 +366,10 @@ class Worker:
 
 
 def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:
+    """The process's one worker (``hepato worker``), with its models loaded and its heap
+    settled (common.heap) before its decoders fork."""
     worker = Worker(settings, load_models(settings, models), burst=burst)
     metrics.serve_worker_metrics(settings.worker_metrics_port, settings.worker_metrics_host)
+    heap.settle()
     worker.run()
     return worker

@@ -41,11 +41,15 @@ def gateway(
     """Run the HTTP gateway."""
     import uvicorn
 
+    from hepato.common import heap
+    from hepato.gateway.app import create_app
+
     settings = get_settings()
     _logging()
+    app = create_app(settings)
+    heap.settle()  # everything is loaded: later collections skip it
     uvicorn.run(
-        "hepato.gateway.app:create_app",
-        factory=True,
+        app,
         host=host or settings.host,
         port=port or settings.port,
         log_level="info",

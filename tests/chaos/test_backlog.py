@@ -45,7 +45,9 @@ _INSERT = text(
            :width, :height, :model, 'detect', 'routine', 'pending', 0, 3,
            now() + make_interval(secs => CAST(:deadline_in AS double precision)),
            CAST(:callback AS text),
-           now() - make_interval(secs => :age), now() - make_interval(secs => :age)
+           -- A microsecond apart, in the order pushed: "oldest first" has one answer.
+           now() - make_interval(secs => :age) + g * interval '1 microsecond',
+           now() - make_interval(secs => :age)
     FROM generate_series(1, :n) AS g
     RETURNING id
     """

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from hepato.common import tenants
@@ -111,6 +112,15 @@ async def _timed(client: httpx.AsyncClient, path: str) -> float:
     return took
 
 
+async def _waiting(client: httpx.AsyncClient) -> int:
+    """The gateway's count of callers waiting on /v1/predict for an accepted job."""
+    text = (await client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "hepato_predict_waiting":
+            return int(family.samples[0].value)
+    raise AssertionError("the gateway's /metrics has no hepato_predict_waiting")
+
+
 def test_2000_waiting_predicts_leave_the_gateway_responsive(
     settings: Settings,
     gateway: str,
@@ -144,12 +154,17 @@ def test_2000_waiting_predicts_leave_the_gateway_responsive(
                 )
                 for i in range(WAITERS)
             ]
-            # Every job committed: from here on each predict only waits (no worker yet).
+            # Every job committed and its caller waiting, as the gateway counts them: from
+            # here on each predict only waits (no worker yet). Until then the gateway is
+            # still taking the 2,000 uploads in, which is not what this test measures.
             deadline = time.monotonic() + 300
             while (n := await asyncio.to_thread(created)) < WAITERS:
                 done = [t for t in predicts if t.done()]
                 assert not done, f"a predict answered before any worker ran: {done[0].result()}"
                 assert time.monotonic() < deadline, f"only {n} of {WAITERS} jobs created"
+                await asyncio.sleep(0.2)
+            while (n := await _waiting(waiting)) < WAITERS:
+                assert time.monotonic() < deadline, f"only {n} of {WAITERS} callers waiting"
                 await asyncio.sleep(0.2)
             with engine.connect() as conn:
                 one = conn.execute(select(Job.id).limit(1)).scalar_one()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
 from hepato.common.settings import Settings
 from hepato.gateway import finish_watch
@@ -35,11 +36,13 @@ def test_a_predict_caller_reads_its_job_once_it_has_finished(
     client.portal.call(watch.start)  # type: ignore[union-attr]
     state.finish_watch = watch
     reads: list[tuple[list[uuid.UUID], list[str]]] = []
+    waiting: list[float | None] = []  # the gauge of waiting callers, at each read
     real_read = finish_watch._read
 
     def counted(engine: Any, ids: list[uuid.UUID]) -> Any:
         found = real_read(engine, ids)
         reads.append((ids, [found.states[i] for i in ids if i in found.states]))
+        waiting.append(REGISTRY.get_sample_value("hepato_predict_waiting"))
         return found
 
     monkeypatch.setattr(finish_watch, "_read", counted)
@@ -54,6 +57,8 @@ def test_a_predict_caller_reads_its_job_once_it_has_finished(
             assert response.status_code == 200, response.text
             job_id = uuid.UUID(response.json()["job_id"])
             assert reads == [([job_id], ["done"])], "one read, after the job finished"
+            assert waiting[-1] == 1, "the caller counted as waiting while it waited"
+            assert REGISTRY.get_sample_value("hepato_predict_waiting") == 0
     finally:
         worker.stopping.set()
         thread.join(timeout=30)
