@@ -19,6 +19,15 @@ class ImageTooLarge(InvalidImage):
     status_code = 413
 
 
+class UploadRefused(InvalidImage):
+    """A direct upload that cannot be committed (gateway.direct): not found (never put,
+    or another tenant's), or its commit window closed. ``status_code`` per instance."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
 class UnknownModel(HepatoError):
     """A submission named a model that no worker serves."""
 

@@ -11,6 +11,8 @@ import io
 import os
 import unicodedata
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
@@ -29,7 +31,7 @@ _SIGNATURES: tuple[tuple[bytes, str, str], ...] = (
     (b"BM", "bmp", "image/bmp"),
 )
 ALLOWED_FORMATS = ("jpeg", "png", "tiff", "bmp", "webp")
-_PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP"}
+PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP"}
 # Pillow keeps up to 64 MiB of decompressed PNG text (zTXt, iTXt, iCCP) per image; no
 # caller here reads it, so a chunk bomb is refused at 8 MiB instead (process-wide: only
 # the gateway opens uploads with Pillow; the worker decodes with OpenCV).
@@ -72,6 +74,27 @@ def file_size(file: IO[bytes]) -> int:
     return size
 
 
+@contextmanager
+def pillow_reading(fmt: str) -> Iterator[None]:
+    """Pillow reading a ``fmt`` file: its many errors for a broken file become the
+    InvalidImage (ImageTooLarge for its bomb error) that names the problem. Its warnings
+    (past its own MAX_IMAGE_PIXELS, 89 M; damaged tags, with text from the upload) are
+    off: the caller's max_pixels is the limit, and damage that matters raises; the bomb
+    error past twice Pillow's limit stays on, as a backstop."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image declares too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(f"corrupt {fmt.upper()} file: cannot read its header") from exc
+    except InvalidImage:
+        raise
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise InvalidImage(f"corrupt {fmt.upper()} file: {exc}") from exc
+
+
 def inspect_image(data: bytes | IO[bytes], max_bytes: int, max_pixels: int) -> ImageInfo:
     """Check an upload (its bytes, or a seekable binary file, read from its start in
     bounded chunks) without decoding its pixels; raise an InvalidImage subclass whose
@@ -92,30 +115,17 @@ def inspect_image(data: bytes | IO[bytes], max_bytes: int, max_pixels: int) -> I
             + ")"
         )
     try:
-        with warnings.catch_warnings():
-            # Pillow warns past its own MAX_IMAGE_PIXELS (89 M), and about damaged tags, with
-            # text from the upload: max_pixels is the limit here, and damage that matters
-            # raises. Its bomb error past twice its limit stays on, as a backstop.
-            warnings.simplefilter("ignore")
-            # Pillow reads a file object lazily and leaves it open (it is not Pillow's).
-            with Image.open(file, formats=[_PIL_FORMATS[fmt]]) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageTooLarge(
-                        f"image is {width}x{height} pixels, the limit is {max_pixels} pixels"
-                    )
-                _check_complete(fmt, img, _FileBytes(file, size))
-                # verify() walks the file structure (PNG chunk CRCs, TIFF IFDs) cheaply.
-                file.seek(0)
-                img.verify()
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image declares too many pixels ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise InvalidImage(f"corrupt {fmt.upper()} file: cannot read its header") from exc
-    except InvalidImage:
-        raise
-    except Exception as exc:  # Pillow raises many types for broken files
-        raise InvalidImage(f"corrupt {fmt.upper()} file: {exc}") from exc
+        # Pillow reads a file object lazily and leaves it open (it is not Pillow's).
+        with pillow_reading(fmt), Image.open(file, formats=[PIL_FORMATS[fmt]]) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"image is {width}x{height} pixels, the limit is {max_pixels} pixels"
+                )
+            _check_complete(fmt, img, _FileBytes(file, size))
+            # verify() walks the file structure (PNG chunk CRCs, TIFF IFDs) cheaply.
+            file.seek(0)
+            img.verify()
     finally:
         file.seek(0)
     if width < 1 or height < 1:

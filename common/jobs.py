@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, and_, func, insert, select, update
 from hepato.common import event_log, job_statements
 from hepato.common.constants import PUBLIC_TENANT, JobState, Priority
 from hepato.common.db import rows_params
+from hepato.common.ids import new_job_id
 from hepato.common.images import ImageInfo
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TaskResult
@@ -149,7 +150,7 @@ def create(
     and job ids, inserted in this transaction: it commits with the jobs or not at all."""
     batch_id = uuid.uuid4() if as_batch else None
     deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
-    job_ids = list(job_ids) if job_ids is not None else [uuid.uuid4() for _ in new]
+    job_ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in new]
     if len(job_ids) != len(new):
         raise ValueError(f"{len(job_ids)} ids for {len(new)} jobs")
     per_file: dict[str, list[Any]] = {

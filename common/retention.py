@@ -1,15 +1,21 @@
-"""Retention: finished jobs older than HEPATO_RETENTION_DAYS deleted in bounded chunks,
-with their events, emptied batches, finished slides, expired idempotency keys, settled
-webhook deliveries, and then their objects in the store.
+"""Retention: finished jobs older than HEPATO_RETENTION_DAYS deleted with their events,
+emptied batches, finished slides, expired idempotency keys, settled webhook deliveries,
+and then their objects in the store.
 
-What goes, per chunk of ``chunk`` jobs, in one short transaction:
+First whole days: a day's partitions of ``jobs`` and ``job_events`` are dropped once
+every job in them may go (common.retention_days), then, in transactions of their own,
+the day's batches left without a job and their slides, then the objects of its images
+and slides, as below (a crash in between leaves empty batches and orphan objects). Then
+the chunked deletes, for what no drop takes: the default and legacy partitions (ids
+made before 0015, or in a day that had no partition) and days that still hold an
+unfinished job. What goes, per chunk of ``chunk`` jobs, in one short transaction:
 
 - jobs in a terminal state (done, failed, canceled, expired) whose ``finished_at`` is
   before the cutoff, taken with ``FOR UPDATE SKIP LOCKED`` so no writer waits for the
   pass, nor the pass for a writer; the jobs of a whole slide only once the slide itself
   finished before the cutoff (its summary and viewer read its tiles until then);
-- their ``job_events`` (the ON DELETE CASCADE of ``job_events.job_id``, written out so
-  it can be counted);
+- their ``job_events`` (the ON DELETE CASCADE of each day's ``job_events.job_id``,
+  written out so it can be counted);
 - each batch the chunk touched that has no job left, and with it its ``slides`` row
   (``slides.id`` references ``batches.id``): a batch that keeps a recent or unfinished
   job is kept, with its ``total`` as submitted.
@@ -25,9 +31,9 @@ are not touched: they are bounded by ``slide_cache_bytes`` and evict what is not
 
 Never touched: unfinished jobs, and ``audit_events`` (append-only, a trigger refuses
 DELETE; its rows name object ids only, which may outlive their jobs). The
-``job_state_counts`` triggers count the DELETEs, so ``hepato_jobs`` counts the jobs
-that exist. One pass at a time across all processes: a session advisory lock, tried,
-never waited for."""
+``job_state_counts`` triggers count the DELETEs, and a day's drop takes its jobs off
+the counts in its transaction, so ``hepato_jobs`` counts the jobs that exist. One pass
+at a time across all processes: a session advisory lock, tried, never waited for."""
 
 from __future__ import annotations
 
@@ -40,7 +46,9 @@ from typing import Any
 
 from minio.deleteobjects import DeleteObject
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError
 
+from hepato.common import retention_days
 from hepato.common.constants import TERMINAL_STATES
 from hepato.common.storage import ObjectStore
 
@@ -49,6 +57,9 @@ log = logging.getLogger(__name__)
 # pg_try_advisory_lock(4711, 5): 4711 is this project's class of advisory locks
 # (0012 folds under (4711, 3)); held by the one process running a pass.
 LOCK_CLASS, LOCK_ID = 4711, 5
+# A day's drop that cannot lock both parents this soon is tried at the next pass: a
+# lock request queued behind a long reader would stall every writer of jobs meanwhile.
+DROP_LOCK_TIMEOUT_MS = 2000
 
 # Constants of this module, inlined: text() binds no tuple without an expanding param.
 _TERMINAL = ", ".join(f"'{s}'" for s in sorted(str(s) for s in TERMINAL_STATES))
@@ -57,8 +68,9 @@ _TERMINAL = ", ".join(f"'{s}'" for s in sorted(str(s) for s in TERMINAL_STATES))
 # time (a job is pushed before it finishes) and lets the planner range-scan
 # ix_jobs_state_enqueued instead of reading every finished job; rows whose enqueued_at
 # is later than their finish (stamped by a migration) are only kept a little longer.
+# ``{outside}``: not in a day partition that drops take (``_outside``).
 _ELIGIBLE = f"""
-    j.state IN ({_TERMINAL})
+    {{outside}} AND j.state IN ({_TERMINAL})
     AND j.finished_at < :cutoff
     AND j.enqueued_at < :cutoff
     AND NOT EXISTS (
@@ -67,7 +79,7 @@ _ELIGIBLE = f"""
     )
 """
 
-_TAKE = text(f"SELECT j.id FROM jobs j WHERE {_ELIGIBLE} LIMIT :n FOR UPDATE OF j SKIP LOCKED")
+_TAKE = f"SELECT j.id FROM jobs j WHERE {_ELIGIBLE} LIMIT :n FOR UPDATE OF j SKIP LOCKED"
 _DELETE_EVENTS = text("DELETE FROM job_events WHERE job_id = ANY(:ids)")
 _DELETE_JOBS = text("DELETE FROM jobs WHERE id = ANY(:ids) RETURNING batch_id, kind, object_key")
 _EMPTY = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = {t}.id)"
@@ -92,14 +104,14 @@ _DELETE_DELIVERIES = text(
 )
 
 # What a dry run reports: the same predicates, counted, nothing locked or deleted.
-_COUNT_JOBS = text(
+_COUNT_JOBS = (
     f"SELECT count(*), count(*) FILTER (WHERE j.kind = 'image') FROM jobs j WHERE {_ELIGIBLE}"
 )
-_COUNT_EVENTS = text(
+_COUNT_EVENTS = (
     f"SELECT count(*) FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE {_ELIGIBLE}"
 )
 # Batches every job of which would go (a slide among them brings its three objects).
-_COUNT_BATCHES = text(
+_COUNT_BATCHES = (
     "SELECT count(*), count(s.id), count(s.thumbnail_key) + count(s.mask_key) FROM batches b"
     " LEFT JOIN slides s ON s.id = b.id"
     f" WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.id AND {_ELIGIBLE})"
@@ -122,7 +134,8 @@ class Retained:
     webhook_deliveries: int = 0
     objects: int = 0  # deleted from the store (a dry run: that would be)
     objects_failed: int = 0  # left behind as orphans (logged)
-    transactions: int = 0  # job chunks committed
+    days: int = 0  # day partitions dropped (their jobs and events are counted above)
+    transactions: int = 0  # job chunks and day drops committed
     ran: bool = True  # False: another process held the pass's lock; nothing was done
     more: bool = False  # stopped at max_chunks with eligible jobs possibly left
 
@@ -189,12 +202,15 @@ def _delete(
     stop: threading.Event | None,
 ) -> Retained:
     out = Retained()
+    _drop_days(engine, store, cutoff, max_chunks, stop, out)
+    with engine.connect() as conn:
+        take = _outside(_TAKE, retention_days.skipped_ranges(conn, cutoff))
     while max_chunks is None or out.transactions < max_chunks:
         if stop is not None and stop.is_set():
             out.more = True
             break
         with engine.begin() as conn:
-            keys = _delete_chunk(conn, cutoff, chunk, out)
+            keys = _delete_chunk(conn, take, cutoff, chunk, out)
         if keys is None:
             break
         out.transactions += 1
@@ -207,11 +223,78 @@ def _delete(
     return out
 
 
+def _outside(sql: str, skipped: list[tuple[str, str]]) -> Any:
+    """``sql`` (a statement of ``_ELIGIBLE``) for jobs outside the ``skipped`` id ranges."""
+    statement, params = outside_sql(sql, skipped)
+    return text(statement).bindparams(**params)
+
+
+def outside_sql(sql: str, skipped: list[tuple[str, str]]) -> tuple[str, dict[str, str]]:
+    """``sql`` with its ``{outside}`` condition, and that condition's values: a condition
+    per range, which the planner prunes those days' partitions by."""
+    params: dict[str, str] = {}
+    conditions = []
+    for i, (lo, hi) in enumerate(skipped):
+        conditions.append(
+            f"(j.id < CAST(:skip_lo{i} AS uuid) OR j.id >= CAST(:skip_hi{i} AS uuid))"
+        )
+        params |= {f"skip_lo{i}": lo, f"skip_hi{i}": hi}
+    outside = "(" + " AND ".join(conditions) + ")" if conditions else "true"
+    return sql.format(outside=outside), params
+
+
+def _drop_days(
+    engine: Engine,
+    store: ObjectStore,
+    cutoff: datetime,
+    max_chunks: int | None,
+    stop: threading.Event | None,
+    out: Retained,
+) -> None:
+    """Drop the due days that may go whole (common.retention_days), oldest first, a
+    transaction each; then their emptied batches, and their objects."""
+    with engine.connect() as conn:
+        due = retention_days.due_days(conn, cutoff)
+    for day in due:
+        if (stop is not None and stop.is_set()) or (
+            max_chunks is not None and out.transactions >= max_chunks
+        ):
+            out.more = True
+            return
+        with engine.connect() as conn:
+            if retention_days.has_unfinished(conn, day) or retention_days.waits(conn, day, cutoff):
+                continue
+            found = retention_days.survey(conn, day, cutoff)
+        if found is None:
+            continue
+        try:
+            with engine.begin() as conn:
+                dropped = retention_days.drop(conn, found, DROP_LOCK_TIMEOUT_MS)
+        except OperationalError as error:
+            if getattr(error.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+            log.info("retention: %s not dropped, jobs was busy; the next pass tries", day)
+            out.more = True
+            continue
+        if not dropped:
+            continue
+        out.transactions += 1
+        out.days += 1
+        out.jobs += found.jobs
+        out.events += found.events
+        keys = list(found.keys)
+        batches = sorted(found.batches)
+        for start in range(0, len(batches), 1000):
+            with engine.begin() as conn:
+                keys += _delete_emptied(conn, set(batches[start : start + 1000]), out)
+        _remove(store, keys, out)
+
+
 def _delete_chunk(
-    conn: Connection, cutoff: datetime, chunk: int, out: Retained
+    conn: Connection, take: Any, cutoff: datetime, chunk: int, out: Retained
 ) -> list[str] | None:
     """Delete one chunk's rows; the keys of the objects they named (None: no job left)."""
-    ids = list(conn.execute(_TAKE, {"cutoff": cutoff, "n": chunk}).scalars())
+    ids = list(conn.execute(take, {"cutoff": cutoff, "n": chunk}).scalars())
     if not ids:
         return None
     out.events += conn.execute(_DELETE_EVENTS, {"ids": ids}).rowcount
@@ -224,12 +307,20 @@ def _delete_chunk(
         # A plan's or tile's object is its slide's: it goes with the slide's row.
         if kind == "image":
             keys.append(object_key)
-    if batches:
-        touched = {"batches": list(batches)}
-        for row in conn.execute(_DELETE_SLIDES, touched):
-            out.slides += 1
-            keys.extend(k for k in row if k)
-        out.batches += conn.execute(_DELETE_BATCHES, touched).rowcount
+    return keys + _delete_emptied(conn, batches, out)
+
+
+def _delete_emptied(conn: Connection, batches: set[uuid.UUID], out: Retained) -> list[str]:
+    """Delete those of ``batches`` left without a job, and their slides; the slides'
+    objects' keys."""
+    if not batches:
+        return []
+    keys: list[str] = []
+    touched = {"batches": list(batches)}
+    for row in conn.execute(_DELETE_SLIDES, touched):
+        out.slides += 1
+        keys.extend(k for k in row if k)
+    out.batches += conn.execute(_DELETE_BATCHES, touched).rowcount
     return keys
 
 
@@ -263,11 +354,21 @@ def _drain(engine: Engine, statement: Any, params: dict[str, Any], chunk: int) -
 def _count(engine: Engine, cutoff: datetime) -> Retained:
     p = {"cutoff": cutoff}
     with engine.connect() as conn:
-        jobs, images = conn.execute(_COUNT_JOBS, p).one()
-        batches, slides, slide_images = conn.execute(_COUNT_BATCHES, p).one()
+        # A day that a pass would drop has only jobs that may go: counted as the chunks'.
+        days = frozenset(
+            d
+            for d in retention_days.due_days(conn, cutoff)
+            if not retention_days.has_unfinished(conn, d)
+            and not retention_days.waits(conn, d, cutoff)
+            and retention_days.survey(conn, d, cutoff) is not None
+        )
+        skipped = retention_days.skipped_ranges(conn, cutoff, days)
+        jobs, images = conn.execute(_outside(_COUNT_JOBS, skipped), p).one()
+        batches, slides, slide_images = conn.execute(_outside(_COUNT_BATCHES, skipped), p).one()
         return Retained(
             jobs=jobs,
-            events=conn.execute(_COUNT_EVENTS, p).scalar_one(),
+            events=conn.execute(_outside(_COUNT_EVENTS, skipped), p).scalar_one(),
+            days=len(days),
             batches=batches,
             slides=slides,
             idempotency_keys=conn.execute(_COUNT_KEYS).scalar_one(),

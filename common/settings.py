@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         le=604_800,
         description="Lifetime of a presigned image link (GET /v1/jobs/{id}/image_url), s.",
     )
+    upload_url_expiry_s: int = Field(
+        3600,
+        ge=1,
+        le=604_800,
+        description="Lifetime of a direct upload's presigned PUT URL (POST /v1/uploads); the "
+        "upload is committed by the end of its hour plus twice this, or swept, s.",
+    )
 
     events_poll_interval_s: float = Field(
         2.0,
@@ -225,6 +232,14 @@ class Settings(BaseSettings):
         300.0,
         gt=0,
         description="Once retention has caught up, the next pass starts this much later, s.",
+    )
+    partition_days_ahead: int = Field(
+        7,
+        ge=1,
+        le=365,
+        description="Days after today whose partitions of jobs and job_events the sweeper "
+        "(and hepato retention run) keeps made ahead of need (common.partitions); a job of a "
+        "day without one goes to the default partition, days.",
     )
     requeue_pending_after_s: float = Field(
         30.0,

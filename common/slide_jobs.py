@@ -24,6 +24,7 @@ from sqlalchemy import Engine, and_, func, insert, select, update
 from hepato.common import event_log
 from hepato.common.constants import JobState, Priority
 from hepato.common.db import insert_rows
+from hepato.common.ids import new_job_id
 from hepato.common.jobs import Requeue, _owned
 from hepato.common.manifest import ModelManifest
 from hepato.common.room import Room, hold_room
@@ -65,7 +66,7 @@ def create(
 ) -> AcceptedSlide:
     """Commit the slide, its batch and its plan job in one transaction; the caller pushes
     the plan job's id after this returns."""
-    slide_id, plan_id = uuid.uuid4(), uuid.uuid4()
+    slide_id, plan_id = uuid.uuid4(), new_job_id()
     deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
     with event_log.transaction(engine) as conn:
         if room is not None:
@@ -181,7 +182,7 @@ def commit_plan(
     """Insert the plan's tile jobs, mark the slide planned and the plan job done, in one
     transaction, if this lease still owns the plan job; None if it does not (another
     worker took it over). Returns the tile jobs to push after the commit."""
-    tile_ids = [uuid.uuid4() for _ in plan.tiles]
+    tile_ids = [new_job_id() for _ in plan.tiles]
     geo = plan.geometry
     with event_log.transaction(engine) as conn:
         owner = conn.execute(

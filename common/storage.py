@@ -187,6 +187,38 @@ class ObjectStore:
             self.bucket, key, expires=timedelta(seconds=expires_s)
         )
 
+    def presigned_put_url(self, key: str, expires_s: int) -> str:
+        """A PUT link for a client's own upload (gateway.direct), at the public address
+        when one is set, like ``presigned_url``."""
+        return self.signer.presigned_put_object(
+            self.bucket, key, expires=timedelta(seconds=expires_s)
+        )
+
+    def read_range(self, key: str, offset: int, length: int) -> tuple[bytes, int, str]:
+        """Up to ``length`` bytes of the object from ``offset`` (fewer at its end), its
+        whole size (from Content-Range: no separate STAT) and its Content-Type. An empty
+        object is (b"", 0, ...); errors as for ``get``."""
+        try:
+            response = self.client.get_object(self.bucket, key, offset=offset, length=length)
+        except S3Error as exc:
+            if exc.code == "InvalidRange" and offset == 0:
+                return b"", 0, ""  # S3 answers 416 to any range of an empty object
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectMissing(f"no object {key!r} ({exc.code})") from exc
+            raise ObjectFetchError(f"object {key!r}: {exc.code}") from exc
+        except (urllib3.exceptions.HTTPError, MinioException) as exc:
+            raise ObjectFetchError(f"object {key!r}: object store unreachable ({exc})") from exc
+        try:
+            data = response.read()
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            size = int(total) if total.isdigit() else offset + len(data)
+            return data, size, response.headers.get("Content-Type", "")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ObjectFetchError(f"object {key!r}: its download broke off ({exc})") from exc
+        finally:
+            response.close()
+            response.release_conn()
+
     def ping(self) -> bool:
         """Reachable and the bucket exists (made here if the store was down at start)."""
         try:

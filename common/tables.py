@@ -28,6 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import UserDefinedType
 
+from hepato.common.ids import new_job_id
+
 
 class Base(DeclarativeBase):
     pass
@@ -71,9 +73,12 @@ class Batch(Base):
 
 
 class Job(Base):
+    """One image, slide plan or tile to run. Partitioned by day on ``id``, a UUIDv7
+    (migration 0015, common.partitions): an insert goes to its day's partition."""
+
     __tablename__ = "jobs"
 
-    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_job_id)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(
         Uuid, ForeignKey("batches.id", ondelete="CASCADE")
     )
@@ -223,12 +228,18 @@ class JobEvent(Base):
     event streams replay, in ``(xid, id)`` order (the SSE event id is both). ``xid`` is
     the writing transaction's: readers read only below their snapshot's xmin, where no
     transaction is still running, so nothing can later commit below their cursor (see
-    common.event_log). Rows older than the column have xid 0."""
+    common.event_log). Rows older than the column have xid 0.
+
+    Partitioned by day on ``job_id`` as ``jobs`` is on ``id``: an event lives in its
+    job's day. The key holds the partition key, as Postgres requires, in the job
+    stream's read order; ``id`` alone is unique too (a sequence). The reference to the
+    job (ON DELETE CASCADE) is declared between each day's two partitions, not here
+    (common.partitions)."""
 
     __tablename__ = "job_events"
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"))
+    id: Mapped[int] = mapped_column(BigInteger, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     tenant: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))
@@ -237,8 +248,8 @@ class JobEvent(Base):
     xid: Mapped[int] = mapped_column(Xid8, server_default=func.pg_current_xact_id())
 
     __table_args__ = (
+        PrimaryKeyConstraint("job_id", "xid", "id", name="job_events_pkey"),
         Index("ix_job_events_batch_xid", "batch_id", "xid", "id"),
-        Index("ix_job_events_job_xid", "job_id", "xid", "id"),
     )
 
 

@@ -44,6 +44,7 @@ from hepato.gateway.routes import (
     slide_view,
     slides,
     submissions,
+    uploads,
 )
 from hepato.gateway.routes import models as model_list
 from hepato.gateway.submit import CommitUnknown
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(slide_regions.router)
     app.include_router(slide_report.router)
     app.include_router(viewer_router)
+    app.include_router(uploads.router)  # direct uploads (gateway.direct)
     install_limits(app, settings)
     if settings.auth == "required":
         app.add_middleware(KeyBeforeBody, database_url=settings.database_url)

@@ -38,19 +38,25 @@ COMPLETED = "completed"
 # Expired rows removed per claim: enough to keep up with any submission rate.
 PURGE_BATCH = 100
 CHUNK_BYTES = 1 << 20
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 M = TypeVar("M", bound=BaseModel)
 
 
 async def request_digest(request: Request) -> str:
     """SHA-256 of the method, path, every form field and every file's name and bytes, in
-    order; the multipart boundary and part headers do not count."""
+    order (the multipart boundary and part headers do not count); of any other body, its
+    bytes."""
     digest = hashlib.sha256()
 
     def feed(data: bytes) -> None:
         digest.update(len(data).to_bytes(8, "big") + data)
 
     feed(f"{request.method} {request.url.path}".encode())
+    if not request.headers.get("content-type", "").startswith(_FORM_TYPES):
+        # A JSON body (a direct upload's commit): its bytes are the request.
+        feed(b"body:" + await request.body())
+        return digest.hexdigest()
     form = await request.form()  # parsed once per request; FastAPI already did
     for name, value in form.multi_items():
         feed(name.encode())

@@ -1,6 +1,7 @@
 """How a worker gets work back after a fault: the sweeper that finds jobs lost to dead
 workers or ids Redis lost, pushes them again and expires the overdue ones (and, when
-HEPATO_RETENTION_DAYS is set, deletes old finished work a bounded step at a time); the
+HEPATO_RETENTION_DAYS is set, deletes old finished work a bounded step at a time, in a
+thread of its own; and makes the day partitions of jobs ahead of need); the
 heartbeat that says this worker is alive, the re-push of requeued ids, and the retry
 that rides out a Postgres restart."""
 
@@ -23,7 +24,15 @@ from tenacity import (
     wait_exponential,
 )
 
-from hepato.common import dispatch, jobs, lost_ids, metrics, retention
+from hepato.common import (
+    direct_uploads,
+    dispatch,
+    jobs,
+    lost_ids,
+    metrics,
+    partitions,
+    retention,
+)
 from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, worker_key
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
@@ -71,6 +80,9 @@ class Recovery:
         self._thread = threading.Thread(target=self._loop, name="sweeper", daemon=True)
         self._store: ObjectStore | None = None
         self._retain_after = 0.0
+        self._upkeep_after = 0.0
+        self._retainer: threading.Thread | None = None
+        self._uploads = direct_uploads.Sweeper(settings)
 
     def start(self) -> None:
         self.heartbeat()
@@ -78,6 +90,8 @@ class Recovery:
 
     def stop(self) -> None:
         self._thread.join(timeout=5)
+        if self._retainer is not None:
+            self._retainer.join(timeout=5)
         # Gone at once rather than after the TTL: operators see the worker has stopped.
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(worker_key(self.worker_id))
@@ -96,9 +110,14 @@ class Recovery:
             except Exception:
                 log.warning("sweep failed", exc_info=True)
             try:
-                self.retain_once()
+                self.upkeep_once()
             except Exception:
-                log.warning("retention failed; the next sweep retries", exc_info=True)
+                log.warning("partition upkeep failed; the next sweep retries", exc_info=True)
+            self._retain_in_background()
+            try:  # direct uploads never committed (common.direct_uploads)
+                self._uploads.maybe_run(self.engine, self.redis, self.stopping)
+            except Exception:
+                log.warning("sweep of direct uploads failed; the next retries", exc_info=True)
 
     def heartbeat(self) -> None:
         """Tell operators (and ``hepato up``) this worker is loaded and alive."""
@@ -123,6 +142,31 @@ class Recovery:
             lost_ids.recover(self.engine, self.redis, self.settings.requeue_pending_after_s)
         except redis.RedisError:
             log.warning("could not look for ids Redis lost; the next sweep will", exc_info=True)
+
+    def upkeep_once(self) -> None:
+        """Make the day partitions of today and the days ahead that are missing
+        (common.partitions), when due: one worker at a time, the others go on."""
+        if time.monotonic() < self._upkeep_after:
+            return
+        # Days are made days ahead: one not made now (a busy lock) waits for the next.
+        self._upkeep_after = time.monotonic() + partitions.UPKEEP_INTERVAL_S
+        made = partitions.ensure(self.engine, self.settings.partition_days_ahead)
+        if made:
+            log.info("partitions made for %s", ", ".join(map(str, made)))
+
+    def _retain_in_background(self) -> None:
+        """``retain_once`` in a thread of its own: a day's survey reads its whole partition
+        (common.retention_days), longer than the heartbeat may wait."""
+        if self._retainer is not None and self._retainer.is_alive():
+            return
+        self._retainer = threading.Thread(target=self._retain_logged, name="retention", daemon=True)
+        self._retainer.start()
+
+    def _retain_logged(self) -> None:
+        try:
+            self.retain_once()
+        except Exception:
+            log.warning("retention failed; the next sweep retries", exc_info=True)
 
     def retain_once(self) -> None:
         """A bounded step of retention (common.retention) when it is on and due: at most

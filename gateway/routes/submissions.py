@@ -18,6 +18,7 @@ from pydantic import AnyHttpUrl
 from hepato.common import schemas
 from hepato.common.audit import Caller
 from hepato.common.constants import JobState, Priority
+from hepato.common.ids import new_job_id
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TASK_RESULT
 from hepato.gateway.auth import CallerDep
@@ -135,7 +136,7 @@ async def _store(
     )
 
 
-def _accepted(request: Request, res: Resources, sub: Submission) -> list[schemas.AcceptedJob]:
+def accepted_jobs(request: Request, res: Resources, sub: Submission) -> list[schemas.AcceptedJob]:
     return [
         schemas.AcceptedJob(
             job_id=job_id,
@@ -146,13 +147,54 @@ def _accepted(request: Request, res: Resources, sub: Submission) -> list[schemas
     ]
 
 
-def _rejected(sub: Submission) -> list[schemas.RejectedFile]:
+def rejected_files(sub: Submission) -> list[schemas.RejectedFile]:
     return [
         schemas.RejectedFile(
             filename=r.filename, error=str(r.error), status_code=r.error.status_code
         )
         for r in sub.rejected
     ]
+
+
+def batch_answer(
+    request: Request, res: Resources, sub: Submission, model: str, priority: Priority, item: str
+) -> schemas.BatchAccepted | JSONResponse:
+    """A batch submission's answer (``item``: what the request's entries are called in
+    the 422 when none was accepted)."""
+    if sub.batch_id is None:
+        return JSONResponse(
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+            content={
+                "detail": f"no {item} of this request is an accepted image",
+                "rejected": [r.model_dump() for r in rejected_files(sub)],
+            },
+        )
+    return schemas.BatchAccepted(
+        batch_id=sub.batch_id,
+        status_url=public_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
+        model=model,
+        priority=priority.value,
+        accepted=len(sub.jobs),
+        jobs=accepted_jobs(request, res, sub),
+        rejected=rejected_files(sub),
+    )
+
+
+def job_answer(
+    request: Request, res: Resources, sub: Submission, model: str, priority: Priority
+) -> schemas.JobAccepted:
+    """A one-job submission's answer; its file refused: the 4xx naming the problem."""
+    if sub.rejected:
+        bad = sub.rejected[0]
+        raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
+    job_id, filename = sub.jobs[0]
+    return schemas.JobAccepted(
+        job_id=job_id,
+        filename=filename,
+        status_url=public_url(request, res, "get_job", job_id=str(job_id)),
+        model=model,
+        priority=priority.value,
+    )
 
 
 @router.post(
@@ -173,23 +215,7 @@ async def submit_batch(
     async def run() -> schemas.BatchAccepted | JSONResponse:
         model = _model(res, form)
         sub = await _store(res, caller, files, model, form, as_batch=True)
-        if sub.batch_id is None:
-            return JSONResponse(
-                status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-                content={
-                    "detail": "no file of this request is an accepted image",
-                    "rejected": [r.model_dump() for r in _rejected(sub)],
-                },
-            )
-        return schemas.BatchAccepted(
-            batch_id=sub.batch_id,
-            status_url=public_url(request, res, "get_batch", batch_id=str(sub.batch_id)),
-            model=model.name,
-            priority=form.priority.value,
-            accepted=len(sub.jobs),
-            jobs=_accepted(request, res, sub),
-            rejected=_rejected(sub),
-        )
+        return batch_answer(request, res, sub, model.name, form.priority, "file")
 
     return await idempotency.run(status.HTTP_202_ACCEPTED, run)
 
@@ -216,17 +242,7 @@ async def _submit_one(
 ) -> schemas.JobAccepted:
     model = _model(res, form)
     sub = await _store(res, caller, [file], model, form, as_batch=False, job_id=job_id)
-    if sub.rejected:
-        bad = sub.rejected[0]
-        raise HTTPException(bad.error.status_code, f"{bad.filename}: {bad.error}")
-    job_id, filename = sub.jobs[0]
-    return schemas.JobAccepted(
-        job_id=job_id,
-        filename=filename,
-        status_url=public_url(request, res, "get_job", job_id=str(job_id)),
-        model=model.name,
-        priority=form.priority.value,
-    )
+    return job_answer(request, res, sub, model.name, form.priority)
 
 
 @router.post(
@@ -279,7 +295,7 @@ async def predict(
     started = time.perf_counter()
     # Waiting costs no thread: the watch reads every waiting caller's job in one query
     # per round. It listens for the job before the job exists: no wake-up can be missed.
-    job_id = uuid.uuid4()
+    job_id = new_job_id()
     async with watch.watching(job_id) as wait:
         accepted = await _submit_one(request, res, caller, file, form, job_id)
         finished = await wait(res.settings.detect_timeout_s)

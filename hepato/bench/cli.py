@@ -142,6 +142,13 @@ def e2e(
     wait: Annotated[
         str, typer.Option(help="How single-image clients see a job finish: sse or poll")
     ] = _D.wait,
+    upload: Annotated[
+        str,
+        typer.Option(
+            help="How clients send images: multipart (through the gateway) or direct "
+            "(presigned PUTs to the object store, then a commit; /v1/detect stays multipart)"
+        ),
+    ] = _D.upload,
     timeout_s: Annotated[
         float, typer.Option(help="Longest one measurement may take, s")
     ] = _D.timeout_s,
@@ -259,6 +266,8 @@ def e2e(
 
     if wait not in ("sse", "poll"):
         raise typer.BadParameter("--wait takes sse or poll")
+    if upload not in ("multipart", "direct"):
+        raise typer.BadParameter("--upload takes multipart or direct")
     try:
         chosen = scenario_names(only)
     except ValueError as exc:
@@ -269,6 +278,7 @@ def e2e(
         model=model,
         samples=samples,
         wait="sse" if wait == "sse" else "poll",
+        upload="direct" if upload == "direct" else "multipart",
         timeout_s=timeout_s,
         warmup_images=warmup_images,
         clients=clients,

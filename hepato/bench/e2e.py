@@ -106,6 +106,7 @@ class Bench:
                 chunk=chunk,
                 wait_each=wait_each,
                 rec=rec,
+                upload=self.opts.upload,
             )
 
         return self.measure(scenario, what, work)
@@ -143,15 +144,16 @@ class Bench:
         """``count`` images queued with no worker running, then drained by fresh workers
         (no warm-up: it would queue behind them); timed by the jobs' own timelines."""
         self.stack.stop_workers()
-        images, base, chunk = (
+        images, base, chunk, upload = (
             self._next(count),
             self.stack.base_url,
             self.opts.chunk,
+            self.opts.upload,
         )
         rec = self.measure(
             scenario,
             f"{what}: queueing",
-            lambda r: load.submit_only(base, images, model, chunk=chunk, rec=r),
+            lambda r: load.submit_only(base, images, model, chunk=chunk, rec=r, upload=upload),
         )
         self.stack.start_workers(scenario, workers, [model], env)
         # From the workers' readiness on (their model loading is not the drain's cost).
@@ -193,6 +195,7 @@ class Bench:
                     seconds=o.sweep_seconds,
                     wait=o.wait,
                     rec=rec,
+                    upload=o.upload,
                 )
 
             rec = self.measure(scenario, f"{c} single-image clients", work)
@@ -273,6 +276,7 @@ class Bench:
             "images": o.efficiency_images,
             "clients": o.clients,
             "images_per_request": o.chunk,
+            "upload": o.upload,
             "bare_seconds": o.bare_seconds,
         }
         return {"settings": settings, "runs": runs}

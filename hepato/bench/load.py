@@ -21,7 +21,8 @@ import httpx
 import numpy as np
 from httpx_sse import aconnect_sse
 
-from hepato.bench.options import Wait
+from hepato.bench import uploads
+from hepato.bench.options import Upload, Wait
 from hepato.common.constants import TERMINAL_STATES
 from hepato.common.settings import Settings
 
@@ -165,6 +166,7 @@ async def single_clients(
     wait: Wait,
     rec: Recorder,
     poll_interval_s: float = 0.02,
+    upload: Upload = "multipart",
 ) -> None:
     """``concurrency`` clients, each submitting one image (POST /v1/jobs) and waiting for
     it to finish before the next, until ``seconds`` have passed since the first."""
@@ -177,11 +179,7 @@ async def single_clients(
             while time.perf_counter() < end:
                 image = cycle(images, 1, next(counter))[0]
                 since = rec.start()
-                response = await client.post(
-                    "/v1/jobs",
-                    files={"file": (image.name, image.data, "image/png")},
-                    data={"model": model},
-                )
+                response = await uploads.post_job(client, image, model, upload)
                 if response.status_code != 202:
                     rec.finish(since, False, _refused(response))
                     await asyncio.sleep(0.1)  # a refusing gateway is not hammered
@@ -235,6 +233,7 @@ async def batch_clients(
     chunk: int,
     wait_each: bool,
     rec: Recorder,
+    upload: Upload = "multipart",
 ) -> None:
     """Submit ``images`` as batches of ``chunk`` (POST /v1/batches) from ``concurrency``
     clients and follow each batch's event stream until every job is finished.
@@ -251,11 +250,7 @@ async def batch_clients(
             while todo:
                 part = todo.pop(0)
                 since = rec.start()
-                response = await client.post(
-                    "/v1/batches",
-                    files=[("files", (i.name, i.data, "image/png")) for i in part],
-                    data={"model": model},
-                )
+                response = await uploads.post_batch(client, part, model, upload)
                 if response.status_code != 202:
                     for _ in part:
                         rec.finish(since, False, _refused(response))
@@ -313,16 +308,18 @@ async def read_model_batch_sizes(base_url: str, rec: Recorder) -> None:
 
 # --- the queue filled first ---------------------------------------------------------------
 async def submit_only(
-    base_url: str, images: Sequence[Image], model: str, *, chunk: int, rec: Recorder
+    base_url: str,
+    images: Sequence[Image],
+    model: str,
+    *,
+    chunk: int,
+    rec: Recorder,
+    upload: Upload = "multipart",
 ) -> None:
     """Queue ``images`` as batches (no worker should be running); ids into ``rec``."""
     async with _client(base_url, 4) as client:
         for part in chunks(images, chunk):
-            response = await client.post(
-                "/v1/batches",
-                files=[("files", (i.name, i.data, "image/png")) for i in part],
-                data={"model": model},
-            )
+            response = await uploads.post_batch(client, part, model, upload)
             if response.status_code != 202:
                 raise httpx.HTTPStatusError(
                     _refused(response), request=response.request, response=response

@@ -12,6 +12,9 @@ from hepato.common.settings import REPO_ROOT
 
 # How single-image clients see a job finish: its event stream, or polling.
 Wait = Literal["sse", "poll"]
+# How the clients send images: multipart through the gateway, or direct (presigned PUTs
+# to the object store, then a commit: hepato.bench.uploads).
+Upload = Literal["multipart", "direct"]
 
 SCENARIOS = ("load", "overhead", "efficiency", "batching", "realtime")
 ALIASES = {"a": "load", "b": "overhead", "c": "efficiency", "d": "batching", "e": "realtime"}
@@ -25,6 +28,7 @@ class BenchOptions:
     model: str = "hepato-yolov8n"
     samples: Path = REPO_ROOT / "samples"
     wait: Wait = "sse"
+    upload: Upload = "multipart"
     timeout_s: float = 300.0  # per measurement
     warmup_images: int = 16  # through each new set of workers, not measured
     clients: int = 8  # concurrent submitters in the throughput runs (and store-alone)

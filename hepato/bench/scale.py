@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from sqlalchemy import Engine, text
 
 from hepato.bench import report, scale_report
 from hepato.bench.scale_probes import LockSampler, postgres_cpu_s
-from hepato.common import dispatch, jobs
+from hepato.common import dispatch, ids, jobs, partitions
 from hepato.common.constants import PUBLIC_TENANT, Priority
 from hepato.common.db import get_engine
 from hepato.common.exceptions import BenchFailed
@@ -72,14 +73,15 @@ def _png() -> bytes:
 
 
 # --- the fill --------------------------------------------------------------------------
-_FILL = text("""
+_FILL = text(
+    """
 WITH j AS (
     INSERT INTO jobs (id, tenant, filename, object_key, image_format, size_bytes, width,
         height, model, model_version, task, priority, state, attempts, max_attempts,
         worker_id, lease_token, created_at, enqueued_at, started_at, fetched_at,
         inferred_at, finished_at, batch_size, queue_wait_ms, inference_ms, result,
         stages, kind)
-    SELECT gen_random_uuid(), CAST(:tenant AS text), 'tile_' || g || '.png',
+    SELECT {id}, CAST(:tenant AS text), 'tile_' || g || '.png',
         'uploads/' || CAST(:tenant AS text) || '/' || md5(g::text) || '.png', 'png',
         120000 + g % 60000, 640, 640, CAST(:model AS text), '1', 'detect', 'routine', 'done', 1, 3,
         'filler-worker-' || g % 16, gen_random_uuid(), t, t, t + interval '2 s',
@@ -97,7 +99,8 @@ INSERT INTO job_events (job_id, batch_id, tenant, state, error, at)
 SELECT j.id, NULL, j.tenant,
     (ARRAY['done', 'processing', 'pending'])[1 + (e + 2) % 3], NULL, j.finished_at
 FROM j CROSS JOIN generate_series(1, CAST(:events AS int)) AS e
-""")
+""".replace("{id}", ids.uuid7_sql("t"))
+)
 
 
 def filled(engine: Engine) -> int:
@@ -114,6 +117,12 @@ def fill_to(engine: Engine, rows: int, opts: ScaleOptions) -> dict[str, Any]:
     of one statement each, then VACUUM ANALYZE as autovacuum would have by then."""
     have = filled(engine)
     started = time.perf_counter()
+    # Ids of their finish time, as real jobs' are of theirs: the filler lands in the
+    # day partitions of the hours before now, made here as upkeep would have.
+    first = (datetime.now(UTC) - timedelta(milliseconds=50 * opts.fill_chunk)).date()
+    for day in partitions.wanted_days((datetime.now(UTC).date() - first).days, first):
+        with engine.begin() as conn:
+            partitions.create_day(conn, day)
     for start in range(have, rows, opts.fill_chunk):
         stop = min(rows, start + opts.fill_chunk)
         with engine.begin() as conn:
@@ -134,7 +143,11 @@ def fill_to(engine: Engine, rows: int, opts: ScaleOptions) -> dict[str, Any]:
         conn.execute(text("VACUUM ANALYZE job_events"))
         sizes = conn.execute(
             text(
-                "SELECT pg_total_relation_size('jobs'), pg_total_relation_size('job_events'),"
+                # Partitioned: the parents hold nothing, their partitions everything.
+                "SELECT (SELECT sum(pg_total_relation_size(relid))::bigint"
+                " FROM pg_partition_tree('jobs')),"
+                " (SELECT sum(pg_total_relation_size(relid))::bigint"
+                " FROM pg_partition_tree('job_events')),"
                 " (SELECT count(*) FROM job_events)"
             )
         ).one()

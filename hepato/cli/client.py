@@ -171,6 +171,13 @@ def submit(
     question: Annotated[str | None, typer.Option(help="vqa models: the question")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Image files per request")] = 500,
     wait: Annotated[bool, typer.Option(help="Wait until every job is finished")] = False,
+    direct: Annotated[
+        bool,
+        typer.Option(
+            help="Images: put each file on the object store itself (presigned URLs) and "
+            "commit, instead of sending it through the gateway"
+        ),
+    ] = False,
     deidentify: Annotated[
         bool, typer.Option(help="Slides: keep no label, macro or scanner metadata")
     ] = False,
@@ -199,7 +206,7 @@ def submit(
     with _client(url, api_key) as client:
         if total:
             code = _submit_images(
-                client, others, total, model, priority, question, batch_size, wait
+                client, others, total, model, priority, question, batch_size, wait, direct
             )
         if slides:
             slide_code = slide_cli.submit_slides(
@@ -224,6 +231,7 @@ def _submit_images(
     question: str | None,
     batch_size: int,
     wait: bool,
+    direct: bool = False,
 ) -> int:
     finals: list[BatchOut] = []
     with _progress() as progress:
@@ -236,6 +244,7 @@ def _submit_images(
             batch_size,
             on_uploaded=tracker.on_uploaded,
             on_batch=tracker.on_batch,
+            direct=direct,
         )
         refused = sum(len(r.rejected) for r in refs)
         if wait:

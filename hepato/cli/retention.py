@@ -1,5 +1,6 @@
 """``hepato retention run``: delete finished jobs older than a number of days, with their
-events, emptied batches, finished slides and objects (common.retention)."""
+events, emptied batches, finished slides and objects (common.retention), after making
+the day partitions of the days ahead that are missing (common.partitions)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hepato.common import retention
+from hepato.common import partitions, retention
 from hepato.common.db import get_engine
 from hepato.common.settings import get_settings
 from hepato.common.storage import ObjectStore
@@ -47,14 +48,19 @@ def run_pass(
             "no age: pass --older-than DAYS (> 0) or set HEPATO_RETENTION_DAYS",
             param_hint="--older-than",
         )
+    engine = get_engine(settings.database_url)
+    console = Console()
+    if not dry_run:
+        made = partitions.ensure(engine, settings.partition_days_ahead)
+        if made:
+            console.print(f"partitions made for {', '.join(map(str, made))}")
     done = retention.run(
-        get_engine(settings.database_url),
+        engine,
         ObjectStore(settings, pool_size=4),
         days,
         chunk=chunk or settings.retention_chunk,
         dry_run=dry_run,
     )
-    console = Console()
     if not done.ran:
         console.print("another retention pass is running; nothing done")
         raise typer.Exit(1)

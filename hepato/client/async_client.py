@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 from pydantic import TypeAdapter
 
+from hepato.client.direct import submit_direct
 from hepato.client.slides import SlideMethods
 from hepato.client.types import (
     BatchEvent,
@@ -33,6 +34,11 @@ from hepato.common.constants import TERMINAL_STATES, JobState, Priority
 from hepato.common.schemas import BatchOut, JobOut, ModelOut
 
 _MODELS = TypeAdapter(list[ModelOut])
+
+
+def _direct_fields(form: dict[str, str]) -> dict[str, object]:
+    """The multipart form's fields as a commit's JSON (deadline_s a number)."""
+    return {k: float(v) if k == "deadline_s" else v for k, v in form.items()}
 
 
 def _batch_finished(counts: dict[str, int]) -> bool:
@@ -62,10 +68,13 @@ class AsyncHepatoClient(SlideMethods):
         deadline_s: float | None = None,
         on_uploaded: OnUploaded | None = None,
         on_batch: Callable[[BatchRef], object] | None = None,
+        direct: bool = False,
     ) -> list[BatchRef]:
         """Submit image files, ``batch_size`` per request (one batch each). A request
         whose every file is refused raises HepatoAPIError (422, ``detail`` names them);
-        ``.submitted`` holds the batches created before it."""
+        ``.submitted`` holds the batches created before it. ``direct``: each file is put
+        on the object store itself and the batch committed (hepato.client.direct), not
+        sent through the gateway."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         files = find_images(paths_or_dir)
@@ -81,16 +90,21 @@ class AsyncHepatoClient(SlideMethods):
         refs: list[BatchRef] = []
         for chunk in chunked(files, batch_size):
             try:
-                response = await self._send(
-                    "POST",
-                    "/v1/batches",
-                    files=chunk,
-                    on_uploaded=on_uploaded,
-                    data=form,
-                    # Generated once per request, before its retries.
-                    headers={"Idempotency-Key": str(uuid.uuid4())},
-                    retry_conflict=True,  # 409: the first try is still running; its answer comes
-                )
+                if direct:
+                    response = await submit_direct(
+                        self, chunk, _direct_fields(form), str(uuid.uuid4()), on_uploaded
+                    )
+                else:
+                    response = await self._send(
+                        "POST",
+                        "/v1/batches",
+                        files=chunk,
+                        on_uploaded=on_uploaded,
+                        data=form,
+                        # Generated once per request, before its retries.
+                        headers={"Idempotency-Key": str(uuid.uuid4())},
+                        retry_conflict=True,  # 409: the first try is still running
+                    )
             except HepatoAPIError as exc:
                 exc.submitted = refs
                 raise

@@ -1,6 +1,10 @@
 """Retention (common.retention) on real Postgres and S3: old finished jobs go with their
 events, emptied batches, finished slides and objects, in bounded transactions; recent
-and unfinished ones, and the audit log, stay; one pass runs at a time."""
+and unfinished ones, and the audit log, stay; one pass runs at a time.
+
+These are the chunked deletes: the jobs are made (``made_long_ago``) with ids of a day
+that has no partition, so they are in the default partition, where no day's drop takes
+them (drops: tests/e2e/test_partitions.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from sqlalchemy import Connection, Engine, event, insert, text
 from typer.testing import CliRunner
 
 from hepato.cli.main import app
-from hepato.common import job_state_counts, retention
+from hepato.common import ids, job_state_counts, retention, retention_days
 from hepato.common.db import get_engine
 from hepato.common.settings import Settings, get_settings
 from hepato.common.storage import ObjectStore
@@ -32,6 +36,13 @@ OLD, RECENT = "10 days", "1 day"
 @pytest.fixture
 def engine(settings: Settings) -> Engine:
     return get_engine(settings.database_url)
+
+
+@pytest.fixture
+def made_long_ago(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Job ids made from now on are of 12 days ago (a day without a partition)."""
+    then = ids._clock_ms() - 12 * 86_400_000
+    monkeypatch.setattr(ids, "_clock_ms", lambda: then)
 
 
 @pytest.fixture
@@ -113,7 +124,11 @@ def transactions(engine: Engine) -> Iterator[list[int]]:
 
 
 def test_old_finished_jobs_go_with_events_objects_and_emptied_batches(
-    client: TestClient, engine: Engine, store: ObjectStore, transactions: list[int]
+    client: TestClient,
+    engine: Engine,
+    store: ObjectStore,
+    transactions: list[int],
+    made_long_ago: None,
 ) -> None:
     gone_batch, gone = submit(client, 3)  # all old and finished: the batch goes too
     kept_batch, mixed = submit(client, 3)  # one old, one recent, one unfinished
@@ -223,7 +238,7 @@ def slide(
 
 
 def test_a_slide_goes_only_once_it_finished_long_ago_and_its_objects_with_it(
-    client: TestClient, engine: Engine, store: ObjectStore
+    client: TestClient, engine: Engine, store: ObjectStore, made_long_ago: None
 ) -> None:
     with engine.begin() as conn:
         old, old_keys = slide(conn, store, "done", OLD, OLD)
@@ -254,7 +269,12 @@ def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
 
 
 def test_the_command_dry_runs_then_deletes_and_one_pass_runs_at_a_time(
-    client: TestClient, engine: Engine, store: ObjectStore, cli_env: None, tmp_path: Path
+    client: TestClient,
+    engine: Engine,
+    store: ObjectStore,
+    cli_env: None,
+    tmp_path: Path,
+    made_long_ago: None,
 ) -> None:
     _, ids = submit(client, 3)
     finish(engine, ids, OLD)
@@ -294,7 +314,7 @@ def test_the_command_dry_runs_then_deletes_and_one_pass_runs_at_a_time(
 
 
 def test_the_sweeper_runs_retention_when_set_and_a_bounded_step_at_a_time(
-    client: TestClient, engine: Engine, settings: Settings
+    client: TestClient, engine: Engine, settings: Settings, made_long_ago: None
 ) -> None:
     _, ids = submit(client, 3)
     finish(engine, ids, OLD)
@@ -356,13 +376,24 @@ def test_a_chunk_is_found_through_an_index_among_many_recent_jobs(
         conn.execute(text("ANALYZE jobs"))
     with engine.begin() as conn:
         cutoff = conn.execute(text("SELECT now() - interval '7 days'")).scalar_one()
-        sql = str(retention._TAKE)
+        sql, skip = retention.outside_sql(
+            retention._TAKE, retention_days.skipped_ranges(conn, cutoff)
+        )
         plan = conn.execute(
-            text("EXPLAIN (ANALYZE, FORMAT JSON) " + sql), {"cutoff": cutoff, "n": 1000}
+            text("EXPLAIN (ANALYZE, FORMAT JSON) " + sql), {**skip, "cutoff": cutoff, "n": 1000}
         ).scalar_one()
+        # jobs is partitioned by day: these (v4) ids are in its default and legacy
+        # partitions, each read through its partition of ix_jobs_state_enqueued.
+        tree = "SELECT c.relname FROM pg_partition_tree(CAST(:t AS regclass)) p"
+        tree += " JOIN pg_class c ON c.oid = p.relid WHERE p.isleaf"
+        parts = set(conn.execute(text(tree), {"t": "jobs"}).scalars())
+        indexes = set(conn.execute(text(tree), {"t": "ix_jobs_state_enqueued"}).scalars())
     nodes = scans(plan)
-    jobs = [node for node in nodes if node.get("Relation Name") == "jobs"]
+    jobs = [node for node in nodes if node.get("Relation Name") in parts]
     assert jobs and all(node["Node Type"] != "Seq Scan" for node in jobs), plan
+    # No day partition is read: the chunks leave days to the drops.
+    assert {node["Relation Name"] for node in jobs} <= {"jobs_default", "jobs_legacy"}, plan
     # Found through (state, enqueued_at): the 50 old rows read, none of the recent ones.
-    index = [node for node in nodes if node.get("Index Name") == "ix_jobs_state_enqueued"]
-    assert index and all(node["Actual Rows"] == 50 for node in index + jobs), plan
+    index = [node for node in nodes if node.get("Index Name") in indexes]
+    assert index and all(node["Node Type"] != "Seq Scan" for node in index), plan
+    assert sum(node["Actual Rows"] for node in index) == 50, plan
