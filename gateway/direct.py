@@ -24,20 +24,18 @@ from __future__ import annotations
 import io
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any, cast
 
-import redis
 from fastapi import HTTPException, status
 from PIL import Image
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
-from hepato.common import audit, dispatch, jobs, metrics, room, stages
-from hepato.common.audit import Action, Caller, ObjectType
+from hepato.common import metrics, room
+from hepato.common.audit import Caller
 from hepato.common.constants import Priority
 from hepato.common.direct_uploads import StagedKey
 from hepato.common.exceptions import (
@@ -55,12 +53,11 @@ from hepato.common.images import (
     pillow_reading,
     sniff_format,
 )
-from hepato.common.jobs import NewJob
 from hepato.common.manifest import ModelManifest
 from hepato.common.storage import ObjectStore
 from hepato.common.tables import Job
 from hepato.gateway.deps import Resources
-from hepato.gateway.submit import Rejection, Submission, check_callback, committed_after_all
+from hepato.gateway.submit import Passed, Rejection, Submission, check_callback, record
 
 log = logging.getLogger(__name__)
 
@@ -262,53 +259,27 @@ def commit(
         settings.max_queued_per_tenant,
         settings.queue_full_retry_after_s,
     )
-    keys = [i.key.key for i, _ in valid]
-    ids = [i.key.job_id for i, _ in valid]
-    detail: dict[str, Any] = {"accepted": len(valid), "rejected": len(rejected)}
-
-    def audit_row(batch_id: uuid.UUID | None, job_ids: list[uuid.UUID]) -> dict[str, Any]:
-        if batch_id is not None:
-            return audit.row(caller, Action.submit, ObjectType.batch, batch_id, **detail)
-        return audit.row(caller, Action.submit, ObjectType.job, job_ids[0], **detail)
-
     try:
-        created = jobs.create(
-            res.engine,
-            [NewJob(i.filename, i.key.key, info) for i, info in valid],
-            as_batch=as_batch,
-            tenant=tenant,
+        # No image goes inline through Redis: the gateway never had the bytes.
+        return record(
+            res,
+            caller,
+            [Passed(i.filename, i.key.key, info) for i, info in valid],
+            rejected,
             model=model,
             priority=priority,
-            max_attempts=settings.max_attempts,
             deadline_s=deadline_s,
+            as_batch=as_batch,
             question=question,
             callback_url=callback_url,
-            room=bounds,
-            stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
-            job_ids=ids,
-            audit_row=audit_row,
+            room_bounds=bounds,
+            started=started,
+            job_ids=[i.key.job_id for i, _ in valid],
         )
     except IntegrityError as exc:
         if getattr(exc.orig, "sqlstate", None) != "23505":
             raise
         raise _already_committed(res, tenant, valid) from None
-    except DBAPIError:
-        # As in gateway.submit: a COMMIT cut off on the wire may have committed.
-        found_jobs = committed_after_all(res, tenant, keys)
-        if found_jobs is None:
-            raise
-        log.warning("the jobs' COMMIT failed on the wire but did commit; accepting them")
-        created = found_jobs
-    pushed = [str(job_id) for job_id in created.job_ids]
-    try:
-        dispatch.push(res.redis, model.name, priority, pushed, tenant)
-    except redis.RedisError:
-        log.warning(
-            "could not push %d job ids to Redis; the sweeper will", len(pushed), exc_info=True
-        )
-    accepted = [(job_id, i.filename) for job_id, (i, _) in zip(created.job_ids, valid, strict=True)]
-    metrics.count_submission(model.name, len(accepted), len(rejected))
-    return Submission(created.batch_id, accepted, rejected)
 
 
 def _already_committed(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -26,7 +27,7 @@ from typing import Any, BinaryIO
 import redis
 from fastapi import HTTPException, status
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from hepato.common import audit, dispatch, egress, jobs, metrics, room, stages, webhooks
 from hepato.common.audit import Action, Caller, ObjectType
@@ -124,7 +125,68 @@ def submit(
         with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
             list(pool.map(put, zip(keys, valid, strict=True)))
 
-    detail: dict[str, Any] = {"accepted": len(valid), "rejected": len(rejected)}
+    passed = [Passed(u.filename, key, info) for key, (u, info) in zip(keys, valid, strict=True)]
+    try:
+        return record(
+            res,
+            caller,
+            passed,
+            rejected,
+            model=model,
+            priority=priority,
+            deadline_s=deadline_s,
+            as_batch=as_batch,
+            question=question,
+            callback_url=callback_url,
+            room_bounds=bounds,
+            started=started,
+            # A caller that waits has subscribed to its job's id before the job exists.
+            job_ids=[job_id] if job_id is not None and len(valid) == 1 else None,
+            wait=wait,
+            inline=lambda queued, ids: _inline(settings, queued, ids, valid),
+        )
+    except QueueFull:
+        # Concurrent submissions filled the queue while these uploaded: keep none of it.
+        res.store.remove(keys)
+        raise
+
+
+@dataclass(frozen=True)
+class Passed:
+    """A file of a submission that passed its checks, stored under ``key``."""
+
+    filename: str
+    key: str
+    info: ImageInfo
+
+
+def record(
+    res: Resources,
+    caller: Caller,
+    passed: list[Passed],
+    rejected: list[Rejection],
+    *,
+    model: ModelManifest,
+    priority: Priority,
+    deadline_s: float | None,
+    as_batch: bool,
+    question: str | None,
+    callback_url: str | None,
+    room_bounds: room.Room,
+    started: float,
+    job_ids: list[uuid.UUID] | None = None,
+    wait: bool = False,
+    inline: Callable[[int | None, list[str]], dict[str, bytes]] | None = None,
+) -> Submission:
+    """The jobs of files already stored: their rows and the submission's audit row in one
+    transaction, then their ids pushed (the order above), for the multipart path and the
+    direct one (gateway.direct) alike. ``inline(queued_before, ids)``: the images that
+    also go through Redis. Raises QueueFull, and an IntegrityError (nothing committed)
+    for the caller to answer."""
+    settings = res.settings
+    tenant = caller.tenant
+    keys = [p.key for p in passed]
+    detail: dict[str, Any] = {"accepted": len(passed), "rejected": len(rejected)}
     if wait:
         detail["wait"] = True
 
@@ -137,10 +199,7 @@ def submit(
     try:
         created = jobs.create(
             res.engine,
-            [
-                NewJob(upload.filename, key, info)
-                for key, (upload, info) in zip(keys, valid, strict=True)
-            ],
+            [NewJob(p.filename, p.key, p.info) for p in passed],
             as_batch=as_batch,
             tenant=tenant,
             model=model,
@@ -149,16 +208,13 @@ def submit(
             deadline_s=deadline_s,
             question=question,
             callback_url=callback_url,
-            room=bounds,
+            room=room_bounds,
             stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
-            # A caller that waits has subscribed to its job's id before the job exists.
-            job_ids=[job_id] if job_id is not None and len(valid) == 1 else None,
+            job_ids=job_ids,
             audit_row=audit_row,
         )
-    except QueueFull:
-        # Concurrent submissions filled the queue while these uploaded: keep none of it.
-        res.store.remove(keys)
-        raise
+    except IntegrityError:
+        raise  # Postgres answered: nothing of it committed
     except DBAPIError:
         # A connection lost during COMMIT raises here though the rows may be in: answering
         # 503 for jobs that exist would make a retry create them twice.
@@ -176,16 +232,13 @@ def submit(
             priority,
             ids,
             tenant,
-            inline=_inline(settings, created.queued_before, ids, valid),
+            inline=inline(created.queued_before, ids) if inline else None,
             inline_ttl_s=settings.inline_ttl_s,
         )
     except redis.RedisError:
         # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.
         log.warning("could not push %d job ids to Redis; the sweeper will", len(ids), exc_info=True)
-    accepted = [
-        (job_id, upload.filename)
-        for job_id, (upload, _) in zip(created.job_ids, valid, strict=True)
-    ]
+    accepted = [(job_id, p.filename) for job_id, p in zip(created.job_ids, passed, strict=True)]
     metrics.count_submission(model.name, len(accepted), len(rejected))
     return Submission(created.batch_id, accepted, rejected)
 
