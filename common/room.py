@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Engine, text
 
 from hepato.common import job_state_counts
 from hepato.common.exceptions import QueueFull
+from hepato.common.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,15 @@ class Room:
     per_model: int
     per_tenant: int
     retry_after_s: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Room:
+        """The bounds the settings give (HEPATO_MAX_QUEUED_PER_MODEL, _PER_TENANT)."""
+        return cls(
+            settings.max_queued_per_model,
+            settings.max_queued_per_tenant,
+            settings.queue_full_retry_after_s,
+        )
 
 
 def check_room(engine: Engine, model: str, tenant: str, adding: int, room: Room) -> int:

@@ -34,7 +34,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from hepato.common import metrics, room
+from hepato.common import metrics
 from hepato.common.audit import Caller
 from hepato.common.constants import Priority
 from hepato.common.direct_uploads import StagedKey
@@ -253,12 +253,6 @@ def commit(
         metrics.count_submission(model.name, 0, len(rejected))
         return Submission(None, [], rejected)
     res.redis.ping()  # 503 up front while the queue is down, as gateway.submit does
-    settings = res.settings
-    bounds = room.Room(
-        settings.max_queued_per_model,
-        settings.max_queued_per_tenant,
-        settings.queue_full_retry_after_s,
-    )
     try:
         # No image goes inline through Redis: the gateway never had the bytes.
         return record(
@@ -272,7 +266,6 @@ def commit(
             as_batch=as_batch,
             question=question,
             callback_url=callback_url,
-            room_bounds=bounds,
             started=started,
             job_ids=[i.key.job_id for i, _ in valid],
         )

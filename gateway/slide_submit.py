@@ -94,11 +94,7 @@ def submit_slide(
     except InvalidSlide as exc:
         raise HTTPException(exc.status_code, f"{filename}: {exc}") from None
     res.redis.ping()
-    bounds = room.Room(
-        settings.max_queued_per_model,
-        settings.max_queued_per_tenant,
-        settings.queue_full_retry_after_s,
-    )
+    bounds = room.Room.of(settings)
     room.check_room(res.engine, model.name, tenant, 1, bounds)
     fmt = sniffed.format.value
     key = new_object_key(file_suffix(fmt))

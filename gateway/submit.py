@@ -101,11 +101,7 @@ def submit(
     # Refuse up front (503) while the queue is down, so nothing is half-accepted. Should
     # Redis fail between here and the push, the committed jobs are still safe (see below).
     res.redis.ping()
-    bounds = room.Room(
-        settings.max_queued_per_model,
-        settings.max_queued_per_tenant,
-        settings.queue_full_retry_after_s,
-    )
+    bounds = room.Room.of(settings)
     if len(valid) > 1:
         # Several files: a refusal now saves storing them all. One file is stored first
         # and removed if the insert's own check (hold_room) refuses it: one query less on
@@ -138,7 +134,6 @@ def submit(
             as_batch=as_batch,
             question=question,
             callback_url=callback_url,
-            room_bounds=bounds,
             started=started,
             # A caller that waits has subscribed to its job's id before the job exists.
             job_ids=[job_id] if job_id is not None and len(valid) == 1 else None,
@@ -172,7 +167,6 @@ def record(
     as_batch: bool,
     question: str | None,
     callback_url: str | None,
-    room_bounds: room.Room,
     started: float,
     job_ids: list[uuid.UUID] | None = None,
     wait: bool = False,
@@ -208,7 +202,7 @@ def record(
             deadline_s=deadline_s,
             question=question,
             callback_url=callback_url,
-            room=room_bounds,
+            room=room.Room.of(settings),
             stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
             job_ids=job_ids,
             audit_row=audit_row,
