@@ -5,7 +5,10 @@ For each table size (filler rows written in Postgres by ``INSERT ... SELECT
 generate_series``, never through the API) and each worker count: a fixed number of
 null-model jobs is created as the gateway creates them (common.jobs.create, ids pushed
 with common.dispatch.push, the image inline in Redis so no download is measured), then
-burst workers (hepato.bench.scale_worker) drain them. Measured: jobs/s from the first
+burst workers (hepato.bench.scale_worker) drain them. Each such run is paired with one
+just before it against an empty jobs table (a second database on the same server,
+emptied before each run), so that the filled/empty ratio compares runs a few seconds
+apart rather than minutes apart on a VM whose speed drifts. Measured: jobs/s from the first
 claim to the last complete (the jobs' own timestamps), each claim and complete
 transaction's time (in the workers), Postgres lock waits (sampled from pg_stat_activity
 and pg_locks in a thread) and Postgres CPU per job (psutil on the server's processes),
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 
 from hepato.bench import report, scale_report
 from hepato.bench.scale_probes import LockSampler, postgres_cpu_s
@@ -45,16 +48,21 @@ FILLER_MODEL = "filler-detector"
 FILLER_TENANT = "filler-lab"
 MODEL = "null"
 READY_KEY, GO_KEY = "hepato:bench:scale:ready", "hepato:bench:scale:go"
+# The empty table each filled run is compared with: a second database on the same server,
+# measured turn about with the filled one (see run_scale).
+BASELINE_DB = "hepato_scale_baseline"
 # --quick: what the test suite runs.
-QUICK_SIZES, QUICK_WORKERS, QUICK_JOBS = (0, 20_000), (1, 2), 300
+QUICK_SIZES, QUICK_WORKERS, QUICK_JOBS, QUICK_REPEAT = (20_000,), (1, 2), 300, 1
 
 
 @dataclass
 class ScaleOptions:
     out: Path = REPO_ROOT / ".data" / "bench"
-    sizes: tuple[int, ...] = (0, 1_000_000, 5_000_000)  # filler rows in jobs
+    # Filler rows in jobs; each filled run is paired with one on an empty table.
+    sizes: tuple[int, ...] = (1_000_000, 5_000_000)
     workers: tuple[int, ...] = (1, 2, 4)
     jobs: int = 2000  # null-model jobs per run
+    repeat: int = 3  # runs per size and worker count; the targets take their median
     events_per_job: int = 1  # job_events rows per filler job
     fill_chunk: int = 500_000  # filler rows per INSERT statement
     sample_ms: float = 20.0  # lock-wait sampling period
@@ -188,12 +196,14 @@ class ScaleBench:
     def __init__(self, opts: ScaleOptions, local: LocalStack, settings: Settings) -> None:
         self.opts, self.local, self.settings = opts, local, settings
         self.engine = get_engine(local.database_url)
+        self.baseline_url = make_url(local.database_url).set(database=BASELINE_DB)
+        self.baseline = get_engine(self.baseline_url.render_as_string(hide_password=False))
         self.redis = redis.Redis.from_url(local.redis_url)
         self.model = load_registry(settings.models_dir)[MODEL]
         self.png = _png()
         self.runs = 0
 
-    def submit(self, count: int) -> list[uuid.UUID]:
+    def submit(self, engine: Engine, count: int) -> list[uuid.UUID]:
         """``count`` pending null-model jobs, created and pushed as the gateway does."""
         image = ImageInfo("png", "image/png", 8, 8, len(self.png))
         ids: list[uuid.UUID] = []
@@ -203,7 +213,7 @@ class ScaleBench:
                 for i in range(start, min(count, start + 500))
             ]
             created = jobs.create(
-                self.engine,
+                engine,
                 new,
                 as_batch=False,
                 tenant=PUBLIC_TENANT,
@@ -225,10 +235,11 @@ class ScaleBench:
             ids.extend(created.job_ids)
         return ids
 
-    def _env(self, worker_id: str) -> dict[str, str]:
+    def _env(self, worker_id: str, engine: Engine) -> dict[str, str]:
         return {
             **os.environ,
             **self.local.env(),
+            "HEPATO_DATABASE_URL": engine.url.render_as_string(hide_password=False),
             "HEPATO_MODELS_DIR": str(self.settings.models_dir),
             "HEPATO_WORKER_MODELS": json.dumps([MODEL]),
             "HEPATO_WORKER_ID": worker_id,
@@ -239,7 +250,9 @@ class ScaleBench:
             "HEPATO_POLL_TIMEOUT_S": "0.2",
         }
 
-    def spawn(self, count: int, folder: Path) -> list[tuple[Path, subprocess.Popen]]:
+    def spawn(
+        self, count: int, folder: Path, engine: Engine
+    ) -> list[tuple[Path, subprocess.Popen]]:
         """``count`` burst workers, waiting for the word go once ready (``go``)."""
         self.runs += 1
         self.redis.delete(READY_KEY, GO_KEY)
@@ -247,7 +260,7 @@ class ScaleBench:
         for i in range(count):
             name = f"scale-{self.runs}-worker-{i}"
             path = folder / f"{name}.json"
-            procs.append((path, self.local.spawn(name, self._cmd(path), self._env(name))))
+            procs.append((path, self.local.spawn(name, self._cmd(path), self._env(name, engine))))
         deadline = time.monotonic() + self.opts.timeout_s
         while int(self.redis.get(READY_KEY) or 0) < count:
             for path, proc in procs:
@@ -285,8 +298,9 @@ class ScaleBench:
     def _cmd(path: Path) -> list[str]:
         return [sys.executable, "-m", "hepato.bench.scale_worker", str(path), READY_KEY, GO_KEY]
 
-    def outcome(self, ids: list[uuid.UUID]) -> dict[str, Any]:
-        with self.engine.connect() as conn:
+    @staticmethod
+    def outcome(engine: Engine, ids: list[uuid.UUID]) -> dict[str, Any]:
+        with engine.connect() as conn:
             row = conn.execute(
                 text(
                     "SELECT count(*) FILTER (WHERE state = 'done'), count(*),"
@@ -297,9 +311,23 @@ class ScaleBench:
             ).one()
         return {"done": int(row[0]), "found": int(row[1]), "span_s": float(row[2] or 0.0)}
 
-    def run(self, size: int, count: int, folder: Path) -> dict[str, Any]:
-        ids = self.submit(self.opts.jobs)
-        procs = self.spawn(count, folder)
+    def checkpoint(self) -> None:
+        """Start each run just after a checkpoint: the fill's gigabytes leave one under
+        way (or due) that would otherwise land in the large table's runs only, and the
+        full-page images after any checkpoint then weigh the same on every run."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("CHECKPOINT"))
+
+    def run(self, size: int, count: int, folder: Path, repeat: int = 1) -> dict[str, Any]:
+        """One run against the table filled to ``size`` rows, or with ``size`` 0 against
+        the baseline database, emptied first."""
+        engine = self.engine if size else self.baseline
+        if not size:
+            with engine.begin() as conn:
+                conn.execute(text("TRUNCATE jobs, batches CASCADE"))
+        ids = self.submit(engine, self.opts.jobs)
+        procs = self.spawn(count, folder, engine)
+        self.checkpoint()
         sampler = LockSampler(self.engine, self.opts.sample_ms / 1000)
         cpu_before = postgres_cpu_s(self.local)
         sampler.start()
@@ -308,7 +336,7 @@ class ScaleBench:
         finally:
             locks = sampler.finish()
         cpu_s = postgres_cpu_s(self.local) - cpu_before
-        end = self.outcome(ids)
+        end = self.outcome(engine, ids)
         tx: dict[str, dict[str, list[float]]] = {}
         for w in found:
             for kind, series in w["transactions"].items():
@@ -319,6 +347,7 @@ class ScaleBench:
         return {
             "rows": size,
             "workers": count,
+            "repeat": repeat,
             "submitted": len(ids),
             "done": done,
             "jobs_per_s": round(done / end["span_s"], 1) if end["span_s"] else None,
@@ -332,6 +361,18 @@ class ScaleBench:
             "postgres_cpu_ms_per_job": round(1000 * cpu_s / done, 3) if done else None,
             "batches": sum(w["batches"] for w in found),
         }
+
+
+def _baseline_database(engine: Engine) -> None:
+    """The baseline database next to the bench's own, created once and migrated."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        there = conn.execute(
+            text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": BASELINE_DB}
+        ).first()
+        if not there:
+            conn.execute(text(f'CREATE DATABASE "{BASELINE_DB}"'))
+    url = make_url(engine.url).set(database=BASELINE_DB)
+    run_migrations(url.render_as_string(hide_password=False))
 
 
 def run_scale(opts: ScaleOptions, settings: Settings, argv: list[str]) -> dict[str, Any]:
@@ -356,18 +397,25 @@ def run_scale(opts: ScaleOptions, settings: Settings, argv: list[str]) -> dict[s
                 raise BenchFailed("start-up", f"{exc}; logs under {local.root}") from exc
             run_migrations(local.database_url)
         bench = ScaleBench(opts, local, settings)
+        _baseline_database(bench.engine)
         with bench.engine.begin() as conn:  # a previous run's stack is reused: start empty
             conn.execute(text("TRUNCATE jobs, batches CASCADE"))
         bench.redis.flushall()
         logs = local.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for size in sorted(opts.sizes):
+        # A shared VM's speed drifts (2x within ten minutes, seen on the project's VM), so
+        # each run against a filled table is paired with one against an empty table run
+        # just before it, in another database of the same server, and the ratio is taken
+        # pair by pair; worker counts are interleaved for the same reason.
+        for size in sorted(s for s in opts.sizes if s):
             with report.status(f"filling jobs to {size:,} rows..."):
                 result["fills"].append(fill_to(bench.engine, size, opts))
-            for count in opts.workers:
-                row = bench.run(size, count, logs)
-                result["runs"].append(row)
-                scale_report.progress(row)
+            for repeat in range(1, opts.repeat + 1):
+                for count in opts.workers:
+                    for rows in (0, size):
+                        row = {**bench.run(rows, count, logs, repeat), "paired_with": size}
+                        result["runs"].append(row)
+                        scale_report.progress(row)
         # Gigabytes of filler would stay on disk under the data dir until the next run.
         with bench.engine.begin() as conn:
             conn.execute(text("TRUNCATE jobs, batches CASCADE"))

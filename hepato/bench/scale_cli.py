@@ -19,9 +19,12 @@ def scale(
     size: Annotated[
         list[int] | None,
         typer.Option(
-            min=0,
-            help="Rows the jobs table is filled to before each set of runs; repeatable",
-            show_default="0 1000000 5000000; 0 20000 with --quick",
+            min=1,
+            help=(
+                "Rows the jobs table is filled to; each run is paired with one on an"
+                " empty table; repeatable"
+            ),
+            show_default="1000000 5000000; 20000 with --quick",
         ),
     ] = None,
     workers: Annotated[
@@ -33,6 +36,14 @@ def scale(
     jobs: Annotated[
         int | None,
         typer.Option(min=1, help="Null-model jobs per run", show_default="2000; 300 with --quick"),
+    ] = None,
+    repeat: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Runs per size and worker count; the targets take their median",
+            show_default="3; 1 with --quick",
+        ),
     ] = None,
     events_per_job: Annotated[int, typer.Option(min=0, help="job_events rows per filler job")] = 1,
     sample_ms: Annotated[float, typer.Option(help="Lock-wait sampling period, ms")] = 20.0,
@@ -53,7 +64,14 @@ def scale(
         raise typer.BadParameter(
             "the scale bench needs psutil: pip install 'hepato[bench]'"
         ) from None
-    from hepato.bench.scale import QUICK_JOBS, QUICK_SIZES, QUICK_WORKERS, ScaleOptions, run_scale
+    from hepato.bench.scale import (
+        QUICK_JOBS,
+        QUICK_REPEAT,
+        QUICK_SIZES,
+        QUICK_WORKERS,
+        ScaleOptions,
+        run_scale,
+    )
     from hepato.bench.scale_report import print_report
     from hepato.common.exceptions import BenchFailed
 
@@ -63,6 +81,7 @@ def scale(
         sizes=tuple(size or (QUICK_SIZES if quick else base.sizes)),
         workers=tuple(workers or (QUICK_WORKERS if quick else base.workers)),
         jobs=jobs or (QUICK_JOBS if quick else base.jobs),
+        repeat=repeat or (QUICK_REPEAT if quick else base.repeat),
         events_per_job=events_per_job,
         sample_ms=sample_ms,
         timeout_s=timeout_s,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def _tx(row: dict[str, Any], kind: str, key: str) -> float | None:
 
 def progress(row: dict[str, Any]) -> None:
     console.print(
-        f"  scale: {row['rows']:,} rows, {row['workers']} workers: {row['done']} of "
+        f"  scale: {_label(*_key(row)[::2])} rows, {row['workers']} workers: {row['done']} of "
         f"{row['submitted']} jobs done, [bold]{_f(row['jobs_per_s'])} jobs/s[/], claim p99 "
         f"{_f(_tx(row, 'claim', 'p99_ms'), 2)} ms, complete p99 "
         f"{_f(_tx(row, 'complete', 'p99_ms'), 2)} ms, lock wait "
@@ -57,18 +58,54 @@ def _target(name: str, value: Any, goal: str, met: bool | None) -> dict[str, Any
     return {"target": name, "value": value, "goal": goal, "met": met, "issue": 18}
 
 
+Key = tuple[int, int, int]  # rows, workers, the filled size a baseline run is paired with
+
+
+def _key(r: dict[str, Any]) -> Key:
+    return r["rows"], r["workers"], r.get("paired_with", r["rows"])
+
+
+def _label(rows: int, paired: int) -> str:
+    return f"{rows:,}" if rows or rows == paired else f"0 (beside {paired:,})"
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
+    """Per (rows, workers, paired size): the median over its repeated runs of jobs/s and
+    of lock wait per job; one run of a couple of seconds on shared cores varies by a
+    tenth. A baseline run (0 rows) is grouped with the filled size it was paired with."""
+    grouped: dict[Key, list[dict[str, Any]]] = {}
+    for r in runs:
+        grouped.setdefault(_key(r), []).append(r)
+
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return round(statistics.median(known), 3) if known else None
+
+    return {
+        key: {
+            "runs": len(group),
+            "jobs_per_s": median([r["jobs_per_s"] for r in group]),
+            "lock_wait": {"ms_per_job": median([r["lock_wait"]["ms_per_job"] for r in group])},
+        }
+        for key, group in grouped.items()
+    }
+
+
 def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 18's three targets, each against this run's figures (met: None when the run
-    did not measure what it needs)."""
+    """Issue 18's three targets, each against this run's figures, the medians of repeated
+    runs (met: None when the run did not measure what it needs)."""
     out = []
-    by = {(r["rows"], r["workers"]): r for r in runs}
+    by = medians(runs)
     sizes = sorted({r["rows"] for r in runs})
     counts = sorted({r["workers"] for r in runs})
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
         ratios = {}
         for n in counts:
-            a, b = by.get((small, n)), by.get((large, n))
+            # The empty-table runs paired with the largest size; else (runs made before
+            # pairing) the smallest size's own.
+            a = by.get((small, n, large)) or by.get((small, n, small))
+            b = by.get((large, n, large))
             if a and b and a["jobs_per_s"] and b["jobs_per_s"]:
                 ratios[n] = round(b["jobs_per_s"] / a["jobs_per_s"], 3)
         out.append(
@@ -81,10 +118,13 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     if len(counts) > 1:
         growth = {}
-        for size in sizes:
-            one, most = by.get((size, counts[0])), by.get((size, counts[-1]))
+        for rows, paired in sorted({(k[0], k[2]) for k in by}):
+            one, most = by.get((rows, counts[0], paired)), by.get((rows, counts[-1], paired))
             if one and most:
-                growth[size] = (one["lock_wait"]["ms_per_job"], most["lock_wait"]["ms_per_job"])
+                growth[_label(rows, paired)] = (
+                    one["lock_wait"]["ms_per_job"],
+                    most["lock_wait"]["ms_per_job"],
+                )
         met = all(
             m is not None and o is not None and m <= max(o * GROWTH_SLACK, o + NOISE_MS_PER_JOB)
             for o, m in growth.values()
@@ -92,7 +132,7 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             _target(
                 f"lock wait ms/job, {counts[0]} -> {counts[-1]} workers, per size",
-                {f"{s:,}": f"{o} -> {m}" for s, (o, m) in growth.items()} or None,
+                {s: f"{o} -> {m}" for s, (o, m) in growth.items()} or None,
                 f"not growing (<= {GROWTH_SLACK}x, or + {NOISE_MS_PER_JOB} ms/job)",
                 met if growth else None,
             )
@@ -135,6 +175,7 @@ def _table(result: dict[str, Any]) -> Table:
         "lock wait s",
         "event-log lock share",
         "PG CPU ms/job",
+        "run",
     )
     for col in cols:
         t.add_column(col, justify="right")
@@ -153,7 +194,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
             (
                 r,
                 [
-                    f"{r['rows']:,}",
+                    _label(*_key(r)[::2]),
                     str(r["workers"]),
                     f"{r['done']}/{r['submitted']}",
                     _f(r["jobs_per_s"]),
@@ -163,6 +204,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
                     _f(lock["total_s"], 3),
                     "-" if share is None else f"{100 * share:.0f}%",
                     _f(r["postgres_cpu_ms_per_job"], 2),
+                    str(r.get("repeat", 1)),
                 ],
             )
         )
@@ -171,6 +213,11 @@ def _rows(result: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
 
 def print_report(result: dict[str, Any]) -> None:
     console.print(_table(result))
+    for (rows, workers, paired), m in sorted(medians(result["runs"]).items()):
+        console.print(
+            f"  median of {m['runs']} run(s) at {_label(rows, paired)} rows, {workers} workers: "
+            f"{_f(m['jobs_per_s'])} jobs/s, lock wait {_f(m['lock_wait']['ms_per_job'], 3)} ms/job"
+        )
     print_targets(result["targets"])
     if result.get("busy"):
         console.print("[yellow]other runs on this machine meanwhile (figures indicative):")
@@ -182,16 +229,23 @@ def markdown(result: dict[str, Any]) -> str:
     """The same table and targets as GitHub markdown, for the README."""
     head = (
         "| rows | workers | done | jobs/s | claim p99 ms | complete p99 ms | writes/complete "
-        "| lock wait s | event-log lock share | PG CPU ms/job |"
+        "| lock wait s | event-log lock share | PG CPU ms/job | run |"
     )
     lines = [
         f"`{' '.join(result['command'])}` on {result['machine']['cpu']}, "
         f"{result['machine']['cores']} cores, {result['started_at']}",
         "",
         head,
-        "|" + "---:|" * 10,
+        "|" + "---:|" * 11,
     ]
     lines += ["| " + " | ".join(cells) + " |" for _, cells in _rows(result)]
+    lines += ["", "| rows | workers | runs | median jobs/s | median lock wait ms/job |"]
+    lines += ["|---:|---:|---:|---:|---:|"]
+    for (rows, workers, paired), m in sorted(medians(result["runs"]).items()):
+        lines.append(
+            f"| {_label(rows, paired)} | {workers} | {m['runs']} | {_f(m['jobs_per_s'])} "
+            f"| {_f(m['lock_wait']['ms_per_job'], 3)} |"
+        )
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     for t in result["targets"]:
         met = {True: "yes", False: "no", None: "-"}[t["met"]]

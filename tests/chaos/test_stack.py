@@ -106,7 +106,7 @@ def test_a_killed_worker_is_restarted_and_its_jobs_finish(data_dir: Path) -> Non
         "HEPATO_DATA_DIR": str(data_dir),
         "HEPATO_S3_BUCKET": "hepato",
     }
-    repeat = 24  # 13 sample images each time: enough work for the kill to land mid-run
+    repeat = 8  # 13 sample images each time: enough work for the kill to land mid-run
     cmd = [sys.executable, "-m", "hepato", "up", "--workers", "1", "--port", str(port)]
     cmd += ["--samples", str(SAMPLES), "--repeat", str(repeat), "--keep-running", "--no-slide"]
     up = subprocess.Popen(

@@ -37,11 +37,17 @@ def test_the_quick_scale_bench_drains_every_job_and_reports_each_figure(data_dir
 
     report = json.loads((out / "bench-scale.json").read_text())
     assert report["command"] == ["hepato", "bench", "scale", "--quick", "--out", str(out)]
-    assert [f["rows"] for f in report["fills"]] == [0, 20_000]
+    assert [f["rows"] for f in report["fills"]] == [20_000]
     # One job_events row per filler job, besides the events of the submitted jobs.
-    assert report["fills"][1]["job_events_rows"] >= 20_000
+    assert report["fills"][0]["job_events_rows"] >= 20_000
     runs = report["runs"]
-    assert [(r["rows"], r["workers"]) for r in runs] == [(0, 1), (0, 2), (20_000, 1), (20_000, 2)]
+    # Each run on the filled table just after one on the empty (baseline) table.
+    assert [(r["rows"], r["workers"], r["paired_with"]) for r in runs] == [
+        (0, 1, 20_000),
+        (20_000, 1, 20_000),
+        (0, 2, 20_000),
+        (20_000, 2, 20_000),
+    ]
     for run in runs:
         assert run["submitted"] == run["done"] == 300
         assert run["jobs_per_s"] > 0
