@@ -9,8 +9,17 @@ from hepato.bench.scale_report import markdown, medians, targets
 
 
 def _run(
-    rows: int, workers: int, jobs_per_s: float, repeat: int, lock: float = 0.0, paired: int = 0
+    rows: int,
+    workers: int,
+    jobs_per_s: float,
+    repeat: int,
+    lock: float = 0.0,
+    paired: int = 0,
+    by_kind: dict[str, float] | None = None,
 ) -> dict:
+    wait: dict[str, Any] = {"total_s": 0.0, "event_log_share": None, "ms_per_job": lock}
+    if by_kind is not None:
+        wait["by_kind_s"] = by_kind
     return {
         "rows": rows,
         "paired_with": paired or rows,
@@ -21,7 +30,7 @@ def _run(
         "jobs_per_s": jobs_per_s,
         "claim": None,
         "complete": {"p99_ms": 1.0, "write_statements": [1], "jobs_write_statements": [1]},
-        "lock_wait": {"total_s": 0.0, "event_log_share": None, "ms_per_job": lock},
+        "lock_wait": wait,
         "postgres_cpu_ms_per_job": 0.2,
     }
 
@@ -46,7 +55,7 @@ def test_the_throughput_ratio_is_of_the_medians_of_each_point() -> None:
     assert medians(runs)[(0, 1, 5_000_000)] == {
         "runs": 3,
         "jobs_per_s": 1000,
-        "lock_wait": {"ms_per_job": 0.0},
+        "lock_wait": {"ms_per_job": 0.0, "locks_ms_per_job": 0.0, "latches_ms_per_job": None},
     }
 
 
@@ -70,9 +79,32 @@ def test_lock_wait_growth_is_judged_on_medians_too() -> None:
     runs = [_run(0, 1, 1000, r, lock=0.01) for r in (1, 2, 3)]
     runs += [_run(0, 4, 1000, 1, lock=0.5), _run(0, 4, 1000, 2, lock=0.02)]
     runs += [_run(0, 4, 1000, 3, lock=0.03)]
-    (growth,) = [t for t in targets(runs) if t["target"].startswith("lock wait")]
+    (growth,) = [t for t in targets(runs) if t["target"].startswith("heavyweight lock")]
     assert growth["value"] == {"0": "0.01 -> 0.03"}
     assert growth["met"] is True
+
+
+def test_heavyweight_locks_and_latches_are_judged_apart() -> None:
+    # 10 jobs a run: 0.1 ms/job is one millisecond of wait. Four workers wait on WAL
+    # flushes (a latch) far more than one, but on no transaction's lock.
+    one = {"LWLock: WALWrite": 0.001}
+    four = {"LWLock: WALWrite": 0.01, "Lock: extend": 0.0001}
+    runs = [_run(0, 1, 1000, r, lock=0.1, by_kind=one) for r in (1, 2, 3)]
+    runs += [_run(0, 4, 1000, r, lock=1.01, by_kind=four) for r in (1, 2, 3)]
+    found = {t["target"].split(" ms/job")[0]: t for t in targets(runs)}
+    locks, latches = found["heavyweight lock wait"], found["latch (LWLock) wait"]
+    assert (locks["value"], locks["met"]) == ({"0": "0.0 -> 0.01"}, True)
+    assert (latches["value"], latches["met"]) == ({"0": "0.1 -> 1.0"}, False)
+    text = markdown(
+        {
+            "command": ["hepato", "bench", "scale"],
+            "machine": {"cpu": "test", "cores": 2},
+            "started_at": "now",
+            "runs": runs,
+            "targets": targets(runs),
+        }
+    )
+    assert "| 0 | 4 | 3 | 1000.0 | 1.010 | 0.010 | 1.000 |" in text
 
 
 def test_the_markdown_has_every_run_and_the_medians() -> None:
