@@ -62,7 +62,8 @@ def test_the_quick_scale_bench_drains_every_job_and_reports_each_figure(data_dir
         assert run["postgres_cpu_ms_per_job"] > 0
     names = [t["target"] for t in report["targets"]]
     assert names[0].startswith("throughput at 20,000 rows / at 0 rows")
-    assert names[1].startswith("lock wait ms/job, 1 -> 2 workers")
+    assert names[1].startswith("heavyweight lock wait ms/job, 1 -> 2 workers")
+    assert names[2].startswith("latch (LWLock) wait ms/job, 1 -> 2 workers")
     assert "write statements to jobs per microbatch complete" in names
     assert all(t["met"] in (True, False) for t in report["targets"])
 
