@@ -209,6 +209,10 @@ class LocalStack:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            # One master and no peers: a restart that resumes its raft state waits one
+            # election timeout (10 s by default) before it elects itself, and serves nothing
+            # meanwhile.
+            "-master.electionTimeout=1s",
             "-master.volumeSizeLimitMB=256",
             "-volume.max=0",
         ]
