@@ -5,16 +5,15 @@ For each table size (filler rows written in Postgres by ``INSERT ... SELECT
 generate_series``, never through the API: hepato.bench.scale_fill) and each worker
 count: a fixed number of null-model jobs is created as the gateway creates them
 (common.jobs.create, ids pushed with common.dispatch.push, the image inline in Redis so
-no download is measured), then
-burst workers (hepato.bench.scale_worker) drain them. Each such run is paired with one
-just before it against an empty jobs table (a second database on the same server,
-emptied before each run), so that the filled/empty ratio compares runs a few seconds
-apart rather than minutes apart on a VM whose speed drifts. Measured: jobs/s from the first
-claim to the last complete (the jobs' own timestamps), each claim and complete
-transaction's time (in the workers), Postgres lock waits (sampled from pg_stat_activity
-and pg_locks in a thread) and Postgres CPU per job (psutil on the server's processes),
-both in hepato.bench.scale_probes. Tables, targets and files are
-hepato.bench.scale_report's."""
+no download is measured), then burst workers (hepato.bench.scale_worker) drain them.
+Each such run is paired with one just before it against an empty jobs table (a second
+database on the same server, emptied before each run), so that the filled/empty ratio
+compares runs a few seconds apart rather than minutes apart on a VM whose speed drifts.
+Measured: jobs/s from the first claim to the last complete (the jobs' own timestamps),
+each claim and complete transaction's time (in the workers), Postgres lock waits
+(sampled from pg_stat_activity and pg_locks in a thread) and Postgres CPU per job
+(psutil on the server's processes), both in hepato.bench.scale_probes. Tables, targets
+and files are hepato.bench.scale_report's."""
 
 from __future__ import annotations
 
@@ -30,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Engine, text
 
 from hepato.bench import report, scale_report
-from hepato.bench.scale_fill import BASELINE_DB, baseline_database, fill_to
+from hepato.bench.scale_fill import baseline_database, fill_to
 from hepato.bench.scale_probes import LockSampler, postgres_cpu_s
 from hepato.common import dispatch, jobs
 from hepato.common.constants import PUBLIC_TENANT, Priority
@@ -102,8 +101,7 @@ class ScaleBench:
     def __init__(self, opts: ScaleOptions, local: LocalStack, settings: Settings) -> None:
         self.opts, self.local, self.settings = opts, local, settings
         self.engine = get_engine(local.database_url)
-        self.baseline_url = make_url(local.database_url).set(database=BASELINE_DB)
-        self.baseline = get_engine(self.baseline_url.render_as_string(hide_password=False))
+        self.baseline = get_engine(baseline_database(self.engine))
         self.redis = redis.Redis.from_url(local.redis_url)
         self.model = load_registry(settings.models_dir)[MODEL]
         self.png = _png()
@@ -291,7 +289,6 @@ def run_scale(opts: ScaleOptions, settings: Settings, argv: list[str]) -> dict[s
                 raise BenchFailed("start-up", f"{exc}; logs under {local.root}") from exc
             run_migrations(local.database_url)
         bench = ScaleBench(opts, local, settings)
-        baseline_database(bench.engine)
         with bench.engine.begin() as conn:  # a previous run's stack is reused: start empty
             conn.execute(text("TRUNCATE jobs, batches CASCADE"))
         bench.redis.flushall()

@@ -109,13 +109,14 @@ def fill_to(engine: Engine, rows: int, chunk: int, events_per_job: int) -> dict[
     }
 
 
-def baseline_database(engine: Engine) -> None:
-    """The baseline database next to the bench's own, created once and migrated."""
+def baseline_database(engine: Engine) -> str:
+    """The baseline database next to the bench's own, created once and migrated: its URL."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         there = conn.execute(
             text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": BASELINE_DB}
         ).first()
         if not there:
             conn.execute(text(f'CREATE DATABASE "{BASELINE_DB}"'))
-    url = make_url(engine.url).set(database=BASELINE_DB)
-    run_migrations(url.render_as_string(hide_password=False))
+    url = make_url(engine.url).set(database=BASELINE_DB).render_as_string(hide_password=False)
+    run_migrations(url)
+    return url

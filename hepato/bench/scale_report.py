@@ -101,18 +101,19 @@ def medians(runs: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
         known = [v for v in values if v is not None]
         return round(statistics.median(known), 3) if known else None
 
-    return {
-        key: {
+    out = {}
+    for key, group in grouped.items():
+        waits = [_waits(r) for r in group]
+        out[key] = {
             "runs": len(group),
             "jobs_per_s": median([r["jobs_per_s"] for r in group]),
             "lock_wait": {
-                "ms_per_job": median([_waits(r)["all"] for r in group]),
-                "locks_ms_per_job": median([_waits(r)["locks"] for r in group]),
-                "latches_ms_per_job": median([_waits(r)["latches"] for r in group]),
+                "ms_per_job": median([w["all"] for w in waits]),
+                "locks_ms_per_job": median([w["locks"] for w in waits]),
+                "latches_ms_per_job": median([w["latches"] for w in waits]),
             },
         }
-        for key, group in grouped.items()
-    }
+    return out
 
 
 def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
