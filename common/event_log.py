@@ -119,13 +119,22 @@ def record_change(
 
 
 def record_logged(
-    conn: Connection, statement: Select[Any], params: Mapping[str, Any] | None = None
+    conn: Connection,
+    statement: Select[Any],
+    params: Mapping[str, Any] | None = None,
+    *,
+    follow_up: bool = True,
 ) -> list[Row[Any]]:
     """``record_change`` of a statement built by ``logged`` beforehand, with its bound
     ``params``: a hot path builds its statement once (building one takes longer than
-    Postgres takes to run it)."""
+    Postgres takes to run it). ``follow_up=False``: the caller knows that no changed job
+    has a batch or a webhook (common.jobs.ends_alone), so nothing is looked up for them."""
     rows = conn.execute(statement, dict(params or {})).all()
-    _recorded(conn, [(row.id, row.batch_id, row.state) for row in rows], per_job=True)
+    recorded = [(row.id, row.batch_id, row.state) for row in rows]
+    if follow_up:
+        _recorded(conn, recorded, per_job=True)
+    else:
+        _wake(conn, recorded, per_job=True)
     return list(rows)
 
 
@@ -172,6 +181,16 @@ def _recorded(
     concerned = [r for r in recorded if r[1] is None or r[1] in finishing]
     webhooks.enqueue_finished(conn, concerned)
     slide_finish.finish_slides(conn, [r for r in concerned if r[1] is not None])
+    _wake(conn, recorded, per_job=per_job)
+
+
+def _wake(
+    conn: Connection,
+    recorded: list[tuple[uuid.UUID, uuid.UUID | None, str]],
+    *,
+    per_job: bool,
+) -> None:
+    """The channels to publish on once the change has committed."""
     wake = conn.info.setdefault(_WAKE, set())
     wake.update(batch_events_channel(str(batch_id)) for _, batch_id, _ in recorded if batch_id)
     if per_job:

@@ -49,6 +49,7 @@ CLAIMED_COLUMNS = (
     Job.core_y0,
     Job.core_x1,
     Job.core_y1,
+    Job.callback_url.is_not(None),
 )
 
 # What a complete writes per job (``rows_params`` of these, and :token, :model_version).

@@ -45,6 +45,8 @@ class ClaimedJob:
     # A tile's level-0 rectangle (x, y, w, h) and core (x0, y0, x1, y1).
     tile: tuple[int, int, int, int] | None = None
     core: tuple[int, int, int, int] | None = None
+    # Its own webhook is due when it ends (a lone job with a callback_url).
+    has_callback: bool = False
 
 
 def claimed_job(row: Sequence[Any]) -> ClaimedJob:
@@ -61,6 +63,7 @@ def claimed_job(row: Sequence[Any]) -> ClaimedJob:
         batch_id=row[8],
         tile=tile if tile[0] is not None else None,
         core=core if core[0] is not None else None,
+        has_callback=bool(row[17]),
     )
 
 
@@ -222,10 +225,18 @@ def extend_leases(
 
 
 def complete(
-    engine: Engine, token: uuid.UUID, results: Sequence[JobResult], model_version: str
+    engine: Engine,
+    token: uuid.UUID,
+    results: Sequence[JobResult],
+    model_version: str,
+    *,
+    alone: bool = False,
 ) -> set[uuid.UUID]:
     """Write results and ``done`` in one transaction, for the jobs this lease still
-    owns. Returns the ids written; the others were taken over by another worker."""
+    owns. Returns the ids written; the others were taken over by another worker.
+    ``alone``: no job of ``results`` has a batch or a webhook (``ends_alone``), so their
+    end changes nothing but their rows and events: the one statement commits by itself,
+    without the BEGIN, the webhooks' read and the COMMIT round trips."""
     if not results:
         return set()
     values: dict[str, list[Any]] = {
@@ -238,15 +249,22 @@ def complete(
         "tile_stats": [r.tile_stats for r in results],
         "stages": [r.stages or {} for r in results],
     }
-    with event_log.transaction(engine) as conn:
+    with event_log.transaction(engine, autocommit=alone) as conn:
         # One statement for the whole microbatch, its events included, fenced row by
         # row as ``_owned`` (there by lease token and state, the ids joined).
         written = event_log.record_logged(
             conn,
             job_statements.completing(),
             {**rows_params(values), "token": token, "model_version": model_version},
+            follow_up=not alone,
         )
     return {row.id for row in written}
+
+
+def ends_alone(claimed: Sequence[ClaimedJob]) -> bool:
+    """Whether the end of every job of ``claimed`` touches nothing but its own row and
+    events: no batch to finish (a batch's webhook, a slide), no webhook of its own."""
+    return all(j.batch_id is None and not j.has_callback for j in claimed)
 
 
 def fail(

@@ -331,7 +331,11 @@ class Worker:
         write = db_retry(self.settings.lease_s)
         with timed(batch.model, "write"):
             written = write(jobs.complete)(
-                self.engine, batch.token, batch.results, model.manifest.version
+                self.engine,
+                batch.token,
+                batch.results,
+                model.manifest.version,
+                alone=jobs.ends_alone(batch.claimed),
             )
             write(jobs.fail)(self.engine, batch.token, batch.permanent, retry=False)
             retried = write(jobs.fail)(

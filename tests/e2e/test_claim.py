@@ -141,3 +141,41 @@ def test_new_jobs_and_their_first_events_are_one_statement(
     assert flat[1].startswith("WITH changed AS (INSERT INTO jobs")
     assert states(engine, job_ids) == ["pending"] * 3
     assert sorted(logged(engine, job_ids)) == sorted((j, "pending") for j in job_ids)
+
+
+def test_lone_jobs_without_a_webhook_are_completed_in_one_autocommitted_statement(
+    engine: Engine,
+) -> None:
+    """The real-time path's write: a claim tells which jobs end alone (no batch, no
+    webhook of their own); their results, state and events are one statement sent
+    outside a transaction (no BEGIN, no webhook read, no COMMIT round trips)."""
+    from hepato.common import jobs
+    from hepato.common.results import DetectResult
+
+    ids = make_batch(engine, 3)
+    set_jobs(engine, ids, "batch_id = NULL")
+    set_jobs(engine, ids[2:], "callback_url = 'https://example.org/hook'")
+    token, claimed, _ = claim.claim(engine, [str(j) for j in ids], "w1", 30.0)
+    by_id = {job.id: job for job in claimed}
+    assert [by_id[j].has_callback for j in ids] == [False, False, True]
+    alone = [by_id[j] for j in ids[:2]]
+    assert jobs.ends_alone(alone) and not jobs.ends_alone(claimed)
+    assert not jobs.ends_alone(
+        claim.claim(engine, [str(j) for j in make_batch(engine, 1)], "w1", 30.0)[1]
+    )
+
+    autocommit: list[bool] = []
+
+    def seen(conn: Connection, cursor: object, sql: str, *args: object) -> None:
+        autocommit.append(conn.connection.dbapi_connection.autocommit)  # type: ignore[union-attr]
+
+    results = [jobs.JobResult(j.id, DetectResult(boxes=[]), 2, 1.0) for j in alone]
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        written = jobs.complete(engine, token, results, "1", alone=True)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert written == set(ids[:2])
+    assert autocommit == [True]
+    assert states(engine, ids) == ["done", "done", "processing"]
+    assert [s for _, s in logged(engine, ids[:2])].count("done") == 2
