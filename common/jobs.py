@@ -143,6 +143,7 @@ def create(
     stages: dict[str, float] | None = None,
     job_ids: Sequence[uuid.UUID] | None = None,
     audit_row: Callable[[uuid.UUID | None, list[uuid.UUID]], dict[str, Any]] | None = None,
+    before_commit: Callable[[], object] | None = None,
 ) -> Created:
     """Commit ``new`` as pending jobs (and, ``as_batch``, their batch) in one transaction
     of one statement per table; the caller pushes their ids only after this returns.
@@ -150,7 +151,8 @@ def create(
     QueueFull and nothing is inserted. ``stages``: the gateway's steps (common.stages).
     ``job_ids``: the new jobs' ids, one per entry of ``new`` (default: fresh ones).
     ``audit_row``: the submission's audit_events row (common.audit.row) from the batch id
-    and job ids, inserted in this transaction: it commits with the jobs or not at all."""
+    and job ids, inserted in this transaction: it commits with the jobs or not at all.
+    ``before_commit``: called last in the transaction; what it raises rolls it back."""
     batch_id = uuid.uuid4() if as_batch else None
     deadline_at = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
     job_ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in new]
@@ -203,6 +205,8 @@ def create(
             job_statements.inserting(tuple(per_file), tuple(same)),
             rows_params(per_file, same),
         )
+        if before_commit is not None:
+            before_commit()
     return Created(batch_id, job_ids, queued_before)
 
 

@@ -91,7 +91,8 @@ class JobOut(BaseModel):
     stages_ms: dict[str, float] = Field(
         default_factory=dict,
         description="Where its last run's time went, ms, in order (a step not reached is "
-        "absent): upload (the gateway storing the image), queue (accepted to claimed), claim, "
+        "absent): upload (the gateway storing the image; a lone image's store ends during "
+        "queue), queue (accepted to claimed), claim, "
         "download, decode, preprocess, to_model (waiting for the model), inference, to_write, "
         "postprocess, write (to the commit); steps of a microbatch are the microbatch's",
     )

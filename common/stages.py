@@ -12,7 +12,8 @@ from datetime import datetime
 from typing import Any
 
 # Measured by the gateway before the job's row exists: inspect the upload, check room,
-# store the image.
+# store the image. A lone file's PUT runs alongside its insert (gateway.submit): it is
+# started here, and what is left of it shows in ``queue``.
 UPLOAD = "upload"
 # Measured by the worker, per microbatch.
 CLAIM = "claim"
@@ -23,7 +24,9 @@ TO_MODEL = "to_model"  # prepared, waiting for the model stage to be free
 TO_WRITE = "to_write"  # inferred, waiting for the write stage to be free
 POSTPROCESS = "postprocess"
 # From the job's own columns.
-QUEUE = "queue"  # accepted → claimed (queue_wait_ms, the database's clock)
+# Accepted → claimed (queue_wait_ms, the database's clock): from the start of the
+# inserting transaction, so the commit, the push and the pop are in it.
+QUEUE = "queue"
 INFERENCE = "inference"  # the model call of its microbatch (inference_ms)
 WRITE = "write"  # inferred → committed, less the waits and post-processing measured
 # /v1/predict only: the rest of the latency its caller saw (request parsing, the wake-up

@@ -16,11 +16,12 @@ after the push, so the worker's start does not wait for it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -42,6 +43,9 @@ from hepato.common.tables import Job
 from hepato.gateway.deps import Resources
 
 log = logging.getLogger(__name__)
+
+# The single-file PUTs that run alongside their insert (one per concurrent request).
+_PUTS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store-put")
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,14 @@ def submit(
         key, (upload, info) = item
         res.store.put_file(key, upload.file, info.size, info.content_type)
 
-    # A failed PUT raises here; the request then answers 503.
+    stored: Future[None] | None = None
     if len(valid) == 1:
-        put((keys[0], valid[0]))  # the real-time path: no pool to start for one file
+        # The real-time path: the PUT runs while the row is inserted, and the insert waits
+        # for it before its COMMIT (the order above holds; the request waits for the
+        # longer of the two, not their sum). A failed PUT fails the insert: a 503.
+        stored = _PUTS.submit(put, (keys[0], valid[0]))
     else:
+        # A failed PUT raises here; the request then answers 503.
         with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
             list(pool.map(put, zip(keys, valid, strict=True)))
 
@@ -139,9 +147,12 @@ def submit(
             job_ids=[job_id] if job_id is not None and len(valid) == 1 else None,
             wait=wait,
             inline=lambda queued, ids: _inline(settings, queued, ids, valid),
+            before_commit=stored.result if stored is not None else None,
         )
     except QueueFull:
         # Concurrent submissions filled the queue while these uploaded: keep none of it.
+        if stored is not None:
+            concurrent.futures.wait([stored])  # its object, if it was stored, is removed below
         res.store.remove(keys)
         raise
 
@@ -171,12 +182,14 @@ def record(
     job_ids: list[uuid.UUID] | None = None,
     wait: bool = False,
     inline: Callable[[int | None, list[str]], dict[str, bytes]] | None = None,
+    before_commit: Callable[[], object] | None = None,
 ) -> Submission:
     """The jobs of files already stored: their rows and the submission's audit row in one
     transaction, then their ids pushed (the order above), for the multipart path and the
     direct one (gateway.direct) alike. ``inline(queued_before, ids)``: the images that
-    also go through Redis. Raises QueueFull, and an IntegrityError (nothing committed)
-    for the caller to answer."""
+    also go through Redis. ``before_commit``: called in the transaction after the insert
+    (the object's PUT finishing); what it raises rolls the jobs back. Raises QueueFull,
+    and an IntegrityError (nothing committed) for the caller to answer."""
     settings = res.settings
     tenant = caller.tenant
     keys = [p.key for p in passed]
@@ -206,6 +219,7 @@ def record(
             stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
             job_ids=job_ids,
             audit_row=audit_row,
+            before_commit=before_commit,
         )
     except IntegrityError:
         raise  # Postgres answered: nothing of it committed

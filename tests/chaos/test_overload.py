@@ -39,11 +39,17 @@ def test_a_full_queue_refuses_the_whole_request_with_429(
         assert single.status_code == 202, "one more still fits (5 of 6)"
         assert len(db_jobs(bounded)) == 5, "nothing of the refused request was kept"
         assert objects(bounded) == stored + 1, "nor stored"
+        # One file skips the up-front check: its PUT runs alongside the insert, whose own
+        # check refuses it; the object is removed once the PUT is done, never left behind.
+        last = client.post("/v1/jobs", files={"file": ("b.png", thirty_two()[1].read_bytes())})
+        late = client.post("/v1/predict", files={"file": ("c.png", thirty_two()[2].read_bytes())})
+        assert late.status_code == 429, late.text
+        assert len(db_jobs(bounded)) == 6 and objects(bounded) == stored + 2
         run_worker()
         again = submit(client, thirty_two()[:6])
         assert again["accepted"] == 6, "room again once drained"
         run_worker()
-    accepted = [*ids(first, again), single.json()["job_id"]]
+    accepted = [*ids(first, again), single.json()["job_id"], last.json()["job_id"]]
     judge(bounded, "queue full: a 3-file request refused (429)", accepted, completions)
 
 
