@@ -236,6 +236,12 @@ _FINISHES_KEPT = 10_000
 _finishes_lock = threading.Lock()
 
 
+def finishes_nothing(batch: uuid.UUID) -> bool:
+    """Whether this process already knows that ``batch``'s end does nothing (no webhook,
+    no slide): its jobs' ends then need no finish lock and no follow-up read."""
+    return _finishes.get(batch) is False
+
+
 def _remember(batch: uuid.UUID, finishes: bool) -> None:
     with _finishes_lock:
         _finishes[batch] = finishes

@@ -238,9 +238,9 @@ def complete(
 ) -> set[uuid.UUID]:
     """Write results and ``done`` in one transaction, for the jobs this lease still
     owns. Returns the ids written; the others were taken over by another worker.
-    ``alone``: no job of ``results`` has a batch or a webhook (``ends_alone``), so their
-    end changes nothing but their rows and events: the one statement commits by itself,
-    without the BEGIN, the webhooks' read and the COMMIT round trips."""
+    ``alone``: the end of no job of ``results`` does anything beyond its rows and events
+    (``ends_alone``): the one statement commits by itself, without the BEGIN, the
+    webhooks' read and the COMMIT round trips."""
     if not results:
         return set()
     values: dict[str, list[Any]] = {
@@ -267,8 +267,12 @@ def complete(
 
 def ends_alone(claimed: Sequence[ClaimedJob]) -> bool:
     """Whether the end of every job of ``claimed`` touches nothing but its own row and
-    events: no batch to finish (a batch's webhook, a slide), no webhook of its own."""
-    return all(j.batch_id is None and not j.has_callback for j in claimed)
+    events: no webhook of its own, and no batch, or one whose end this process already
+    knows to do nothing (common.event_log: no batch webhook, not a slide)."""
+    return all(
+        not j.has_callback if j.batch_id is None else event_log.finishes_nothing(j.batch_id)
+        for j in claimed
+    )
 
 
 def fail(

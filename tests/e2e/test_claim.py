@@ -143,12 +143,12 @@ def test_new_jobs_and_their_first_events_are_one_statement(
     assert sorted(logged(engine, job_ids)) == sorted((j, "pending") for j in job_ids)
 
 
-def test_lone_jobs_without_a_webhook_are_completed_in_one_autocommitted_statement(
+def test_jobs_whose_end_does_nothing_more_are_completed_in_one_autocommitted_statement(
     engine: Engine,
 ) -> None:
-    """The real-time path's write: a claim tells which jobs end alone (no batch, no
-    webhook of their own); their results, state and events are one statement sent
-    outside a transaction (no BEGIN, no webhook read, no COMMIT round trips)."""
+    """A claim tells which jobs end alone (no webhook of their own, no batch whose end
+    does something); their results, state and events are one statement sent outside a
+    transaction (no BEGIN, no webhook read, no COMMIT round trips)."""
     from hepato.common import jobs
     from hepato.common.results import DetectResult
 
@@ -160,9 +160,18 @@ def test_lone_jobs_without_a_webhook_are_completed_in_one_autocommitted_statemen
     assert [by_id[j].has_callback for j in ids] == [False, False, True]
     alone = [by_id[j] for j in ids[:2]]
     assert jobs.ends_alone(alone) and not jobs.ends_alone(claimed)
-    assert not jobs.ends_alone(
-        claim.claim(engine, [str(j) for j in make_batch(engine, 1)], "w1", 30.0)[1]
-    )
+    # A batch's jobs end alone once this process knows that the batch's end does nothing.
+    batch = make_batch(engine, 2)
+    b_token, in_batch, _ = claim.claim(engine, [str(j) for j in batch], "w1", 30.0)
+    assert not jobs.ends_alone(in_batch)
+    first = [jobs.JobResult(batch[0], DetectResult(boxes=[]), 1, 1.0)]
+    assert jobs.complete(engine, b_token, first, "1") == {batch[0]}
+    assert jobs.ends_alone(in_batch)
+    hooked = make_batch(engine, 2, callback_url="https://example.org/hook")
+    h_token, in_hooked, _ = claim.claim(engine, [str(j) for j in hooked], "w1", 30.0)
+    first = [jobs.JobResult(hooked[0], DetectResult(boxes=[]), 1, 1.0)]
+    assert jobs.complete(engine, h_token, first, "1") == {hooked[0]}
+    assert not jobs.ends_alone(in_hooked), "its end queues the batch's webhook"
 
     autocommit: list[bool] = []
 
