@@ -63,16 +63,8 @@ def totals(conn: Connection) -> dict[tuple[str, str], int]:
 
 
 # A model's pending jobs, all tenants' and one tenant's: the queue bounds' count
-# (common.room), at the same cost whatever the queue's length.
-_PENDING = text("""
-    SELECT coalesce(sum(n), 0)::bigint AS everyone,
-           coalesce(sum(n) FILTER (WHERE tenant = :tenant), 0)::bigint AS mine
-    FROM (
-        SELECT tenant, n FROM job_state_counts WHERE model = :model AND state = 'pending'
-        UNION ALL
-        SELECT tenant, n FROM job_state_deltas WHERE model = :model AND state = 'pending'
-    ) AS counted
-""")
+# (common.room), at the same cost whatever the queue's length (migration 0016).
+_PENDING = text("SELECT everyone, mine FROM hepato_pending(:model, :tenant)")
 
 
 def pending(conn: Connection, model: str, tenant: str) -> tuple[int, int]:

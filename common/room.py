@@ -5,9 +5,12 @@ its triggers keep (common.job_state_counts), so a long queue costs a submission 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from hepato.common import job_state_counts
 from hepato.common.exceptions import QueueFull
@@ -40,22 +43,65 @@ def check_room(engine: Engine, model: str, tenant: str, adding: int, room: Room)
     Returns the model's pending jobs, as counted."""
     # Autocommit: one statement needs no BEGIN and ROLLBACK around it (two round trips).
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        return _refuse_past(conn, model, tenant, adding, room)
+        return _refuse_by_count(conn, model, tenant, adding, room)
 
 
 def hold_room(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> int:
     """The same check inside the inserting transaction, under a lock per model: the
     submissions of one model count and insert one after another, so together they never
-    pass a bound (the lock is held only for this transaction's few statements). Returns
-    the model's pending jobs before these."""
-    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"room:{model}"})
-    return _refuse_past(conn, model, tenant, adding, room)
+    pass a bound (the lock is held only for this transaction's few statements). One
+    statement (``hepato_hold_room``, migration 0016); returns the model's pending jobs
+    before these."""
+    with refusal(model, tenant, adding, room):
+        return int(conn.execute(HOLD, params(model, tenant, adding, room)).scalar_one())
 
 
-def _refuse_past(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> int:
+# The lock, the count and the refusal in one call: a statement of its own, or a
+# materialized CTE that an insert joins (common.job_statements.inserting_held).
+HOLD = text(
+    "SELECT hepato_hold_room(:room_model, :room_tenant, :room_adding, :room_per_model, "
+    ":room_per_tenant)"
+)
+# hepato_hold_room's refusal (its DETAIL: "everyone,mine").
+REFUSED = "HQ001"
+
+
+def params(model: str, tenant: str, adding: int, room: Room) -> dict[str, object]:
+    """HOLD's parameters, by name."""
+    return {
+        "room_model": model,
+        "room_tenant": tenant,
+        "room_adding": adding,
+        "room_per_model": room.per_model,
+        "room_per_tenant": room.per_tenant,
+    }
+
+
+@contextmanager
+def refusal(model: str, tenant: str, adding: int, room: Room) -> Iterator[None]:
+    """QueueFull in place of hepato_hold_room's refusal, from a statement run inside."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != REFUSED:
+            raise
+        detail = exc.orig.diag.message_detail or "0,0"  # type: ignore[union-attr]
+        everyone, mine = (int(n) for n in detail.split(","))
+        _refuse_past(model, tenant, adding, room, everyone, mine)
+        raise  # the function and this check disagree: the database's error stands
+
+
+def _refuse_by_count(conn: Connection, model: str, tenant: str, adding: int, room: Room) -> int:
     # From the counts the triggers keep, not a count of the queue: 100,000 pending jobs
     # cost a submission what 10 do.
     everyone, mine = job_state_counts.pending(conn, model, tenant)
+    _refuse_past(model, tenant, adding, room, everyone, mine)
+    return int(everyone)
+
+
+def _refuse_past(
+    model: str, tenant: str, adding: int, room: Room, everyone: int, mine: int
+) -> None:
     if everyone + adding > room.per_model:
         raise QueueFull(
             f"the queue of model {model!r} is full ({everyone} of {room.per_model} jobs "
@@ -69,4 +115,3 @@ def _refuse_past(conn: Connection, model: str, tenant: str, adding: int, room: R
             "retry later",
             room.retry_after_s,
         )
-    return int(everyone)
