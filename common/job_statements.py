@@ -9,6 +9,7 @@ import functools
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Interval,
     Select,
     String,
@@ -19,7 +20,11 @@ from sqlalchemy import (
     exists,
     extract,
     func,
+    insert,
     or_,
+    select,
+    text,
+    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -28,7 +33,7 @@ from sqlalchemy.orm import aliased
 from hepato.common import event_log
 from hepato.common.constants import JobState
 from hepato.common.db import rows_insert, unnest_rows
-from hepato.common.tables import Job
+from hepato.common.tables import AuditEvent, Job
 
 # What a claim reads back of each job it took, in ClaimedJob's order (jobs.claimed_job).
 CLAIMED_COLUMNS = (
@@ -70,6 +75,57 @@ def inserting(per_row: tuple[str, ...], same: tuple[str, ...]) -> Select[Any]:
     """New jobs with their first events (``rows_params`` of the columns named), one
     statement per set of columns."""
     return event_log.logged(rows_insert(Job, {key: [] for key in per_row}, dict.fromkeys(same)))
+
+
+@functools.cache
+def inserting_held(per_row: tuple[str, ...], same: tuple[str, ...]) -> Select[Any]:
+    """``inserting``, with the queue's room held first and the submission's audit row
+    (``:a_<column>``), in one statement: the submission of one image, with no BEGIN and
+    COMMIT round trips when nothing else goes in its transaction. The room is held by
+    ``hepato_hold_room`` (common.room's ``HOLD`` parameters), in a materialized CTE that
+    the new rows are joined to, so it has run, and taken the model's lock, before the
+    first row is inserted; it raises when the queue is full, failing the whole statement.
+    Returns the room's count (the model's pending jobs before these) last."""
+    room = (
+        select(
+            func.hepato_hold_room(
+                bindparam("room_model", type_=String()),
+                bindparam("room_tenant", type_=String()),
+                bindparam("room_adding", type_=BigInteger()),
+                bindparam("room_per_model", type_=BigInteger()),
+                bindparam("room_per_tenant", type_=BigInteger()),
+            ).label("queued_before")
+        )
+        .cte("room")
+        .prefix_with("MATERIALIZED")
+    )
+    columns = Job.__table__.c
+    rows = unnest_rows(Job, {key: [] for key in per_row})
+    shared = (
+        cast(bindparam(f"s_{name}", type_=columns[name].type), columns[name].type) for name in same
+    )
+    values = select(*(rows.c[name] for name in per_row), *shared).select_from(
+        rows.join(room, true())
+    )
+    # As text: a second INSERT built by SQLAlchemy would take over the first's column
+    # defaults (jobs.kind's went missing).
+    audit = AuditEvent.__table__.c
+    audited = (
+        text(
+            f"INSERT INTO audit_events ({', '.join(AUDITED)}) "
+            f"VALUES ({', '.join(f':a_{name}' for name in AUDITED)}) RETURNING id"
+        )
+        .bindparams(*(bindparam(f"a_{name}", type_=audit[name].type) for name in AUDITED))
+        .columns(audit.id)
+        .cte("audited")
+    )
+    logged = event_log.logged(insert(Job).from_select([*per_row, *same], values))
+    queued_before = select(room.c.queued_before).scalar_subquery().label("queued_before")
+    return logged.add_cte(audited).add_columns(queued_before)
+
+
+# The audit row's columns that a submission names (common.audit.row's keys).
+AUDITED = ("tenant", "key_id", "client", "action", "object_type", "object_id", "detail")
 
 
 @functools.cache

@@ -25,7 +25,8 @@ from hepato.common.ids import new_job_id
 from hepato.common.images import ImageInfo
 from hepato.common.manifest import ModelManifest
 from hepato.common.results import TaskResult
-from hepato.common.room import Room, hold_room
+from hepato.common.room import Room, hold_room, refusal
+from hepato.common.room import params as room_params
 from hepato.common.tables import AuditEvent, Batch, Job
 
 
@@ -182,6 +183,10 @@ def create(
         "callback_url": None if batch_id else callback_url,
         "stages": stages or {},
     }
+    if batch_id is None and room is not None and audit_row is not None:
+        return _create_held(
+            engine, per_file, same, room, job_ids, model.name, tenant, audit_row, before_commit
+        )
     queued_before = None
     with event_log.transaction(engine) as conn:
         if room is not None:
@@ -208,6 +213,36 @@ def create(
         if before_commit is not None:
             before_commit()
     return Created(batch_id, job_ids, queued_before)
+
+
+def _create_held(
+    engine: Engine,
+    per_file: dict[str, list[Any]],
+    same: dict[str, Any],
+    room: Room,
+    job_ids: list[uuid.UUID],
+    model: str,
+    tenant: str,
+    audit_row: Callable[[uuid.UUID | None, list[uuid.UUID]], dict[str, Any]],
+    before_commit: Callable[[], object] | None,
+) -> Created:
+    """``create`` of jobs without a batch (the real-time path) as one statement: the room
+    held, the rows, their events and the audit row. It commits by itself, or, with
+    ``before_commit``, in a transaction that waits for it."""
+    params = {
+        **rows_params(per_file, same),
+        **room_params(model, tenant, len(job_ids), room),
+        **{f"a_{name}": value for name, value in audit_row(None, job_ids).items()},
+    }
+    statement = job_statements.inserting_held(tuple(per_file), tuple(same))
+    with (
+        refusal(model, tenant, len(job_ids), room),
+        event_log.transaction(engine, autocommit=before_commit is None) as conn,
+    ):
+        rows = event_log.record_logged(conn, statement, params)
+        if before_commit is not None:
+            before_commit()
+    return Created(None, job_ids, int(rows[0].queued_before))
 
 
 # --- the fence -----------------------------------------------------------------------

@@ -4,20 +4,24 @@ every job that is added, claimed or canceled."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, event, text, update
+from sqlalchemy import Connection, Engine, event, func, select, text, update
 
-from hepato.common import claim, room
-from hepato.common.constants import PUBLIC_TENANT
+from hepato.common import audit, claim, job_state_counts, jobs, room
+from hepato.common.audit import Action, Caller, ObjectType
+from hepato.common.constants import PUBLIC_TENANT, Priority
 from hepato.common.db import get_engine
 from hepato.common.exceptions import QueueFull
+from hepato.common.manifest import ModelManifest, load_registry
 from hepato.common.settings import Settings
-from hepato.common.tables import Job
+from hepato.common.tables import AuditEvent, Job, JobEvent
 from tests.e2e.test_event_order import make_batch
-from tests.e2e.test_job_state_counts import explained
+from tests.e2e.test_job_state_counts import explained, new_jobs
 
 MODEL = "hepato-yolov8n"  # make_batch's
 
@@ -77,3 +81,90 @@ def test_the_bounds_follow_new_claimed_and_canceled_jobs(engine: Engine) -> None
     with engine.begin() as conn:
         conn.execute(update(Job).where(Job.id == ids[2]).values(state="canceled"))
     assert room.check_room(engine, MODEL, PUBLIC_TENANT, 4, bounds) == 2
+
+
+@pytest.fixture
+def manifest(settings: Settings) -> ModelManifest:
+    return load_registry(settings.models_dir)[settings.default_model]
+
+
+def lone(engine: Engine, manifest: ModelManifest, bounds: room.Room, **kw: Any) -> jobs.Created:
+    """One job without a batch, submitted as the gateway's real-time path does."""
+    caller = Caller(PUBLIC_TENANT, None, "test")
+    return jobs.create(
+        engine,
+        new_jobs(1),
+        as_batch=False,
+        tenant=PUBLIC_TENANT,
+        model=manifest,
+        priority=Priority.urgent,
+        max_attempts=2,
+        deadline_s=None,
+        question=None,
+        callback_url=None,
+        room=bounds,
+        audit_row=lambda _, ids: audit.row(caller, Action.submit, ObjectType.job, ids[0]),
+        **kw,
+    )
+
+
+def test_a_lone_job_holds_its_room_and_is_written_in_one_statement(
+    engine: Engine, manifest: ModelManifest
+) -> None:
+    """The room, the row, its first event and the audit row: one statement, committed by
+    itself (no BEGIN, no COMMIT); with a PUT to wait for, in a transaction that waits."""
+    bounds = room.Room(per_model=3, per_tenant=3, retry_after_s=1)
+    sent: list[tuple[str, bool]] = []
+
+    def seen(conn: Connection, cursor: object, sql: str, *args: object) -> None:
+        sent.append((sql, conn.connection.dbapi_connection.autocommit))  # type: ignore[union-attr]
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        first = lone(engine, manifest, bounds)
+        waited: list[bool] = []
+        second = lone(engine, manifest, bounds, before_commit=lambda: waited.append(True))
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert [autocommit for _, autocommit in sent] == [True, False] and waited == [True]
+    assert all("hepato_hold_room" in sql and "audit_events" in sql for sql, _ in sent)
+    assert (first.queued_before, second.queued_before) == (0, 1)
+    ids = [*first.job_ids, *second.job_ids]
+    with engine.connect() as conn:
+        assert (
+            conn.execute(
+                select(func.count()).select_from(AuditEvent).where(AuditEvent.object_id.in_(ids))
+            ).scalar_one()
+            == 2
+        )
+        assert (
+            conn.execute(
+                select(func.count()).select_from(JobEvent).where(JobEvent.job_id.in_(ids))
+            ).scalar_one()
+            == 2
+        )
+    with pytest.raises(QueueFull, match=r"is full \(2 of 2 jobs pending; this request adds 1\)"):
+        lone(engine, manifest, room.Room(per_model=2, per_tenant=3, retry_after_s=1))
+
+
+def test_lone_jobs_submitted_together_never_pass_the_bound(
+    engine: Engine, manifest: ModelManifest
+) -> None:
+    """Eight at once against room for five: the statement's lock is taken before its
+    count, which sees what the lock's previous holder committed."""
+    bounds = room.Room(per_model=5, per_tenant=5, retry_after_s=1)
+    together = threading.Barrier(8, timeout=30)
+
+    def one() -> str:
+        together.wait()
+        try:
+            lone(engine, manifest, bounds)
+        except QueueFull:
+            return "refused"
+        return "accepted"
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = sorted(pool.map(lambda _: one(), range(8)))
+    assert answers == ["accepted"] * 5 + ["refused"] * 3
+    with engine.connect() as conn:
+        assert job_state_counts.pending(conn, manifest.name, PUBLIC_TENANT) == (5, 5)
