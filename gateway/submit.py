@@ -150,11 +150,20 @@ def submit(
             before_commit=stored.result if stored is not None else None,
         )
     except QueueFull:
-        # Concurrent submissions filled the queue while these uploaded: keep none of it.
-        if stored is not None:
-            concurrent.futures.wait([stored])  # its object, if it was stored, is removed below
+        # Concurrent submissions filled the queue while these uploaded: keep none of it,
+        # once a PUT still running has ended.
+        _settled(stored)
         res.store.remove(keys)
         raise
+    finally:
+        # Whatever failed, the PUT ends before the request does: it reads the upload's
+        # file, which is closed once the answer is sent.
+        _settled(stored)
+
+
+def _settled(stored: Future[None] | None) -> None:
+    if stored is not None:
+        concurrent.futures.wait([stored])
 
 
 @dataclass(frozen=True)
