@@ -9,6 +9,7 @@ import os
 import signal
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -20,9 +21,13 @@ _commit = jobs.complete
 
 
 def _commit_then_die(
-    engine: Engine, token: uuid.UUID, results: Sequence[JobResult], model_version: str
+    engine: Engine,
+    token: uuid.UUID,
+    results: Sequence[JobResult],
+    model_version: str,
+    **options: Any,
 ) -> set[uuid.UUID]:
-    written = _commit(engine, token, results, model_version)
+    written = _commit(engine, token, results, model_version, **options)
     if written:
         os.kill(os.getpid(), signal.SIGKILL)
     return written
