@@ -17,6 +17,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    true,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DisconnectionError
@@ -96,12 +97,15 @@ def rows_params(
     }
 
 
-def rows_insert(table: Any, per_row: dict[str, list[Any]], same: dict[str, Any]) -> Insert:
+def rows_insert(
+    table: Any, per_row: dict[str, list[Any]], same: dict[str, Any], joined: Any = None
+) -> Insert:
     """One INSERT for any number of rows of ``table`` (a mapped class): the per-row
     columns as ``unnest_rows``; ``same`` holds the values every row shares. (executemany
     sends an INSERT per row, and a VALUES list takes a parameter per column and row, past
     Postgres' 65,535 at a few thousand rows.) Every value is cast to its column's type: a
-    bare parameter in a SELECT list, NULL above all, would be taken as text."""
+    bare parameter in a SELECT list, NULL above all, would be taken as text. ``joined``:
+    a one-row CTE the rows are joined to, so that it runs before the first is inserted."""
     columns = table.__table__.c
     rows = unnest_rows(table, per_row)
     shared = (
@@ -109,4 +113,6 @@ def rows_insert(table: Any, per_row: dict[str, list[Any]], same: dict[str, Any])
         for n, v in same.items()
     )
     values = select(*(rows.c[n] for n in per_row), *shared)
+    if joined is not None:
+        values = values.select_from(rows.join(joined, true()))
     return insert(table).from_select([*per_row, *same], values)

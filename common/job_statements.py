@@ -20,11 +20,9 @@ from sqlalchemy import (
     exists,
     extract,
     func,
-    insert,
     or_,
     select,
     text,
-    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -99,14 +97,6 @@ def inserting_held(per_row: tuple[str, ...], same: tuple[str, ...]) -> Select[An
         .cte("room")
         .prefix_with("MATERIALIZED")
     )
-    columns = Job.__table__.c
-    rows = unnest_rows(Job, {key: [] for key in per_row})
-    shared = (
-        cast(bindparam(f"s_{name}", type_=columns[name].type), columns[name].type) for name in same
-    )
-    values = select(*(rows.c[name] for name in per_row), *shared).select_from(
-        rows.join(room, true())
-    )
     # As text: a second INSERT built by SQLAlchemy would take over the first's column
     # defaults (jobs.kind's went missing).
     audit = AuditEvent.__table__.c
@@ -119,7 +109,8 @@ def inserting_held(per_row: tuple[str, ...], same: tuple[str, ...]) -> Select[An
         .columns(audit.id)
         .cte("audited")
     )
-    logged = event_log.logged(insert(Job).from_select([*per_row, *same], values))
+    rows = rows_insert(Job, {key: [] for key in per_row}, dict.fromkeys(same), joined=room)
+    logged = event_log.logged(rows)
     queued_before = select(room.c.queued_before).scalar_subquery().label("queued_before")
     return logged.add_cte(audited).add_columns(queued_before)
 
