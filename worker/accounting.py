@@ -27,7 +27,9 @@ def timed(model: str, stage: str, into: dict[str, float] | None = None) -> Itera
         spent = time.perf_counter() - started
         metrics.STAGE_SECONDS.labels(model, stage).observe(spent)
         if into is not None:
-            into[stage] = spent * 1000.0
+            # A step may come in parts (decode: the images decoded during the claim and
+            # those downloaded after it).
+            into[stage] = into.get(stage, 0.0) + spent * 1000.0
 
 
 def count_outcome(

@@ -223,13 +223,15 @@ class Worker:
             if self.burst and self._drained():
                 self.stopping.set()
             return False
-        batch = self.batcher.claim(got, stopping=self.stopping.is_set())
+        stopping = self.stopping.is_set()
+        early = None if stopping else self.prepare.early(got[1])
+        batch = self.batcher.claim(got, stopping=stopping)
         if batch is None:
             return False
         self.batches += 1
         self.leases.hold(batch.token, batch.ids)
         try:
-            self.prepare(batch)
+            self.prepare(batch, early)
         except Exception as exc:
             self._give_up(batch, exc)
             return False

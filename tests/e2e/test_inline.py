@@ -4,6 +4,7 @@ the inline copy is gone. Real Postgres, Redis and S3."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 
@@ -75,3 +76,32 @@ def test_a_long_queue_or_a_large_image_goes_through_the_store_only(settings: Set
         with TestClient(create_app(settings.model_copy(update=update))) as client:
             job_ids = submit(client, 2)
         assert not any(r.exists(inline_key(j)) for j in job_ids), update
+
+
+def test_an_inline_image_is_taken_and_decoded_while_its_claim_runs(
+    client: TestClient,
+    settings: Settings,
+    run_worker: Callable[..., object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone real-time job waits for the longer of its claim and its decode, not their
+    sum: the claim finds its image already taken from Redis (and on its way through the
+    decoder)."""
+    from hepato.worker import microbatch
+
+    r = redis.Redis.from_url(settings.redis_url)
+    [job_id] = submit(client, 1)
+    real_claim, taken_first = microbatch.claim_jobs, list[bool]()
+
+    def claim(engine: object, ids: list[str], *args: object) -> object:
+        deadline = time.monotonic() + 5.0
+        while r.exists(inline_key(job_id)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        taken_first.append(not r.exists(inline_key(job_id)))
+        return real_claim(engine, ids, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(microbatch, "claim_jobs", claim)
+    run_worker()
+    assert taken_first == [True]
+    done = job(settings, job_id)
+    assert done.state == "done" and done.result is not None

@@ -109,3 +109,27 @@ def test_closing_stops_the_processes_and_frees_the_arenas(decoder: IsolatedDecod
             from multiprocessing.shared_memory import SharedMemory
 
             SharedMemory(name=name)
+
+
+def _kinds() -> dict[str, bytes]:
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    return {
+        "png": cv2.imencode(".png", rgb)[1].tobytes(),
+        "grey png": cv2.imencode(".png", rgb[..., 0])[1].tobytes(),
+        "png with alpha": cv2.imencode(".png", np.dstack([rgb, rgb[..., :1]]))[1].tobytes(),
+        "16-bit png": cv2.imencode(".png", rgb.astype(np.uint16) * 257)[1].tobytes(),
+        "jpeg": cv2.imencode(".jpg", rgb)[1].tobytes(),
+        "tiff": cv2.imencode(".tiff", rgb)[1].tobytes(),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_kinds()))
+def test_pixels_are_opencvs_colour_decoding_in_rgb_order(kind: str) -> None:
+    """What the models were given before decoding went straight to RGB (and what
+    ultralytics reads from a path): IMREAD_COLOR's pixels, BGR turned to RGB."""
+    data = _kinds()[kind]
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    got = decode_rgb(data)
+    assert got.dtype == np.uint8 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
