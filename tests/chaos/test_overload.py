@@ -78,3 +78,25 @@ def test_urgent_jobs_overtake_routine_ones(
         urgent_wait_ms=round(wait_urgent),
         routine_wait_ms=round(wait_routine),
     )
+
+
+def test_while_the_queue_is_down_nothing_is_accepted_or_kept(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """503 for one file as for several; one file's PUT, which runs while Redis is asked,
+    leaves no object behind."""
+    import redis
+
+    def down() -> None:
+        raise redis.ConnectionError("Error 111 connecting to redis: Connection refused.")
+
+    monkeypatch.setattr(client.app.state.resources.redis, "ping", down)  # type: ignore[attr-defined]
+    stored = objects(settings)
+    for path, files in (
+        ("/v1/jobs", {"file": ("a.png", thirty_two()[0].read_bytes())}),
+        ("/v1/predict", {"file": ("b.png", thirty_two()[1].read_bytes())}),
+        ("/v1/batches", upload(thirty_two()[:2])),
+    ):
+        response = client.post(path, files=files)
+        assert response.status_code == 503, (path, response.text)
+    assert db_jobs(settings) == [] and objects(settings) == stored
