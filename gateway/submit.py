@@ -102,12 +102,11 @@ def submit(
     if not valid:
         metrics.count_submission(model.name, 0, len(rejected))
         return Submission(None, [], rejected)
-    # Refuse (503) while the queue is down, so nothing is half-accepted: several files up
-    # front, one file while its PUT runs (then its object is removed). Should Redis fail
-    # between that check and the push, the committed jobs are still safe (see below).
+    # Refuse up front (503) while the queue is down, so nothing is half-accepted. Should
+    # Redis fail between here and the push, the committed jobs are still safe (see below).
+    res.redis.ping()
     bounds = room.Room.of(settings)
     if len(valid) > 1:
-        res.redis.ping()
         # Several files: a refusal now saves storing them all. One file is stored first
         # and removed if the insert's own check (hold_room) refuses it: one query less on
         # the real-time path.
@@ -125,12 +124,6 @@ def submit(
         # for it before its COMMIT (the order above holds; the request waits for the
         # longer of the two, not their sum). A failed PUT fails the insert: a 503.
         stored = _PUTS.submit(put, (keys[0], valid[0]))
-        try:
-            res.redis.ping()
-        except redis.RedisError:
-            _settled(stored)
-            res.store.remove(keys)
-            raise
     else:
         # A failed PUT raises here; the request then answers 503.
         with ThreadPoolExecutor(max_workers=min(16, len(valid))) as pool:
