@@ -42,7 +42,7 @@ def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
     )
 
 
-def get_tenant(
+async def get_tenant(
     request: Request,
     res: ResourcesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
@@ -56,7 +56,7 @@ def get_tenant(
     key = credentials.credentials if credentials else header_key
     if not key:
         raise _unauthorized(MISSING)
-    owner = key_owner(res.engine, key)
+    owner = await to_thread.run_sync(key_owner, res.engine, key)  # a database read
     if owner is None:
         raise _unauthorized(INVALID, "invalid_token")
     request.state.key_id = owner.key_id
@@ -66,7 +66,7 @@ def get_tenant(
 TenantDep = Annotated[str, Depends(get_tenant)]
 
 
-def get_caller(request: Request, tenant: TenantDep) -> Caller:
+async def get_caller(request: Request, tenant: TenantDep) -> Caller:
     client = request.client.host if request.client else None
     return Caller(tenant=tenant, key_id=request.state.key_id, client=client)
 

@@ -33,7 +33,9 @@ class Resources:
     tiles: TileCache = field(default_factory=TileCache)
 
 
-def get_resources(request: Request) -> Resources:
+# Async (here and in the other cheap dependencies): FastAPI runs a plain ``def`` in its
+# thread pool, and each such hop cost a request a thread hand-off each way.
+async def get_resources(request: Request) -> Resources:
     return request.app.state.resources
 
 

@@ -183,7 +183,7 @@ def _as_json(answer: BaseModel | Response, success_status: int) -> tuple[int, An
     return answer.status_code, json.loads(body) if body else None
 
 
-def get_idempotency(
+async def get_idempotency(
     request: Request,
     res: ResourcesDep,
     tenant: TenantDep,

@@ -70,10 +70,22 @@ class SubmissionForm:
     callback_url: CallbackField = None
 
 
-SubmissionFormDep = Annotated[SubmissionForm, Depends()]
+async def submission_form(
+    model: ModelField = None,
+    priority: PriorityField = Priority.routine,
+    deadline_s: DeadlineField = None,
+    question: QuestionField = None,
+    callback_url: CallbackField = None,
+) -> SubmissionForm:
+    # A function rather than the class itself: FastAPI would call the class in its thread
+    # pool, one thread hand-off each way per request.
+    return SubmissionForm(model, priority, deadline_s, question, callback_url)
 
 
-def predict_form(
+SubmissionFormDep = Annotated[SubmissionForm, Depends(submission_form)]
+
+
+async def predict_form(
     model: ModelField = None,
     priority: PriorityField = Priority.urgent,
     question: QuestionField = None,

@@ -115,3 +115,27 @@ def test_no_route_blocks_the_event_loop(
             assert response.status_code == 200, (url, response.text)
         assert client.post("/v1/jobs", files={"file": ("x.png", b"")}).status_code == 422
     assert blocking_on_loop == []
+
+
+def test_a_submission_goes_to_the_thread_pool_once(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its storing and recording, and nothing else: FastAPI runs a plain ``def``
+    dependency in its thread pool, a hand-off each way per request for a function that
+    only reads an attribute."""
+    import anyio.to_thread
+
+    real, calls = anyio.to_thread.run_sync, list[str]()
+
+    async def counted(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(func, "func", func).__name__)  # functools.partial: its function
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    image = thirty_two()[0].read_bytes()
+    for path in ("/v1/jobs", "/v1/batches"):
+        calls.clear()
+        field = "file" if path == "/v1/jobs" else "files"
+        response = client.post(path, files={field: ("a.png", image)}, data={"priority": "urgent"})
+        assert response.status_code == 202, response.text
+        assert calls == ["submit"], (path, calls)
