@@ -6,11 +6,12 @@ from them, taking turns between models and tenants, is the worker's (worker.micr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import cast
 
 import redis
 
+from hepato.common import wake_publish
 from hepato.common.constants import (
     DELAYED_KEY,
     PUBLIC_TENANT,
@@ -32,9 +33,11 @@ def push(
     *,
     inline: Mapping[str, bytes] | None = None,
     inline_ttl_s: float = 120.0,
+    wakes: Collection[str] = (),
 ) -> None:
     """Queue ``ids``, in one round trip with the ``inline`` images (by id), which are set
-    before the ids are pushed: a worker that pops an id finds its bytes already there."""
+    before the ids are pushed: a worker that pops an id finds its bytes already there;
+    and with the ``wakes`` of their commit (common.wake_publish)."""
     ids = list(ids)
     if ids:
         pipe = client.pipeline(transaction=False)
@@ -42,6 +45,7 @@ def push(
             pipe.set(inline_key(job_id), data, px=int(inline_ttl_s * 1000))
         pipe.sadd(tenants_key(model), tenant)
         pipe.rpush(queue_key(model, priority, tenant), *ids)
+        wake_publish.add_to(pipe, wakes)
         pipe.execute()
 
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import redis
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -49,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import QueryableAttribute
 
-from hepato.common import slide_finish, webhooks
+from hepato.common import slide_finish, wake_publish, webhooks
 from hepato.common.constants import (
     TERMINAL_STATES,
     batch_events_channel,
@@ -64,15 +63,6 @@ _EVENT_COLUMNS = ["job_id", "batch_id", "tenant", "state", "error", "at"]
 # The advisory-lock namespace (first key) of a batch's finish; the second is from its id.
 _FINISH_LOCK_SPACE = 4711003
 _WAKE = "hepato.events.wake"
-
-# Which Redis each engine's writers publish on (set once per process by gateway and worker).
-_publishers: dict[Engine, redis.Redis] = {}
-
-
-def attach(engine: Engine, client: redis.Redis) -> None:
-    """Publish wake-ups for commits on ``engine`` through ``client``. Without it events
-    are still written; readers then see them at their interval re-read."""
-    _publishers[engine] = client
 
 
 def record(
@@ -270,20 +260,7 @@ def transaction(engine: Engine, *, autocommit: bool = False) -> Iterator[Connect
         finally:
             # Pooled connections keep .info: clear it even when the transaction fails.
             channels = conn.info.pop(_WAKE, set())
-    publish(engine, channels)
-
-
-def publish(engine: Engine, channels: Collection[str]) -> None:
-    client = _publishers.get(engine)
-    if client is None or not channels:
-        return
-    try:
-        pipe = client.pipeline(transaction=False)
-        for channel in sorted(channels):
-            pipe.publish(channel, "1")
-        pipe.execute()
-    except redis.RedisError:
-        log.debug("wake-up not published; readers catch up at their interval", exc_info=True)
+    wake_publish.publish(engine, channels)
 
 
 # Where a stream resumes: after this (xid, id); (0, 0) is from the start.

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from hepato.common import event_log, metrics
+from hepato.common import metrics, wake_publish
 from hepato.common.db import get_engine, session_factory
 from hepato.common.exceptions import ObjectFetchError, ObjectMissing, QueueFull, UnknownModel
 from hepato.common.manifest import load_registry
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 store,
             ),
         )
-        event_log.attach(app.state.resources.engine, app.state.resources.redis)
+        wake_publish.attach(app.state.resources.engine, app.state.resources.redis)
         # Every waiter of this process (SSE streams, /v1/predict) on one Redis connection.
         app.state.wakeups = hub = WakeupHub(settings.redis_url)
         app.state.finish_watch = watch = FinishWatch(app.state.resources.engine, hub)

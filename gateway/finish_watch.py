@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,8 +57,7 @@ def _read(engine: Engine, ids: list[uuid.UUID]) -> Read:
     # only of the few that finished, so thousands of waiters cost the loop little.
     # Autocommit: reads need no BEGIN and ROLLBACK round trips.
     read = Read({}, {})
-    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-    with Session(autocommit, expire_on_commit=False) as session:
+    with Session(_autocommit(engine), expire_on_commit=False) as session:
         if len(ids) <= WHOLE_ROWS_UP_TO:
             for job in session.scalars(select(Job).where(Job.id.in_(ids))):
                 read.states[job.id] = job.state
@@ -73,6 +73,12 @@ def _read(engine: Engine, ids: list[uuid.UUID]) -> Read:
             rows = session.scalars(select(Job).where(Job.id.in_(done[start : start + CHUNK])))
             read.finished.update({job.id: job for job in rows})
     return read
+
+
+@functools.cache
+def _autocommit(engine: Engine) -> Engine:
+    # Made once: an engine's options copy costs more than the read of a few rows.
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,17 @@ from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from hepato.common import audit, dispatch, egress, jobs, metrics, room, stages, webhooks
+from hepato.common import (
+    audit,
+    dispatch,
+    egress,
+    jobs,
+    metrics,
+    room,
+    stages,
+    wake_publish,
+    webhooks,
+)
 from hepato.common.audit import Action, Caller, ObjectType
 from hepato.common.constants import Priority
 from hepato.common.exceptions import CallbackRefused, HepatoError, InvalidImage, QueueFull
@@ -212,24 +222,27 @@ def record(
             return audit.row(caller, Action.submit, ObjectType.batch, batch_id, **detail)
         return audit.row(caller, Action.submit, ObjectType.job, job_ids[0], **detail)
 
+    # The wake-ups of the jobs' first events go with their push: one round trip, not two.
+    channels: set[str] = set()
     try:
-        created = jobs.create(
-            res.engine,
-            [NewJob(p.filename, p.key, p.info) for p in passed],
-            as_batch=as_batch,
-            tenant=tenant,
-            model=model,
-            priority=priority,
-            max_attempts=settings.max_attempts,
-            deadline_s=deadline_s,
-            question=question,
-            callback_url=callback_url,
-            room=room.Room.of(settings),
-            stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
-            job_ids=job_ids,
-            audit_row=audit_row,
-            before_commit=before_commit,
-        )
+        with wake_publish.gathered(res.engine) as channels:
+            created = jobs.create(
+                res.engine,
+                [NewJob(p.filename, p.key, p.info) for p in passed],
+                as_batch=as_batch,
+                tenant=tenant,
+                model=model,
+                priority=priority,
+                max_attempts=settings.max_attempts,
+                deadline_s=deadline_s,
+                question=question,
+                callback_url=callback_url,
+                room=room.Room.of(settings),
+                stages={stages.UPLOAD: (time.perf_counter() - started) * 1000.0},
+                job_ids=job_ids,
+                audit_row=audit_row,
+                before_commit=before_commit,
+            )
     except IntegrityError:
         raise  # Postgres answered: nothing of it committed
     except DBAPIError:
@@ -251,6 +264,7 @@ def record(
             tenant,
             inline=inline(created.queued_before, ids) if inline else None,
             inline_ttl_s=settings.inline_ttl_s,
+            wakes=channels,
         )
     except redis.RedisError:
         # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 import redis
 from sqlalchemy.exc import OperationalError
 
-from hepato.common import event_log, heap, jobs, metrics, stages
+from hepato.common import heap, jobs, metrics, stages, wake_publish
 from hepato.common.db import get_engine
 from hepato.common.job_counts import count_unfinished
 from hepato.common.settings import Settings
@@ -67,7 +67,7 @@ class Worker:
         self.id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = get_engine(settings.database_url)
         self.redis = redis.Redis.from_url(settings.redis_url)
-        event_log.attach(self.engine, self.redis)
+        wake_publish.attach(self.engine, self.redis)
         self.store = ObjectStore(settings, pool_size=settings.fetch_concurrency)
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="fetch")
         # Reading a slide's tiles is JPEG decoding, CPU work like decoding uploads: as many

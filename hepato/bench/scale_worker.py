@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event
 
-from hepato.common import event_log
+from hepato.common import event_log, wake_publish
 
 _STATEMENTS = "hepato.bench.statements"
 _WRITES = ("INSERT", "UPDATE", "DELETE")
@@ -86,7 +86,7 @@ def _seen(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
 
 
 _plain_transaction = event_log.transaction
-_plain_publish = event_log.publish
+_plain_publish = wake_publish.publish
 
 
 def _publish(engine: Engine, channels: Any) -> None:
@@ -122,7 +122,7 @@ def _timed(engine: Engine, **options: Any) -> Iterator[Connection]:
 def install() -> None:
     event.listen(Engine, "before_cursor_execute", _seen)
     event_log.transaction = _timed
-    event_log.publish = _publish
+    wake_publish.publish = _publish
 
 
 def main() -> None:

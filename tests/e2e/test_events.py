@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from httpx_sse import connect_sse
 from sqlalchemy import select
 
-from hepato.common import event_log
+from hepato.common import event_log, wake_publish
 from hepato.common.db import get_engine
 from hepato.common.settings import Settings
 from hepato.common.tables import JobEvent
@@ -225,7 +225,7 @@ def test_events_survive_a_lost_wake_up_and_a_redis_flushall(
     reader.wait_for(JOBS)
     # Every wake-up of the worker's commits is lost, then Redis is emptied and the
     # stream's subscription cut: only the interval re-read can deliver the rest.
-    monkeypatch.setattr(event_log, "publish", lambda *args: None)
+    monkeypatch.setattr(wake_publish, "publish", lambda *args: None)
     run_worker()
     client = redis.Redis.from_url(settings.redis_url)
     client.flushall()
