@@ -4,6 +4,7 @@ Real Postgres, Redis and S3, a worker in a thread."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -34,6 +35,13 @@ def test_a_predict_caller_reads_its_job_once_it_has_finished(
     state = client.app.state  # type: ignore[attr-defined]
     watch = finish_watch.FinishWatch(state.finish_watch.engine, state.finish_watch.hub, 600.0)
     client.portal.call(watch.start)  # type: ignore[union-attr]
+    # The hub connects in the background, and on connecting wakes every listener (what
+    # was published before it stood is lost): a caller that listened before that would
+    # see one read more, by design. Start once it stands.
+    deadline = time.monotonic() + 10
+    while watch.hub._pubsub is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.portal.call(asyncio.sleep, 0)  # type: ignore[union-attr]  # its connect's end
     state.finish_watch = watch
     reads: list[tuple[list[uuid.UUID], list[str]]] = []
     waiting: list[float | None] = []  # the gauge of waiting callers, at each read
