@@ -62,13 +62,16 @@ class Preparer:
         except redis.RedisError:
             log.debug("inline images unreadable; downloading them", exc_info=True)
             return {}
+        if not inline:
+            return {}
         taken = list(inline)
         return dict(zip(taken, self.decoder.decode_all([inline[i] for i in taken]), strict=True))
 
     def __call__(self, batch: MicroBatch, early: Future[dict[str, Outcome]] | None = None) -> None:
         """Download concurrently, then decode; a job whose image is gone or unreadable is
         marked permanent, one whose download or decoder failed transient. ``early``: the
-        inline images ``early()`` took and decoded; the others are downloaded."""
+        inline images ``early()`` took and decoded (without it, they are taken now); the
+        others are downloaded."""
         model = self.models[batch.model]
         kinds = split_kinds(batch.claimed)
         for job in kinds["plan"]:
@@ -76,16 +79,19 @@ class Preparer:
         batch.claimed = [*kinds["image"], *kinds["tile"]]
         size = model.manifest.input_size
         decoded: dict[str, Outcome] = {}
-        if early is not None:
-            # What is left of the decode once the claim is done.
+        if kinds["image"]:
+            # With ``early``: what is left of the decode once the claim is done.
             with timed(batch.model, stages.DECODE, batch.stages):
-                decoded = early.result()
+                if early is None:
+                    decoded = self._take_and_decode([str(job.id) for job in kinds["image"]])
+                else:
+                    decoded = early.result()
         rest = [job for job in kinds["image"] if str(job.id) not in decoded]
         with timed(batch.model, stages.DOWNLOAD, batch.stages):
             tiles = [
                 self.tile_pool.submit(read_tile, self.slide_cache, j, size) for j in kinds["tile"]
             ]
-            datas = self._download(rest, inline=early is None)
+            datas = list(self.fetch_pool.map(self._fetch, rest))
             for job, future in zip(kinds["tile"], tiles, strict=True):
                 if (exc := future.exception()) is None:
                     batch.ready.append(job)
@@ -113,22 +119,6 @@ class Preparer:
         if inference.phases(model):
             with timed(batch.model, stages.PREPROCESS, batch.stages):
                 batch.prepared = inference.prepare(model, batch.ready, batch.images)
-
-    def _download(
-        self, jobs: list[ClaimedJob], *, inline: bool = True
-    ) -> list[bytes | ObjectFetchError]:
-        """Each job's image: with ``inline``, the bytes its submission sent inline through
-        Redis where they are still there, else from the object store."""
-        inline_found: dict[str, bytes] = {}
-        try:
-            if inline:
-                inline_found = dispatch.take_inline(self.redis, [str(job.id) for job in jobs])
-        except redis.RedisError:
-            log.debug("inline images unreadable; downloading them", exc_info=True)
-        rest = [job for job in jobs if str(job.id) not in inline_found]
-        got = self.fetch_pool.map(self._fetch, rest)
-        fetched = {job.id: data for job, data in zip(rest, got, strict=True)}
-        return [inline_found.get(str(job.id)) or fetched[job.id] for job in jobs]
 
     def _fetch(self, job: ClaimedJob) -> bytes | ObjectFetchError:
         try:
