@@ -39,7 +39,8 @@ def test_a_predict_caller_reads_its_job_once_it_has_finished(
     # was published before it stood is lost): a caller that listened before that would
     # see one read more, by design. Start once it stands.
     deadline = time.monotonic() + 10
-    while watch.hub._pubsub is None and time.monotonic() < deadline:
+    while watch.hub._pubsub is None:
+        assert time.monotonic() < deadline, "the wake-up hub never connected"
         time.sleep(0.01)
     client.portal.call(asyncio.sleep, 0)  # type: ignore[union-attr]  # its connect's end
     state.finish_watch = watch

@@ -282,6 +282,8 @@ def test_slide_view_follows_a_slide_then_zooms_over_its_detections(
                 break
             picked = seen
             page.wait_for_timeout(250)
+        else:
+            raise AssertionError(f"the view never stood still: the box last at {picked}")
         assert picked is not None
         osd = page.locator("#osd").bounding_box()
         page.mouse.click(osd["x"] + picked["x"] + 4, osd["y"] + picked["y"] + picked["h"] / 2)
