@@ -133,7 +133,7 @@ class IsolatedDecoder:
                             f"the image decoder crashed or took longer than {self.timeout_s:g}s "
                             "on this image"
                         )
-        return [r for r in out if r is not None]
+        return [r if r is not None else _lost() for r in out]
 
     def _run(
         self, indices: list[int], datas: Sequence[bytes], out: list[Outcome | None]
@@ -143,7 +143,9 @@ class IsolatedDecoder:
         waiting, failed = list(reversed(indices)), list[int]()
         deadline = time.monotonic() + self.timeout_s
         while True:
-            self._start()
+            # A child can die on its image after `wait` returned without it: its image
+            # failed too, or it would be left with no outcome.
+            failed += [i for i in self._start() if i >= 0]
             for child in self._children:
                 if child.busy is None and waiting:
                     try:
@@ -177,11 +179,10 @@ class IsolatedDecoder:
         self._children.remove(child)
         return index
 
-    def _start(self) -> None:
-        """As many live children as asked for; a dead one is replaced."""
-        for child in [c for c in self._children if not c.process.is_alive()]:
-            child.kill()
-            self._children.remove(child)
+    def _start(self) -> list[int]:
+        """As many live children as asked for; a dead one is replaced. Returns the indices
+        of the images the dead ones were on (-1: idle)."""
+        lost = [self._drop(c) for c in [c for c in self._children if not c.process.is_alive()]]
         ctx = multiprocessing.get_context("spawn")
         while len(self._children) < self.processes:
             arena = SharedMemory(create=True, size=self.arena_bytes) if self.arena_bytes else None
@@ -197,6 +198,14 @@ class IsolatedDecoder:
             process.start()
             theirs.close()  # the child's end: its death is then EOF on ours
             self._children.append(_Child(process, ours, arena))
+        return lost
+
+
+def _lost() -> DecoderFault:
+    # Every image gets an outcome by construction; should one not, its job is retried
+    # rather than the microbatch's outcomes being misaligned with its jobs.
+    log.error("the decoder gave no outcome for an image; retrying its job")
+    return DecoderFault("the image decoder gave no outcome for this image")
 
 
 def _serve(conn: Connection, arena_name: str | None, decode: Decode, parent: int) -> None:

@@ -5,6 +5,7 @@ the others of the microbatch decoded, and the decoder keeps working after them."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from hepato.common.exceptions import InvalidImage
+from hepato.worker import decode
 from hepato.worker.decode import DecoderFault, IsolatedDecoder, decode_rgb
 from tests.chaos import poison
 
@@ -87,6 +89,31 @@ def test_a_crash_fails_its_image_alone_and_the_decoder_goes_on(
     again = decoder.decode_all(IMAGES)
     assert all(isinstance(image, np.ndarray) for image in again)
     assert len(decoder._children) == 2
+
+
+def test_a_crash_after_the_others_answered_still_fails_its_image(
+    decoder: IsolatedDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash lands after ``wait`` returned with the other child's answer: the dead child
+    is found when the decoder next looks at its processes. Once, its image was dropped
+    there, and the microbatch's outcomes came back one short (CI: a crash in a batch of
+    six failed all six)."""
+    decoder.warm()
+    real_wait = decode.wait
+
+    def wait_past_the_crash(conns: Any, timeout: float | None = None) -> Any:
+        ready = real_wait(conns, timeout)
+        deadline = time.monotonic() + 5
+        while all(c.process.is_alive() for c in decoder._children) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return ready
+
+    monkeypatch.setattr(decode, "wait", wait_past_the_crash)
+    batch = [IMAGES[1], poison.png(poison.LATE_CRASH)]
+    got = decoder.decode_all(batch)
+    assert len(got) == 2
+    np.testing.assert_array_equal(got[0], decode_rgb(batch[0]))
+    assert isinstance(got[1], DecoderFault) and "crashed" in str(got[1])
 
 
 def test_a_hang_is_cut_at_the_timeout_and_the_others_decode(decoder: IsolatedDecoder) -> None:
