@@ -264,6 +264,12 @@ class Settings(BaseSettings):
     model_timeout_s: float = Field(
         600.0, gt=0, description="Longest one model call may take before its jobs retry, s."
     )
+    model_warmup: bool = Field(
+        True,
+        description="Before it says it is ready, a worker runs each model it serves on blank "
+        "images, at batch 1 and at its largest microbatch: its first jobs do not pay the "
+        "runtime's first-run costs (memory planning; on a GPU, kernel loading and tuning).",
+    )
     prefetch_batches: int = Field(
         1,
         ge=0,

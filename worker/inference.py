@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -113,6 +113,31 @@ class _Caller:
 # Model-call threads whose last call ended in time (a hung one is never put back).
 _IDLE: list[_Caller] = []
 _IDLE_LOCK = threading.Lock()
+
+
+def warm_up(model: Model, batches: Iterable[int], timeout_s: float) -> None:
+    """Run ``model`` once per microbatch size of ``batches`` on blank images of its input
+    size, so that the first jobs of each size do not pay the runtime's first-run costs
+    (ONNX Runtime plans its memory per input shape: a first batch of 16 at 320 px took a
+    third longer than the next). A model served by Triton is left alone: that server
+    warms its own. A failure is logged, not raised: the jobs would meet it anyway."""
+    if model.manifest.backend == "triton":
+        return
+    size = model.manifest.input_size
+    blank = np.full((size, size, 3), 114, np.uint8)
+    for batch in sorted(set(batches)):
+        started = time.perf_counter()
+        try:
+            with_timeout(partial(model.predict, [blank] * batch), timeout_s)
+        except Exception as exc:
+            log.warning("warming %s up at batch %d failed: %r", model.manifest.name, batch, exc)
+            return
+        log.info(
+            "%s warmed up at batch %d in %.0f ms",
+            model.manifest.name,
+            batch,
+            (time.perf_counter() - started) * 1000.0,
+        )
 
 
 # --- models with phases (worker.backends.calls.Phased) -------------------------------

@@ -130,8 +130,14 @@ class Worker:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-        # Decoder processes start before the heartbeat that tells hepato up we are ready.
+        # Decoder processes start, and models run once, before the heartbeat that tells
+        # hepato up we are ready.
         self.decoder.warm()
+        if self.settings.model_warmup:
+            for q in self.batcher.queues:
+                inference.warm_up(
+                    self.models[q.model], (1, q.max_batch), self.settings.model_timeout_s
+                )
         self.recovery.start()
         # Not in burst mode: it leaves once drained, and would cut its deliveries short.
         if not self.burst:
