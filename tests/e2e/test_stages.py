@@ -51,7 +51,10 @@ def run_watched(
 
     name = settings.default_model
     watched = Watching(models[name], settings, patience_s)
-    tuned = settings.model_copy(update={"max_batch_size": 4, "prefetch_batches": prefetch})
+    # No warm-up: the first call watched is the first microbatch's.
+    tuned = settings.model_copy(
+        update={"max_batch_size": 4, "prefetch_batches": prefetch, "model_warmup": False}
+    )
     worker = Worker(tuned, {name: watched}, burst=True)  # type: ignore[dict-item]
     worker.run(install_signals=False)
     return watched, worker
