@@ -135,6 +135,8 @@ class Worker:
         self.decoder.warm()
         if self.settings.model_warmup:
             for q in self.batcher.queues:
+                if self.stopping.is_set():  # SIGTERM while warming up: leave now
+                    break
                 inference.warm_up(
                     self.models[q.model], (1, q.max_batch), self.settings.model_timeout_s
                 )
