@@ -53,7 +53,8 @@ def add_to(pipe: redis.client.Pipeline, channels: Collection[str]) -> None:
 def gathered(engine: Engine) -> Iterator[set[str]]:
     """The channels that commits on ``engine`` inside would publish, left to the caller
     to publish after them (``add_to``). Should the block raise, what it gathered is
-    published on the way out: something may have committed before the error."""
+    published on the way out (something may have committed before the error) and the
+    set emptied, so that a caller that goes on does not send it again."""
     found: set[str] = set()
     token = _gathering.set((engine, found))
     try:
@@ -61,5 +62,6 @@ def gathered(engine: Engine) -> Iterator[set[str]]:
     except BaseException:
         _gathering.reset(token)
         publish(engine, found)
+        found.clear()
         raise
     _gathering.reset(token)

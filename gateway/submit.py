@@ -223,7 +223,6 @@ def record(
         return audit.row(caller, Action.submit, ObjectType.job, job_ids[0], **detail)
 
     # The wake-ups of the jobs' first events go with their push: one round trip, not two.
-    channels: set[str] = set()
     try:
         with wake_publish.gathered(res.engine) as channels:
             created = jobs.create(
