@@ -15,7 +15,6 @@ from PIL import Image, PngImagePlugin
 from hepato.worker.decode import decode_rgb
 
 CRASH, HANG = b"POISON-CRASH", b"POISON-HANG"
-LATE_CRASH = b"POISON-LATE-CRASH"  # crashes half a second after it is given the file
 # Marker pixels at (0, 0) that the stand-in models react to.
 RAISE_PIXEL, HANG_PIXEL, DEATH_PIXEL = (1, 2, 3), (3, 2, 1), (2, 1, 3)
 
@@ -38,9 +37,6 @@ def decode_or_die(data: bytes) -> np.ndarray:
         os.kill(os.getpid(), signal.SIGSEGV)
     if HANG in data:
         threading.Event().wait(3600)
-    if LATE_CRASH in data:
-        threading.Event().wait(0.5)
-        os.kill(os.getpid(), signal.SIGSEGV)
     return decode_rgb(data)
 
 
