@@ -63,6 +63,10 @@ _EVENT_COLUMNS = ["job_id", "batch_id", "tenant", "state", "error", "at"]
 # The advisory-lock namespace (first key) of a batch's finish; the second is from its id.
 _FINISH_LOCK_SPACE = 4711003
 _WAKE = "hepato.events.wake"
+_ANSWERS = "hepato.events.answers"
+# A lone job's answer longer than this is not sent with its wake-up (its caller reads
+# the row instead), characters.
+ANSWER_MAX_CHARS = 256 * 1024
 
 
 def record(
@@ -192,6 +196,16 @@ def _wake(
         )
 
 
+def answer(conn: Connection, answers: Mapping[uuid.UUID, str | None]) -> None:
+    """Send each job's answer (JSON text) as the message of its "finished" wake-up, once
+    this transaction has committed; a job without one (None, or too long) wakes its
+    caller with a plain "1", and the caller reads the row."""
+    messages = conn.info.setdefault(_ANSWERS, {})
+    for job_id, text in answers.items():
+        if text is not None and len(text) <= ANSWER_MAX_CHARS:
+            messages[job_finished_channel(str(job_id))] = text
+
+
 def _finish_locks(conn: Connection, batches: set[uuid.UUID | None]) -> set[uuid.UUID]:
     """Lock, for this transaction, each of ``batches`` whose end does something (a
     webhook, a slide to finish), so that the finish checks after it run one transaction
@@ -252,6 +266,7 @@ def transaction(engine: Engine, *, autocommit: bool = False) -> Iterator[Connect
     round trips; only for one statement that writes a change with its events
     (``record_logged``), which is then atomic by itself."""
     channels: set[str] = set()
+    messages: dict[str, str] = {}
     with engine.connect() if autocommit else engine.begin() as conn:
         if autocommit:
             conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -260,7 +275,8 @@ def transaction(engine: Engine, *, autocommit: bool = False) -> Iterator[Connect
         finally:
             # Pooled connections keep .info: clear it even when the transaction fails.
             channels = conn.info.pop(_WAKE, set())
-    wake_publish.publish(engine, channels)
+            messages = conn.info.pop(_ANSWERS, {})
+    wake_publish.publish(engine, channels, messages)
 
 
 # Where a stream resumes: after this (xid, id); (0, 0) is from the start.

@@ -13,13 +13,16 @@ from sqlalchemy import (
     Interval,
     Select,
     String,
+    Text,
     Uuid,
     any_,
     bindparam,
+    case,
     cast,
     exists,
     extract,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -155,10 +158,34 @@ def claiming(*, fresh: bool) -> Select[Any]:
     return event_log.logged(change, *CLAIMED_COLUMNS)
 
 
+# What a finished lone job's caller is answered with (gateway.finish_watch), as the
+# completing statement left the row: sent with the job's "finished" wake-up, so that a
+# waiting /v1/predict needs no read of its own.
+ANSWER_COLUMNS = (
+    Job.id,
+    Job.state,
+    Job.error,
+    Job.model,
+    Job.model_version,
+    Job.task,
+    Job.width,
+    Job.height,
+    Job.result,
+    Job.queue_wait_ms,
+    Job.inference_ms,
+    Job.batch_size,
+    Job.stages,
+    Job.inferred_at,
+    Job.finished_at,
+)
+
+
 @functools.cache
 def completing() -> Select[Any]:
     """Results and ``done`` for a microbatch, with its events, fenced row by row: a job
-    whose lease ``:token`` no longer holds is neither written nor logged."""
+    whose lease ``:token`` no longer holds is neither written nor logged. Returns, last,
+    each lone job's answer (``ANSWER_COLUMNS`` as JSON text; NULL for a batch's job,
+    which no caller waits on)."""
     rows = unnest_rows(
         Job,
         {key: [] for key in COMPLETED_COLUMNS},
@@ -188,4 +215,9 @@ def completing() -> Select[Any]:
             stages=func.coalesce(Job.stages, cast({}, JSONB)).op("||")(rows.c.stages),
         )
     )
-    return event_log.logged(change)
+    # Keys as SQL literals: json_build_object cannot type a bound parameter's "any".
+    pairs: list[Any] = []
+    for column in ANSWER_COLUMNS:
+        pairs += [literal_column(f"'{column.key}'"), column]
+    answer = case((Job.batch_id.is_(None), cast(func.json_build_object(*pairs), Text)), else_=None)
+    return event_log.logged(change, answer)

@@ -289,14 +289,15 @@ def complete(
         "stages": [r.stages or {} for r in results],
     }
     with event_log.transaction(engine, autocommit=alone) as conn:
-        # One statement for the whole microbatch, its events included, fenced row by
-        # row as ``_owned`` (there by lease token and state, the ids joined).
+        # One statement for the whole microbatch, its events included, fenced row by row
+        # as ``_owned`` (lease token and state); each lone job's answer its last column.
         written = event_log.record_logged(
             conn,
             job_statements.completing(),
             {**rows_params(values), "token": token, "model_version": model_version},
             follow_up=not alone,
         )
+        event_log.answer(conn, {row.id: row[-1] for row in written})
     return {row.id for row in written}
 
 

@@ -30,7 +30,7 @@ QUEUE = "queue"
 INFERENCE = "inference"  # the model call of its microbatch (inference_ms)
 WRITE = "write"  # inferred → committed, less the waits and post-processing measured
 # /v1/predict only: the rest of the latency its caller saw (request parsing, the wake-up
-# after the commit, reading the result, the response).
+# after the commit and the answer it carries, the response).
 OTHER = "other"
 
 ORDER = (

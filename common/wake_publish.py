@@ -7,7 +7,7 @@ lost delays a reader until its interval re-read, never more."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -28,7 +28,12 @@ def attach(engine: Engine, client: redis.Redis) -> None:
     _publishers[engine] = client
 
 
-def publish(engine: Engine, channels: Collection[str]) -> None:
+def publish(
+    engine: Engine, channels: Collection[str], messages: Mapping[str, str] | None = None
+) -> None:
+    """Wake ``channels``, each with its message in ``messages`` if it has one, else "1".
+    Gathered wake-ups (``gathered``) carry "1": a message is a shortcut for its reader,
+    who reads the truth without it."""
     gathering = _gathering.get()
     if gathering is not None and gathering[0] is engine:
         gathering[1].update(channels)
@@ -38,15 +43,19 @@ def publish(engine: Engine, channels: Collection[str]) -> None:
         return
     try:
         pipe = client.pipeline(transaction=False)
-        add_to(pipe, channels)
+        add_to(pipe, channels, messages)
         pipe.execute()
     except redis.RedisError:
         log.debug("wake-up not published; readers catch up at their interval", exc_info=True)
 
 
-def add_to(pipe: redis.client.Pipeline, channels: Collection[str]) -> None:
+def add_to(
+    pipe: redis.client.Pipeline,
+    channels: Collection[str],
+    messages: Mapping[str, str] | None = None,
+) -> None:
     for channel in sorted(channels):
-        pipe.publish(channel, "1")
+        pipe.publish(channel, (messages or {}).get(channel, "1"))
 
 
 @contextmanager

@@ -1,11 +1,14 @@
 """Waiting for jobs to finish on behalf of every ``/v1/predict`` caller of one gateway
-process, at the cost of one Postgres read per round however many callers wait.
+process, at the cost of at most one Postgres read per round however many callers wait.
 
 A caller costs a future and a callback on the process's wake-up hub (gateway.wakeups),
 never a thread or a connection. It subscribes to its job's "finished" channel before the
 job exists (its id is chosen first), so the job's one wake-up is the one that matters and
-no read is spent before it. A wake-up marks the job due; one task reads every due job in
-one query (in a worker thread) and resolves the callers whose job has finished. Every
+no read is spent before it. A worker that completes a lone job sends the committed row's
+answer as that wake-up's message (common.event_log.answer): the caller is answered from
+it, with no read at all. Any other wake-up (a failure, an answer too long to send, a
+reconnect of the hub) marks the job due; one task reads every due job in one query (in
+a worker thread) and resolves the callers whose job has finished. Every
 ``reread_s`` every watched job is due, so a lost wake-up (Redis restarted, flushed) costs
 a caller at most that, never its answer; a Postgres outage costs it the wait (it gets the
 202 at its timeout), never a 5xx for a job that was accepted."""
@@ -15,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import anyio
 from sqlalchemy import Engine, select
@@ -73,6 +78,29 @@ def _read(engine: Engine, ids: list[uuid.UUID]) -> Read:
             rows = session.scalars(select(Job).where(Job.id.in_(done[start : start + CHUNK])))
             read.finished.update({job.id: job for job in rows})
     return read
+
+
+def _answer(job_id: uuid.UUID, data: bytes) -> Job | None:
+    """The finished row a wake-up's message carries (job_statements.ANSWER_COLUMNS, as
+    JSON), unattached to any session; None for a plain wake-up ("1"), or one that does
+    not hold this job's answer (the caller then reads the row)."""
+    if data == b"1":
+        return None
+    try:
+        fields = json.loads(data)
+        if uuid.UUID(fields["id"]) != job_id:
+            return None
+        fields["id"] = job_id
+        for key in _TIMES:
+            if fields.get(key) is not None:
+                fields[key] = datetime.fromisoformat(fields[key])
+        return Job(**fields)
+    except (ValueError, KeyError, TypeError):
+        log.warning("a finished job's wake-up held no answer; reading the job instead")
+        return None
+
+
+_TIMES = ("inferred_at", "finished_at")
 
 
 @functools.cache
@@ -131,13 +159,22 @@ class FinishWatch:
 
         try:
             channel = job_finished_channel(str(job_id))
-            async with self.hub.listen(channel, lambda: self._mark(job_id)):
+            async with self.hub.listen(channel, lambda data: self._woken(job_id, data)):
                 yield wait
         finally:
             waiters.discard(future)
             if not waiters and self._waiters.get(job_id) is waiters:
                 del self._waiters[job_id]
                 self._created.discard(job_id)
+
+    def _woken(self, job_id: uuid.UUID, data: bytes | None) -> None:
+        job = None if data is None else _answer(job_id, data)
+        if job is None:
+            self._mark(job_id)
+            return
+        for future in self._waiters.get(job_id, ()):
+            if not future.done():
+                future.set_result(job)
 
     def _mark(self, job_id: uuid.UUID) -> None:
         self._due.add(job_id)

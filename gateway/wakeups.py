@@ -39,7 +39,9 @@ UNSUBSCRIBE_EVERY_S = 1.0
 # stuck socket hold the gateway's shutdown for ever.
 COMMAND_S = 5.0
 
-Callback = Callable[[], None]
+# Called with a message's data, or with None when the hub wakes every listener (on a
+# reconnect, what was published in the gap being lost).
+Callback = Callable[[bytes | None], None]
 
 
 class WakeupHub:
@@ -75,8 +77,8 @@ class WakeupHub:
 
     @asynccontextmanager
     async def listen(self, channel: str, callback: Callback) -> AsyncIterator[None]:
-        """Call ``callback`` (on the event loop; it must not block or raise) for each
-        message on ``channel`` while inside, and on every reconnect. Subscribed on entry,
+        """Call ``callback`` (on the event loop; it must not block or raise) with each
+        message on ``channel`` while inside, and with None on every reconnect. Subscribed on entry,
         before the waiter's first read, so that a change committed between that read and
         its first wait still wakes it."""
         listeners = self._listeners.setdefault(channel, set())
@@ -195,13 +197,15 @@ class WakeupHub:
                 if not future.done():
                     future.set_result(None)
         elif kind == "message":
+            data = message["data"]
+            payload = data if isinstance(data, bytes) else str(data).encode()
             for callback in list(self._listeners.get(channel, ())):
-                callback()
+                callback(payload)
 
     def _wake_all(self) -> None:
         for listeners in list(self._listeners.values()):
             for callback in list(listeners):
-                callback()
+                callback(None)
 
     async def _break(self, pubsub: redis.asyncio.client.PubSub) -> None:
         """Forget ``pubsub`` (the reader sees it gone and reconnects); holding the lock."""
@@ -235,7 +239,7 @@ class Wakeup:
         self.coalesce_s = coalesce_s
         self._event = asyncio.Event()
 
-    def set(self) -> None:
+    def set(self, data: bytes | None = None) -> None:
         self._event.set()
 
     async def wait(self, timeout_s: float) -> None:

@@ -89,10 +89,10 @@ _plain_transaction = event_log.transaction
 _plain_publish = wake_publish.publish
 
 
-def _publish(engine: Engine, channels: Any) -> None:
+def _publish(engine: Engine, channels: Any, messages: Any = None) -> None:
     # Called by event_log.transaction right after COMMIT returned: the transaction's end.
     _committed.at = time.perf_counter()
-    _plain_publish(engine, channels)
+    _plain_publish(engine, channels, messages)
 
 
 @contextmanager

@@ -1,6 +1,7 @@
-"""/v1/predict's wait: the caller listens for its job before the job exists, so the one
-read of the job is the one after it finished (not one per event, nor one up front).
-Real Postgres, Redis and S3, a worker in a thread."""
+"""/v1/predict's wait: the caller listens for its job before the job exists, and is
+answered by the worker's wake-up, which carries the finished row (no read at all); a
+wake-up without it costs one read, after the job finished (not one per event, nor one
+up front). Real Postgres, Redis and S3, a worker in a thread."""
 
 from __future__ import annotations
 
@@ -23,13 +24,19 @@ from tests.e2e.conftest import images
 pytestmark = pytest.mark.slow
 
 
-def test_a_predict_caller_reads_its_job_once_it_has_finished(
+@pytest.mark.parametrize("sent", [True, False], ids=["answer sent", "answer too long"])
+def test_a_predict_caller_is_answered_by_the_wakeup_or_reads_once_it_has_finished(
     client: TestClient,
     settings: Settings,
     models: dict[str, Model],
     monkeypatch: pytest.MonkeyPatch,
+    sent: bool,
 ) -> None:
+    from hepato.common import event_log
     from hepato.worker.runner import Worker
+
+    if not sent:
+        monkeypatch.setattr(event_log, "ANSWER_MAX_CHARS", 10)
 
     # No periodic re-read within the test: every read comes from a wake-up.
     state = client.app.state  # type: ignore[attr-defined]
@@ -64,10 +71,24 @@ def test_a_predict_caller_reads_its_job_once_it_has_finished(
             reads.clear()
             response = client.post("/v1/detect", files={"file": ("a.png", path.read_bytes())})
             assert response.status_code == 200, response.text
-            job_id = uuid.UUID(response.json()["job_id"])
-            assert reads == [([job_id], ["done"])], "one read, after the job finished"
-            assert waiting[-1] == 1, "the caller counted as waiting while it waited"
+            answer = response.json()
+            job_id = uuid.UUID(answer["job_id"])
+            if sent:
+                assert reads == [], "answered from the wake-up"
+            else:
+                assert reads == [([job_id], ["done"])], "one read, after the job finished"
+                assert waiting[-1] == 1, "the caller counted as waiting while it waited"
             assert REGISTRY.get_sample_value("hepato_predict_waiting") == 0
+            # Either way the answer is the committed row's.
+            row = client.get(f"/v1/jobs/{job_id}").json()
+            for key in ("result", "model", "task", "width", "height", "batch_size"):
+                assert answer[key] == row[key], key
+            for key in ("queue_wait_ms", "inference_ms"):
+                assert answer[key] == row[key], key
+            shared = set(answer["stages_ms"]) - {"other"}
+            assert {k: answer["stages_ms"][k] for k in shared} == {
+                k: row["stages_ms"][k] for k in shared
+            }
     finally:
         worker.stopping.set()
         thread.join(timeout=30)

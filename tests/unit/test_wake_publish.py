@@ -16,6 +16,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.sent: list[list[str]] = []
+        self.messages: dict[str, str] = {}
 
     def pipeline(self, transaction: bool = False) -> Any:
         recorder, commands = self, list[str]()
@@ -23,6 +24,7 @@ class Recorder:
         class Pipe:
             def publish(self, channel: str, message: str) -> None:
                 commands.append(channel)
+                recorder.messages[channel] = message
 
             def execute(self) -> None:
                 recorder.sent.append(commands)
@@ -61,3 +63,10 @@ def test_another_engines_commits_publish_at_once(recorder: Any) -> None:
     with wake_publish.gathered(engine) as channels:
         wake_publish.publish(other, {"x"})
     assert channels == set() and client.sent == [["x"]]
+
+
+def test_a_channel_with_a_message_carries_it_and_the_others_carry_one(recorder: Any) -> None:
+    engine, client = recorder
+    wake_publish.publish(engine, {"a", "b"}, {"b": '{"id": 1}', "not woken": "x"})
+    assert client.sent == [["a", "b"]]
+    assert client.messages == {"a": "1", "b": '{"id": 1}'}
