@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,4 +235,32 @@ def bare_realtime(
         if "latencies_ms" in m:
             row["latency_ms"] = percentiles(m["latencies_ms"])
         out[f"batch {batch}"] = row
+    return out
+
+
+def bracketed(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """One bare-model row from two runs of it, one before and one after the measurement
+    it is compared with: a shared VM's speed drifts within a run (the bare model's
+    images/s moved by 10 to 25 % between runs on the 2-core bench VM), and a ratio
+    against a single run taken at one end carries all of that drift. Each figure is the
+    mean of the two (a latency percentile: the mean of the two runs' percentiles; the
+    count summed, the max the larger);
+    ``drift`` is after ÷ before in images/s, so a report shows how far the machine moved."""
+    out = dict(before)
+    for key in ("images_per_s", "cpu_ms_per_image"):
+        if key in before and key in after:
+            out[key] = round((before[key] + after[key]) / 2, 3)
+    if "latency_ms" in before and "latency_ms" in after:
+        a, b = before["latency_ms"], after["latency_ms"]
+        both = [k for k in a if k in b]
+        lat = {k: round((a[k] + b[k]) / 2, 3) for k in both}
+        if "count" in lat:
+            lat["count"] = a["count"] + b["count"]
+        if "max" in lat:
+            lat["max"] = max(a["max"], b["max"])
+        out["latency_ms"] = lat
+    out["images_per_s_before"] = before.get("images_per_s")
+    out["images_per_s_after"] = after.get("images_per_s")
+    if before.get("images_per_s") and after.get("images_per_s"):
+        out["drift"] = round(after["images_per_s"] / before["images_per_s"], 3)
     return out

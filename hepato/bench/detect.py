@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from hepato.bench import realtime, report
-from hepato.bench.bare import bare_realtime
+from hepato.bench.bare import bare_realtime, bracketed
 from hepato.bench.load import REQUEST_TIMEOUT, Image, Recorder, cycle
 from hepato.bench.registry import threads_for, variant_name
 from hepato.common.manifest import load_registry
@@ -103,26 +103,32 @@ async def detect_clients(
 
 
 def run(bench: Bench) -> dict[str, Any]:
-    """The bare model first, with no worker running, then one worker serving the same
-    variant with its manifest's batching, warmed up, at each client count."""
+    """The bare model, with no worker running; then one worker serving the same variant
+    with its manifest's batching, warmed up, at each client count; then the bare model
+    again, each of its figures the mean of its two runs (hepato.bench.bare.bracketed)."""
     o, stack = bench.opts, bench.stack
     size, threads = o.realtime_size, threads_for(1)
     name = variant_name(o.model, size)
-    stack.stop_workers()  # the bare model has the machine to itself
-    bare = bare_realtime(
-        SCENARIO,
-        stack.models_dir,
-        name,
-        size,
-        batches=o.realtime_concurrency,
-        device=bench.settings.device,
-        threads=threads,
-        seconds=o.bare_seconds,
-        samples=o.samples,
-        timeout_s=o.timeout_s,
-    )
-    for key, found in bare.items():
-        _progress_bare(key, found)
+
+    def bare_model() -> dict[str, Any]:
+        stack.stop_workers()  # the bare model has the machine to itself
+        found = bare_realtime(
+            SCENARIO,
+            stack.models_dir,
+            name,
+            size,
+            batches=o.realtime_concurrency,
+            device=bench.settings.device,
+            threads=threads,
+            seconds=o.bare_seconds,
+            samples=o.samples,
+            timeout_s=o.timeout_s,
+        )
+        for key, row in found.items():
+            _progress_bare(key, row)
+        return found
+
+    before = bare_model()
     bench.start_workers(SCENARIO, 1, name, {"HEPATO_CPU_THREADS": str(threads)})
 
     def clients(c: int, stages: list[dict[str, float]], requests: int | None) -> Measured:
@@ -152,8 +158,11 @@ def run(bench: Bench) -> dict[str, Any]:
             row["stages_ms"] = realtime.stage_medians(stages)
             row["stages_requests"] = len(stages)
         detect.append(row)
-        report.progress(SCENARIO, what, row, (bare.get(f"batch {c}") or {}).get("images_per_s"))
-    stack.stop_workers()
+        report.progress(SCENARIO, what, row, (before.get(f"batch {c}") or {}).get("images_per_s"))
+    after = bare_model()
+    bare = {key: bracketed(row, after[key]) for key, row in before.items() if key in after}
+    for key, row in bare.items():
+        report.drift(SCENARIO, f"bare model, {key}", row)
     manifest = load_registry(stack.models_dir)[name]
     settings = {
         "model": name,

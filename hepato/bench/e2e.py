@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from hepato.bench import cpu, detect, load, report
-from hepato.bench.bare import BareRun, bare_throughput
+from hepato.bench.bare import BareRun, bare_throughput, bracketed
 from hepato.bench.options import NULL_MODEL, BenchOptions
 from hepato.bench.registry import threads_for, variant_name, write_models_dir
 from hepato.bench.stack import BenchStack
@@ -257,16 +257,17 @@ class Bench:
         for size in o.input_sizes:
             name = variant_name(o.model, size)
             self.start_workers(scenario, w, name, env)
+            # The bare model before and after both runs (hepato.bench.bare.bracketed).
+            before = self.bare(scenario, name, size, batch, w).summary()
             rec = self.flood(scenario, f"{name}, whole stack", name, o.efficiency_images)
             drain = self.drain(
                 scenario, f"{name}, queue filled first", name, w, env, o.efficiency_images
             )
-            bare = self.bare(scenario, name, size, batch, w)
+            bare = bracketed(before, self.bare(scenario, name, size, batch, w).summary())
             e2e = rec.summary()
-            runs.append(
-                {"input_size": size, "e2e": e2e, "drain": drain.summary(), "bare": bare.summary()}
-            )
-            report.progress(scenario, f"{size} px", e2e, bare.images_per_s)
+            runs.append({"input_size": size, "e2e": e2e, "drain": drain.summary(), "bare": bare})
+            report.progress(scenario, f"{size} px", e2e, bare["images_per_s"])
+            report.drift(scenario, f"{size} px", bare)
             report.progress(scenario, f"{size} px, workers alone", drain.summary())
         settings = {
             "model": o.model,

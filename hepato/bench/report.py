@@ -217,6 +217,16 @@ def heading(scenario: str) -> None:
     console.rule(f"[bold]scenario {scenario}")
 
 
+def drift(scenario: str, what: str, bare: dict[str, Any]) -> None:
+    """How far the bare model moved between its runs before and after (bench.bare.bracketed)."""
+    if bare.get("drift") is not None:
+        console.print(
+            f"  {scenario}: {what}: bare model {bare['images_per_s_before']:.1f} images/s "
+            f"before, {bare['images_per_s_after']:.1f} after (x{bare['drift']:.2f}); "
+            "ratios against their mean"
+        )
+
+
 def progress(scenario: str, what: str, row: dict[str, Any], bare: float | None = None) -> None:
     lat = row.get("latency_ms") or {}
     extra = f", bare model {bare:.1f} images/s" if bare is not None else ""

@@ -165,3 +165,29 @@ def test_the_tables_print_with_or_without_stages(stages: bool) -> None:
     assert "detect, 16 clients" in text and "bare, batch 4" in text
     assert ("one request's stages" in text) is stages
     assert ("carry no stages_ms" in text) is not stages
+
+
+def test_the_bare_model_is_the_mean_of_its_runs_before_and_after() -> None:
+    """A ratio is set against the bare model measured at both ends of what it compares
+    (the VM drifts within a run); the drift itself is kept for the report."""
+    from hepato.bench.bare import bracketed
+
+    before = bare_row(1, 80.0, 20.0, latency_ms={**lat(10.0, 14.0), "count": 400}, model="m")
+    after = bare_row(1, 60.0, 24.0, latency_ms={**lat(12.0, 20.0), "count": 300}, model="m")
+    row = bracketed(before, after)
+    assert (row["images_per_s"], row["cpu_ms_per_image"], row["model"]) == (70.0, 22.0, "m")
+    assert row["latency_ms"] == {
+        "p50": 11.0,
+        "p95": 14.0,
+        "p99": 17.0,
+        "mean": 11.0,
+        "max": 20.0,
+        "count": 700,
+    }
+    assert (row["images_per_s_before"], row["images_per_s_after"], row["drift"]) == (
+        80.0,
+        60.0,
+        0.75,
+    )
+    # Throughput rows (no latencies) as well.
+    assert bracketed({"images_per_s": 50.0}, {"images_per_s": 50.0})["drift"] == 1.0
