@@ -28,8 +28,12 @@ IDLE_PING_S = 1.0
 
 
 @lru_cache
-def get_engine(url: str) -> Engine:
-    engine = create_engine(url, pool_size=10, max_overflow=20)
+def get_engine(url: str, *, synchronous_commit: bool = True) -> Engine:
+    """The process's engine for ``url``. ``synchronous_commit=False``: its commits return
+    before their WAL is on disk (Postgres's ``synchronous_commit = off``), for writes
+    that a Postgres crash may undo without harm (the worker's claim: worker.runner)."""
+    connect_args = {} if synchronous_commit else {"options": "-c synchronous_commit=off"}
+    engine = create_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args)
     _ping_when_idle(engine, IDLE_PING_S)
     return engine
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Engine, event, select, text, update
 
 from hepato.common import claim
@@ -17,6 +18,9 @@ from hepato.common.db import get_engine
 from hepato.common.manifest import load_registry
 from hepato.common.settings import Settings
 from hepato.common.tables import Job, JobEvent
+from hepato.worker.backends.base import Model
+from tests.conftest import SAMPLES
+from tests.e2e.conftest import images
 from tests.e2e.test_event_order import make_batch
 from tests.e2e.test_job_state_counts import submit
 
@@ -188,3 +192,36 @@ def test_jobs_whose_end_does_nothing_more_are_completed_in_one_autocommitted_sta
     assert autocommit == [True]
     assert states(engine, ids) == ["done", "done", "processing"]
     assert [s for _, s in logged(engine, ids[:2])].count("done") == 2
+
+
+def test_the_worker_claims_without_waiting_for_the_disk_and_writes_results_waiting(
+    client: TestClient, settings: Settings, models: dict[str, Model]
+) -> None:
+    """A claim's commit returns before its WAL is on disk (a Postgres crash that undoes
+    it leaves its jobs pending, and the fence refuses their results); the commit of a
+    result, which makes the claim durable with it, waits for the disk."""
+    from hepato.worker.runner import Worker
+
+    seen: dict[str, set[str]] = {"claim": set(), "complete": set()}
+
+    def on_execute(conn: Connection, cursor: object, sql: str, *args: object) -> None:
+        if "json_build_object" in sql:
+            kind = "complete"
+        elif "lease_token=" in sql and "attempts=(jobs.attempts" in sql:
+            kind = "claim"
+        else:
+            return
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        seen[kind].add(dbapi.execute("SHOW synchronous_commit").fetchone()[0])  # type: ignore[attr-defined]
+
+    path = images(SAMPLES, "synthetic_*.png")[0]
+    response = client.post("/v1/jobs", files={"file": ("a.png", path.read_bytes())})
+    assert response.status_code == 202, response.text
+    event.listen(Engine, "before_cursor_execute", on_execute)
+    try:
+        Worker(settings, models, burst=True).run(install_signals=False)
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_execute)
+    assert seen == {"claim": {"off"}, "complete": {"on"}}
+    assert client.get(f"/v1/jobs/{response.json()['job_id']}").json()["state"] == "done"
