@@ -265,17 +265,18 @@ def transaction(engine: Engine, *, autocommit: bool = False) -> Iterator[Connect
     ``autocommit``: each statement commits on its own, without the BEGIN and COMMIT
     round trips; only for one statement that writes a change with its events
     (``record_logged``), which is then atomic by itself."""
-    channels: set[str] = set()
-    messages: dict[str, str] = {}
     with engine.connect() if autocommit else engine.begin() as conn:
         if autocommit:
             conn.execution_options(isolation_level="AUTOCOMMIT")
+        # Taken now: once a statement has met a lost connection, ``conn.info`` raises
+        # PendingRollbackError, which would hide the OperationalError the callers retry.
+        info = conn.info
         try:
             yield conn
         finally:
             # Pooled connections keep .info: clear it even when the transaction fails.
-            channels = conn.info.pop(_WAKE, set())
-            messages = conn.info.pop(_ANSWERS, {})
+            channels: set[str] = info.pop(_WAKE, set())
+            messages: dict[str, str] = info.pop(_ANSWERS, {})
     wake_publish.publish(engine, channels, messages)
 
 
