@@ -78,9 +78,9 @@ class WakeupHub:
     @asynccontextmanager
     async def listen(self, channel: str, callback: Callback) -> AsyncIterator[None]:
         """Call ``callback`` (on the event loop; it must not block or raise) with each
-        message on ``channel`` while inside, and with None on every reconnect. Subscribed on entry,
-        before the waiter's first read, so that a change committed between that read and
-        its first wait still wakes it."""
+        message on ``channel`` while inside, and with None on every reconnect. Subscribed
+        on entry, before the waiter's first read, so that a change committed between that
+        read and its first wait still wakes it."""
         listeners = self._listeners.setdefault(channel, set())
         listeners.add(callback)
         try:
