@@ -23,7 +23,12 @@ from hepato.common.tables import Job
 
 
 def claim(
-    engine: Engine, ids: Iterable[str | uuid.UUID], worker_id: str, lease_s: float
+    engine: Engine,
+    ids: Iterable[str | uuid.UUID],
+    worker_id: str,
+    lease_s: float,
+    *,
+    fast: Engine | None = None,
 ) -> tuple[uuid.UUID, list[ClaimedJob], list[Requeue]]:
     """Claim the still-pending jobs among ``ids`` under one fresh lease token. Ids that
     are no longer pending (duplicates, canceled, done) are dropped; jobs whose deadline
@@ -32,14 +37,18 @@ def claim(
     of their queue.
 
     The usual microbatch (every popped job fresh, due and within its deadline) is claimed
-    with its events in one statement; only what that leaves is looked at again."""
+    with its events in one statement; only what that leaves is looked at again. ``fast``:
+    the engine for that one statement (the worker's, whose commits do not wait for the
+    disk: that statement only moves never-tried jobs from pending to processing, which a
+    Postgres crash may undo without harm); what it leaves (expiries, retries) is written
+    on ``engine``."""
     job_ids = list(dict.fromkeys(_uuids(ids)))
     token = uuid.uuid4()
     if not job_ids:
         return token, [], []
     params = {"token": token, "worker_id": worker_id, "lease": timedelta(seconds=lease_s)}
     # One statement, committed by itself: the claim's only round trip, as a rule.
-    with event_log.transaction(engine, autocommit=True) as conn:
+    with event_log.transaction(fast or engine, autocommit=True) as conn:
         rows = event_log.record_logged(
             conn, job_statements.claiming(fresh=True), {**params, "ids": job_ids}
         )

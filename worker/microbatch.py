@@ -243,9 +243,11 @@ class Batcher:
         worker_id: str,
         settings: Settings,
         requeue: Callable[[Sequence[jobs.Requeue]], None],
+        fast_engine: Engine | None = None,
     ) -> None:
         self.client = client
         self.engine = engine
+        self.fast_engine = fast_engine  # for the usual claim's statement (common.claim)
         self.rotation = Rotation(queues)
         self.worker_id = worker_id
         self.lease_s = settings.lease_s
@@ -288,7 +290,7 @@ class Batcher:
         model = queue.model
         started = time.perf_counter()
         token, claimed, left = db_retry(self.lease_s)(claim_jobs)(
-            self.engine, ids, self.worker_id, self.lease_s
+            self.engine, ids, self.worker_id, self.lease_s, fast=self.fast_engine
         )
         claim_ms = (time.perf_counter() - started) * 1000.0
         self._to_front(left)

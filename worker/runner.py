@@ -66,11 +66,12 @@ class Worker:
         self.burst = burst
         self.id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = get_engine(settings.database_url)
-        # The claim commits without waiting for its WAL to reach the disk (about 1 ms per
-        # claim on the bench VM, on a lone request's path): a claim that a Postgres crash
-        # undoes leaves its jobs pending, the worker's results for them are refused by
-        # the fence, and they run again; no accepted job is lost. A result's commit
-        # waits: it makes the claim durable too, its WAL being written after the claim's.
+        # The usual claim (never-tried jobs, pending to processing) commits without waiting
+        # for its WAL to reach the disk (about 1 ms per claim on the bench VM, on a lone
+        # request's path): a claim that a Postgres crash undoes leaves its jobs pending,
+        # the worker's results for them are refused by the fence, and they run again; no
+        # accepted job is lost. Everything else waits, a result's commit included, which
+        # makes the claim durable too, its WAL being written after the claim's.
         self.claim_engine = get_engine(settings.database_url, synchronous_commit=False)
         self.redis = redis.Redis.from_url(settings.redis_url)
         wake_publish.attach(self.engine, self.redis)
@@ -95,11 +96,12 @@ class Worker:
         )
         self.batcher = Batcher(
             self.redis,
-            self.claim_engine,
+            self.engine,
             [model_queue(name, m.manifest, settings) for name, m in self.models.items()],
             worker_id=self.id,
             settings=settings,
             requeue=self.recovery.push,
+            fast_engine=self.claim_engine,
         )
         ahead = settings.prefetch_batches
         # One slot per batch between claim and the end of its model call.

@@ -225,3 +225,37 @@ def test_the_worker_claims_without_waiting_for_the_disk_and_writes_results_waiti
         event.remove(Engine, "before_cursor_execute", on_execute)
     assert seen == {"claim": {"off"}, "complete": {"on"}}
     assert client.get(f"/v1/jobs/{response.json()['job_id']}").json()["state"] == "done"
+
+
+def test_only_the_usual_claim_goes_without_waiting_for_the_disk(
+    engine: Engine, settings: Settings
+) -> None:
+    """The one statement that moves never-tried jobs to processing runs on the fast
+    engine; a job tried before (claimed alone, under a lock) and an overdue one (expired:
+    a state a client may be told) are written on the engine whose commits wait."""
+    fast = get_engine(settings.database_url, synchronous_commit=False)
+    fresh = make_batch(engine, 2)
+    tried = make_batch(engine, 1)
+    set_jobs(engine, tried, "attempts = 1")
+    overdue = make_batch(engine, 1)
+    set_jobs(engine, overdue, "deadline_at = now() - interval '1 minute'")
+    writes: list[tuple[str, bool]] = []
+
+    def seen(conn: Connection, cursor: object, sql: str, *args: object) -> None:
+        if sql.lstrip().startswith(("WITH", "UPDATE", "INSERT")):
+            writes.append((sql.split()[0], conn.engine is fast))
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        _, claimed, _ = claim.claim(engine, [str(j) for j in fresh], "w1", 30.0, fast=fast)
+        assert {j.id for j in claimed} == set(fresh)
+        assert all(on_fast for _, on_fast in writes) and len(writes) == 1
+        writes.clear()
+        ids = [str(j) for j in tried + overdue]
+        _, claimed, _ = claim.claim(engine, ids, "w1", 30.0, fast=fast)
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    assert [j.id for j in claimed] == tried
+    assert writes[0][1], "the usual statement first (it takes none of these)"
+    assert writes[1:] and not any(on_fast for _, on_fast in writes[1:])
+    assert states(engine, tried + overdue) == ["processing", "expired"]
