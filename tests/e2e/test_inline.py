@@ -93,12 +93,12 @@ def test_an_inline_image_is_taken_and_decoded_while_its_claim_runs(
     [job_id] = submit(client, 1)
     real_claim, taken_first = microbatch.claim_jobs, list[bool]()
 
-    def claim(engine: object, ids: list[str], *args: object) -> object:
+    def claim(engine: object, ids: list[str], *args: object, **kwargs: object) -> object:
         deadline = time.monotonic() + 5.0
         while r.exists(inline_key(job_id)) and time.monotonic() < deadline:
             time.sleep(0.01)
         taken_first.append(not r.exists(inline_key(job_id)))
-        return real_claim(engine, ids, *args)  # type: ignore[arg-type]
+        return real_claim(engine, ids, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(microbatch, "claim_jobs", claim)
     run_worker()
