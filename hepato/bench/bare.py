@@ -244,8 +244,8 @@ def bracketed(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, 
     images/s moved by 10 to 25 % between runs on the 2-core bench VM), and a ratio
     against a single run taken at one end carries all of that drift. Each figure is the
     mean of the two (a latency percentile: the mean of the two runs' percentiles; the
-    count summed, the max the larger);
-    ``drift`` is after ÷ before in images/s, so a report shows how far the machine moved."""
+    count summed, the max the larger); ``drift`` is after ÷ before in images/s, so a
+    report shows how far the machine moved."""
     out = dict(before)
     for key in ("images_per_s", "cpu_ms_per_image"):
         if key in before and key in after:
