@@ -69,6 +69,17 @@ def inline_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:inline:{job_id}"
 
 
+def hint_key(model: str) -> str:
+    """The newest lone real-time job of ``model`` not yet committed, for an idle worker to
+    start on (common.dispatch ``hint``, worker.head_start); kept ``HINT_TTL_MS``."""
+    return f"{KEY_PREFIX}:hint:{model}"
+
+
+# A hint no idle worker took within this many milliseconds is of no more use: its job is
+# committed and queued by then, and a worker takes it from the queue.
+HINT_TTL_MS = 200
+
+
 # Retries waiting out their backoff: a sorted set of "<queue key> <job id>" scored by the
 # Unix time they are due; workers move due ones back onto their queues.
 DELAYED_KEY = f"{KEY_PREFIX}:delayed"

@@ -14,8 +14,10 @@ import redis
 from hepato.common import wake_publish
 from hepato.common.constants import (
     DELAYED_KEY,
+    HINT_TTL_MS,
     PUBLIC_TENANT,
     Priority,
+    hint_key,
     inline_key,
     queue_key,
     queue_keys,
@@ -47,6 +49,20 @@ def push(
         pipe.rpush(queue_key(model, priority, tenant), *ids)
         wake_publish.add_to(pipe, wakes)
         pipe.execute()
+
+
+def hint(client: redis.Redis, model: str, job_id: str, data: bytes, inline_ttl_s: float) -> None:
+    """Announce a lone job before it commits: its image inline, and its id as the model's
+    one hint (a newer one replaces it), in one round trip. Not a dispatch: the job is
+    pushed as any other once committed; an idle worker may start on it sooner
+    (worker.head_start), and one that is refused never gets written."""
+    key = hint_key(model)
+    pipe = client.pipeline(transaction=False)
+    pipe.set(inline_key(job_id), data, px=int(inline_ttl_s * 1000))
+    pipe.delete(key)
+    pipe.rpush(key, job_id)
+    pipe.pexpire(key, HINT_TTL_MS)
+    pipe.execute()
 
 
 def take_inline(client: redis.Redis, ids: Sequence[str]) -> dict[str, bytes]:

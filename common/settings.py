@@ -104,6 +104,13 @@ class Settings(BaseSettings):
         description="How long an inline image waits in Redis for its worker; past it, or after "
         "a retry, the worker downloads it from the object store, s.",
     )
+    head_start: bool = Field(
+        True,
+        description="A lone image whose caller waits for its result (/v1/detect, /v1/predict "
+        "without a question) is announced to an idle worker before its job commits, and "
+        "that worker runs the model on it meanwhile; its results are written only once the "
+        "worker has claimed the job (worker.head_start).",
+    )
     queue_full_retry_after_s: int = Field(
         10, ge=1, description="Retry-After of a 429 for a full queue, s."
     )

@@ -114,7 +114,10 @@ def submit(
         return Submission(None, [], rejected)
     # Refuse up front (503) while the queue is down, so nothing is half-accepted. Should
     # Redis fail between here and the push, the committed jobs are still safe (see below).
-    res.redis.ping()
+    # A lone image whose caller waits is announced in that round trip (worker.head_start).
+    hinted = job_id is not None and wait and question is None and _hint(res, model, job_id, valid)
+    if not hinted:
+        res.redis.ping()
     bounds = room.Room.of(settings)
     if len(valid) > 1:
         # Several files: a refusal now saves storing them all. One file is stored first
@@ -156,7 +159,8 @@ def submit(
             # A caller that waits has subscribed to its job's id before the job exists.
             job_ids=[job_id] if job_id is not None and len(valid) == 1 else None,
             wait=wait,
-            inline=lambda queued, ids: _inline(settings, queued, ids, valid),
+            # A hint has already put its image inline.
+            inline=None if hinted else lambda queued, ids: _inline(settings, queued, ids, valid),
             before_commit=stored.result if stored is not None else None,
         )
     except QueueFull:
@@ -271,6 +275,25 @@ def record(
     accepted = [(job_id, p.filename) for job_id, p in zip(created.job_ids, passed, strict=True)]
     metrics.count_submission(model.name, len(accepted), len(rejected))
     return Submission(created.batch_id, accepted, rejected)
+
+
+def _hint(
+    res: Resources, model: ModelManifest, job_id: uuid.UUID, valid: list[tuple[Upload, ImageInfo]]
+) -> bool:
+    """Announce a lone image to an idle worker before its job is stored and committed, so
+    that the model runs on it meanwhile (common.dispatch ``hint``); False where it does not
+    apply (several files, too large for Redis, head starts off)."""
+    settings = res.settings
+    if len(valid) != 1 or not settings.head_start:
+        return False
+    upload, info = valid[0]
+    if info.size > settings.inline_max_bytes:
+        return False
+    upload.file.seek(0)
+    data = upload.file.read(info.size)
+    upload.file.seek(0)  # the PUT reads it from its start next
+    dispatch.hint(res.redis, model.name, str(job_id), data, settings.inline_ttl_s)
+    return True
 
 
 def _inline(

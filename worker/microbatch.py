@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from hepato.common import dispatch, jobs, metrics, stages
 from hepato.common.claim import claim as claim_jobs
 from hepato.common.claim import pending_among
-from hepato.common.constants import PUBLIC_TENANT, queue_keys
+from hepato.common.constants import PUBLIC_TENANT, hint_key, queue_keys
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.manifest import ModelManifest
 from hepato.common.settings import Settings
@@ -36,6 +36,10 @@ from hepato.worker.recovery import db_retry
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How often a fill looks for stragglers while the model is busy, s: each look is one
+# round trip; a straggler waits at most this long for it.
+FILL_POLL_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class MicroBatch:
     # handed to the next stage (time.perf_counter), to time its wait there.
     stages: dict[str, float] = field(default_factory=dict)
     handed_at: float | None = None
+    # A head start (worker.head_start): run before its job was claimed, never written;
+    # and, on the claimed batch of that job, the head start whose results it takes.
+    speculative: bool = False
+    head: MicroBatch | None = None
 
     def waited(self, stage: str) -> None:
         """Record, as ``stage``, how long the batch waited since it was handed on."""
@@ -102,6 +110,14 @@ class MicroBatch:
     @property
     def attempts(self) -> list[int]:
         return [job.attempts for job in self.claimed]
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A lone job announced before its commit (common.dispatch ``hint``): not yet ours."""
+
+    model: str
+    job_id: str
 
 
 # --- pop and fill ---------------------------------------------------------------------
@@ -128,21 +144,26 @@ def collect_any(
     queues: Sequence[ModelQueue],
     poll_timeout_s: float,
     busy: Callable[[], bool] = lambda: True,
-) -> tuple[ModelQueue, list[str]] | None:
+    hints: Mapping[str, str] | None = None,
+) -> tuple[ModelQueue, list[str]] | Hint | None:
     """A microbatch of one model, from whichever of ``queues`` has work: every model's
     urgent queue before any routine one, and among equals the first in ``queues``. The
     caller rotates ``queues`` between calls so that no model, and no tenant, starves
     another. The batch is filled from the first queue's tenant, then from the other
     tenants' queues of the same model (urgent first). Stragglers are waited for only
     while ``busy()`` (the model is still on an earlier batch): an idle model would only
-    wait with it, and a lone urgent job would pay the whole ``max_wait``."""
+    wait with it, and a lone urgent job would pay the whole ``max_wait``. ``hints``: the
+    models by their hint keys, read after every queue (queued work goes before a hint)."""
     by_key = {key: q for q in queues for key in q.keys}
     urgent = [q.keys[0] for q in queues]
     routine = [q.keys[1] for q in queues]
-    first = client.blpop([*urgent, *routine], timeout=poll_timeout_s)
+    hints = hints or {}
+    first = client.blpop([*urgent, *routine, *hints], timeout=poll_timeout_s)
     if first is None:
         return None
     key, value = first
+    if _text(key) in hints:
+        return Hint(hints[_text(key)], _text(value))
     owner = by_key[_text(key)]
     same = [q for q in queues if q.model == owner.model and q != owner]
     keys = [owner.keys[0], *(q.keys[0] for q in same), owner.keys[1], *(q.keys[1] for q in same)]
@@ -157,6 +178,10 @@ def _fill(
     max_wait_s: float,
     busy: Callable[[], bool] = lambda: True,
 ) -> list[str]:
+    # Stragglers are polled for, not waited for in a BLPOP: Redis times a blocked client
+    # out only at its timer's tick (hz 10: every 100 ms), so a 10 ms BLPOP on an idle
+    # Redis took 100 ms; and a poll sees the model free up, which a BLPOP would sleep
+    # through.
     deadline = time.monotonic() + max_wait_s
     while True:
         if len(batch) < max_batch:
@@ -164,12 +189,7 @@ def _fill(
         remaining = deadline - time.monotonic()
         if len(batch) >= max_batch or remaining <= 0 or not busy():
             return batch
-        # Sleep in Redis rather than spin: BLPOP wakes the moment a straggler arrives.
-        # (A timeout of 0 would block forever, hence the floor.)
-        nxt = client.blpop(list(keys), timeout=max(remaining, 0.001))
-        if nxt is None:
-            return batch
-        batch.append(_text(cast(tuple[bytes, bytes], nxt)[1]))
+        time.sleep(min(FILL_POLL_S, remaining))
 
 
 # Up to ARGV[1] ids from KEYS in order, in one round trip (LPOP with a count: Redis >= 6.2).
@@ -246,6 +266,8 @@ class Batcher:
         fast_engine: Engine | None = None,
     ) -> None:
         self.client = client
+        # Read after every queue: a worker with queued work takes no hint.
+        self.hints = {hint_key(q.model): q.model for q in queues} if settings.head_start else {}
         self.engine = engine
         self.fast_engine = fast_engine  # for the usual claim's statement (common.claim)
         self.rotation = Rotation(queues)
@@ -263,10 +285,22 @@ class Batcher:
     def queues(self) -> list[ModelQueue]:
         return self.rotation.queues
 
+    def log_serving(self, ahead: int) -> None:
+        for q in self.queues:
+            log.info(
+                "worker %s serving %s (batch<=%d, wait<=%.0fms, %d ahead)",
+                self.worker_id,
+                q.model,
+                q.max_batch,
+                q.max_wait_s * 1000,
+                ahead,
+            )
+
     def collect(
         self, busy: Callable[[], bool] = lambda: True
-    ) -> tuple[ModelQueue, list[str]] | None:
-        """Ids of one model, or None when no queue had work within the poll timeout.
+    ) -> tuple[ModelQueue, list[str]] | Hint | None:
+        """Ids of one model, or None when no queue had work within the poll timeout; or,
+        when no queue had any, a hint (worker.head_start).
         Every ``refresh_every_s`` (a retry's wait is seconds, not milliseconds), retries
         whose backoff has passed go back on their queues and the tenants with queues
         are read again."""
@@ -276,7 +310,11 @@ class Batcher:
             dispatch.release_due(self.client)
             self._tenants = {q.model: dispatch.tenants(self.client, q.model) for q in self.queues}
         return collect_any(
-            self.client, self.rotation.next(self._tenants), self.poll_timeout_s, busy
+            self.client,
+            self.rotation.next(self._tenants),
+            self.poll_timeout_s,
+            busy,
+            hints=self.hints,
         )
 
     def claim(self, popped: tuple[ModelQueue, list[str]], *, stopping: bool) -> MicroBatch | None:

@@ -65,19 +65,21 @@ _END = _End()
 
 
 class Occupancy:
-    """How many microbatches a stage holds (handed to it and not yet through it)."""
+    """How many microbatches a stage holds (handed to it and not yet through it), those
+    that are not ``counted`` left out (a head start: the job it runs for is not claimed
+    yet, and its claim should not wait for stragglers behind it)."""
 
     def __init__(self) -> None:
         self._count = 0
         self._lock = threading.Lock()
 
-    def enter(self) -> None:
+    def enter(self, counted: bool = True) -> None:
         with self._lock:
-            self._count += 1
+            self._count += counted
 
-    def leave(self) -> None:
+    def leave(self, counted: bool = True) -> None:
         with self._lock:
-            self._count -= 1
+            self._count -= counted
 
     def busy(self) -> bool:
         return self._count > 0

@@ -102,7 +102,7 @@ class Preparer:
         batch.fetched_at = datetime.now(UTC)
         for job in kinds["image"]:
             if (outcome := decoded.get(str(job.id))) is not None:
-                _place(batch, job, outcome)
+                place_outcome(batch, job, outcome)
         fetched: list[tuple[ClaimedJob, bytes]] = []
         for job, data in zip(rest, datas, strict=True):
             if isinstance(data, ObjectMissing):
@@ -115,7 +115,7 @@ class Preparer:
             with timed(batch.model, stages.DECODE, batch.stages):
                 outcomes = self.decoder.decode_all([data for _, data in fetched])
             for (job, _), outcome in zip(fetched, outcomes, strict=True):
-                _place(batch, job, outcome)
+                place_outcome(batch, job, outcome)
         if inference.phases(model):
             with timed(batch.model, stages.PREPROCESS, batch.stages):
                 batch.prepared = inference.prepare(model, batch.ready, batch.images)
@@ -127,7 +127,7 @@ class Preparer:
             return exc
 
 
-def _place(batch: MicroBatch, job: ClaimedJob, outcome: Outcome) -> None:
+def place_outcome(batch: MicroBatch, job: ClaimedJob, outcome: Outcome) -> None:
     """A decoded image into the batch; an undecodable one fails its job (permanent), a
     decoder fault retries it (transient)."""
     if isinstance(outcome, InvalidImage):

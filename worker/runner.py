@@ -42,7 +42,8 @@ from hepato.worker import inference
 from hepato.worker.accounting import count_outcome, timed
 from hepato.worker.backends.base import Model, load_models
 from hepato.worker.decode import Decode, IsolatedDecoder, decode_rgb
-from hepato.worker.microbatch import Batcher, MicroBatch, model_queue
+from hepato.worker.head_start import HeadStarts
+from hepato.worker.microbatch import Batcher, Hint, MicroBatch, model_queue
 from hepato.worker.pipeline import Closed, Handoff, LeaseKeeper, Occupancy, Quarantine
 from hepato.worker.prepare import Preparer
 from hepato.worker.recovery import Recovery, db_retry
@@ -66,12 +67,9 @@ class Worker:
         self.burst = burst
         self.id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = get_engine(settings.database_url)
-        # The usual claim (never-tried jobs, pending to processing) commits without waiting
-        # for its WAL to reach the disk (about 1 ms per claim on the bench VM, on a lone
-        # request's path): a claim that a Postgres crash undoes leaves its jobs pending,
-        # the worker's results for them are refused by the fence, and they run again; no
-        # accepted job is lost. Everything else waits, a result's commit included, which
-        # makes the claim durable too, its WAL being written after the claim's.
+        # The usual claim commits without waiting for the disk (1 ms on a lone request's
+        # path): one a Postgres crash undoes leaves its jobs pending, their results are
+        # refused by the fence, and they run again. A result's commit makes it durable.
         self.claim_engine = get_engine(settings.database_url, synchronous_commit=False)
         self.redis = redis.Redis.from_url(settings.redis_url)
         wake_publish.attach(self.engine, self.redis)
@@ -128,6 +126,7 @@ class Worker:
             self.fetch_pool,
             self.tile_pool,
         )
+        self.head_starts = HeadStarts(self.redis, self.models, self.decoder)
         # Batches handed to the model stage and not yet through it: intake waits for
         # stragglers only while the model is busy (worker.microbatch).
         self.in_model = Occupancy()
@@ -154,15 +153,7 @@ class Worker:
         if not self.burst:
             self.webhooks.start()
         self.leases.start()
-        for q in self.batcher.queues:
-            log.info(
-                "worker %s serving %s (batch<=%d, wait<=%.0fms, %d ahead)",
-                self.id,
-                q.model,
-                q.max_batch,
-                q.max_wait_s * 1000,
-                self.settings.prefetch_batches,
-            )
+        self.batcher.log_serving(self.settings.prefetch_batches)
         stages = [
             threading.Thread(target=self._intake_stage, name="intake"),
             threading.Thread(target=self._write_stage, name="write"),
@@ -240,25 +231,32 @@ class Worker:
             if self.burst and self._drained():
                 self.stopping.set()
             return False
+        if isinstance(got, Hint):  # dropped unless the model is idle: it would wait
+            head = None if self.in_model.busy() else self.head_starts.start(got)
+            return head is not None and self._hand_on(head)
         stopping = self.stopping.is_set()
-        early = None if stopping else self.prepare.early(got[1])
+        early = None if stopping else self.prepare.early(self.head_starts.without(got[1]))
         batch = self.batcher.claim(got, stopping=stopping)
         if batch is None:
             return False
         self.batches += 1
         self.leases.hold(batch.token, batch.ids)
         try:
-            self.prepare(batch, early)
+            if not self.head_starts.adopt(batch):
+                self.prepare(batch, early)
         except Exception as exc:
             self._give_up(batch, exc)
             return False
+        return self._hand_on(batch)
+
+    def _hand_on(self, batch: MicroBatch) -> bool:
         self.quarantine.handing_on(batch.attempts)
         batch.handed_at = time.perf_counter()
-        self.in_model.enter()
+        self.in_model.enter(not batch.speculative)
         try:
             self.to_model.put(batch)
         except Closed:
-            self.in_model.leave()
+            self.in_model.leave(not batch.speculative)
             raise
         return True
 
@@ -273,14 +271,18 @@ class Worker:
                 try:
                     self.quarantine.before_model(batch.attempts)
                     batch.waited(stages.TO_MODEL)
-                    self._infer(batch)
+                    if not HeadStarts.reuse(batch):
+                        self._infer(batch)
                 except Exception as exc:
-                    self._give_up(batch, exc)
+                    if not batch.speculative:  # a head start holds no job
+                        self._give_up(batch, exc)
                     continue
                 finally:
-                    self.in_model.leave()
+                    self.in_model.leave(not batch.speculative)
                     self.slots.release()
                     self.quarantine.after_model(batch.attempts)
+                if batch.speculative:
+                    continue  # kept by self.head_starts for its claim
                 self.quarantine.to_write()
                 batch.handed_at = time.perf_counter()
                 self.to_write.put(batch)

@@ -9,8 +9,8 @@ import time
 import fakeredis
 import pytest
 
-from hepato.common.constants import queue_keys
-from hepato.worker.microbatch import ModelQueue, Rotation, collect_any, collect_batch
+from hepato.common.constants import hint_key, queue_keys
+from hepato.worker.microbatch import Hint, ModelQueue, Rotation, collect_any, collect_batch
 
 URGENT, ROUTINE = queue_keys("m")
 
@@ -197,7 +197,38 @@ def test_busy_model_waits_for_stragglers_until_it_frees() -> None:
         r, [URGENT, ROUTINE], max_batch=4, max_wait_s=0.5, poll_timeout_s=1.0, busy=lambda: True
     )
     assert batch == ["first", "late"]
-    assert r.blpops >= 2
+
+
+def test_a_fill_stops_waiting_for_stragglers_once_the_model_frees() -> None:
+    """Polled, not a BLPOP for the rest of max_wait: that slept through the model's end
+    (and on a real, idle Redis its short timeouts fire only at Redis's 100 ms tick)."""
+    r = CountingRedis()
+    r.rpush(URGENT, "first")
+    looks = iter([True, True, False])
+    started = time.monotonic()
+    batch = collect_batch(
+        r,
+        [URGENT, ROUTINE],
+        max_batch=4,
+        max_wait_s=30.0,
+        poll_timeout_s=1.0,
+        busy=lambda: next(looks, False),
+    )
+    assert batch == ["first"]
+    assert time.monotonic() - started < 10.0, "the wait ended when the model freed"
+    assert r.blpops == 1, "no blocking pop for stragglers"
+
+
+def test_a_hint_is_taken_only_when_no_queue_has_work() -> None:
+    r = CountingRedis()
+    hints = {hint_key("m"): "m"}
+    r.rpush(hint_key("m"), "announced")
+    r.rpush(ROUTINE, "queued")
+    got = collect_any(r, [ModelQueue("m", 8, 0.0)], 1.0, hints=hints)
+    assert got is not None and not isinstance(got, Hint) and got[1] == ["queued"]
+    assert collect_any(r, [ModelQueue("m", 8, 0.0)], 1.0, hints=hints) == Hint("m", "announced")
+    r.rpush(hint_key("m"), "unheard")
+    assert collect_any(r, [ModelQueue("m", 8, 0.0)], 0.01) is None, "no hints asked for"
 
 
 def test_collect_any_passes_the_busy_signal_on() -> None:

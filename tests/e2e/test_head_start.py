@@ -1,0 +1,102 @@
+"""Head starts (worker.head_start): a lone /v1/detect is announced before its job
+commits, an idle worker runs the model on it meanwhile, and the claimed job takes those
+results, the same as the model gives through the queue; a head start whose job never
+commits writes nothing. Real Postgres, Redis and S3, a worker in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from hepato.common import dispatch, ids
+from hepato.common.constants import worker_key
+from hepato.common.db import get_engine
+from hepato.common.settings import Settings
+from hepato.common.tables import Job
+from hepato.worker import head_start
+from hepato.worker.backends.base import Model
+from hepato.worker.microbatch import MicroBatch
+from hepato.worker.runner import Worker
+from tests.conftest import SAMPLES
+from tests.e2e.conftest import images
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def worker(settings: Settings, models: dict[str, Model]) -> Iterator[Worker]:
+    """A worker in a thread, returned once it serves (its heartbeat is up)."""
+    running = Worker(settings, models)
+    thread = threading.Thread(target=running.run, kwargs={"install_signals": False})
+    thread.start()
+    r = redis.Redis.from_url(settings.redis_url)
+    deadline = time.monotonic() + 60
+    while not r.exists(worker_key(running.id)):
+        assert time.monotonic() < deadline, "the worker never served"
+        time.sleep(0.05)
+    try:
+        yield running
+    finally:
+        running.stopping.set()
+        thread.join(timeout=30)
+
+
+def wait_for(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_lone_detect_is_answered_from_its_head_start_with_the_models_results(
+    client: TestClient, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reused: list[bool] = []
+    real = head_start.HeadStarts.reuse
+
+    def counted(batch: MicroBatch) -> bool:
+        found = real(batch)
+        if not batch.speculative:  # the claimed batches, not the head starts themselves
+            reused.append(found)
+        return found
+
+    monkeypatch.setattr(head_start.HeadStarts, "reuse", staticmethod(counted))
+    data = images(SAMPLES, "synthetic_*.png")[0].read_bytes()
+    answers = []
+    for _ in range(3):
+        response = client.post("/v1/detect", files={"file": ("a.png", data)})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    assert reused == [True, True, True], "each ran on its head start"
+    # The same image through the queue alone (a batch is never announced).
+    response = client.post("/v1/batches", files=[("files", ("a.png", data, "image/png"))])
+    assert response.status_code == 202, response.text
+    queued = response.json()["jobs"][0]["job_id"]
+    wait_for(lambda: client.get(f"/v1/jobs/{queued}").json()["state"] == "done", "queued job")
+    assert reused == [True, True, True, False], "no head start for a batch's job"
+    expected = client.get(f"/v1/jobs/{queued}").json()["result"]
+    for answer in answers:
+        assert answer["result"] == expected
+        row = client.get(f"/v1/jobs/{answer['job_id']}").json()
+        assert row["state"] == "done" and row["result"] == expected and row["attempts"] == 1
+
+
+def test_a_head_start_whose_job_never_commits_writes_nothing(
+    settings: Settings, worker: Worker
+) -> None:
+    r = redis.Redis.from_url(settings.redis_url)
+    data = images(SAMPLES, "synthetic_*.png")[0].read_bytes()
+    announced = str(ids.new_job_id())
+    dispatch.hint(r, settings.default_model, announced, data, 60.0)
+    wait_for(lambda: not worker.head_starts.without([announced]), "the hint was taken")
+    wait_for(lambda: worker.head_starts._kept[announced].inferred_at is not None, "it ran")
+    with Session(get_engine(settings.database_url)) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    assert worker.batches == 0 and worker.jobs_done == 0, "nothing claimed, nothing written"

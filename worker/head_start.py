@@ -1,0 +1,115 @@
+"""Head starts: an idle worker runs the model on a lone real-time image while the gateway
+is still storing and committing its job (issue 15).
+
+The gateway announces a lone image whose caller waits (common.dispatch ``hint``: its
+bytes inline and its id on the model's hint key) before its PUT and its insert, which on
+the bench VM take 7 ms, and the push, pop and claim 4 more. A worker whose model stage is
+idle takes the hint after every queue (worker.microbatch), decodes the image and hands
+it to the model stage as a microbatch of its own, marked ``speculative``: no lease, no
+write. Intake goes back to the queues meanwhile, so the job's claim overlaps the model
+call. When it claims that job (fresh, alone in its microbatch), the claimed batch takes
+the head start's pixels and, in the model stage, its results; the model stage is one
+thread fed in order, so the head start has run by then. The results are written as any
+others, fenced by the claim's lease token.
+
+What is never done: a write for a job this worker has not claimed (a head start whose
+job is refused, or claimed by another worker, is dropped unused), a question asked (the
+gateway hints only at question-less jobs), a head start used for a job tried before (its
+attempt may be a poison's: the quarantine runs it again). A poison image that kills the
+worker during its head start costs that death but no attempt; its job then runs as usual.
+With several idle workers, the hint and the job's id may go to two of them: the head
+start is then wasted, and the job's worker downloads its image (the hint took it)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+
+import redis
+
+from hepato.common import dispatch
+from hepato.common.jobs import ClaimedJob
+from hepato.worker import inference
+from hepato.worker.backends.base import Model
+from hepato.worker.decode import IsolatedDecoder
+from hepato.worker.microbatch import Hint, MicroBatch
+from hepato.worker.prepare import place_outcome
+
+log = logging.getLogger(__name__)
+
+# Head starts kept for their claim: a hint taken long after its job was claimed elsewhere
+# is never asked for, and goes once this many newer ones came.
+KEPT = 4
+
+
+class HeadStarts:
+    def __init__(
+        self, client: redis.Redis, models: Mapping[str, Model], decoder: IsolatedDecoder
+    ) -> None:
+        self.redis = client
+        self.models = models
+        self.decoder = decoder
+        self._kept: OrderedDict[str, MicroBatch] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, hint: Hint) -> MicroBatch | None:
+        """The hinted image, decoded (and pre-processed for a model with phases), as a
+        speculative microbatch for the model stage; None if its image is gone (taken by
+        a worker that popped the job first) or undecodable (its claim will say so)."""
+        model = self.models.get(hint.model)
+        try:
+            data = dispatch.take_inline(self.redis, [hint.job_id]).get(hint.job_id)
+        except redis.RedisError:
+            return None
+        if model is None or data is None:
+            return None
+        job = ClaimedJob(uuid.UUID(hint.job_id), "", attempts=1, max_attempts=1, question=None)
+        batch = MicroBatch(hint.model, uuid.uuid4(), [job], speculative=True)
+        batch.fetched_at = datetime.now(UTC)
+        place_outcome(batch, job, self.decoder.decode_all([data])[0])
+        if not batch.ready:
+            return None
+        if inference.phases(model):
+            batch.prepared = inference.prepare(model, batch.ready, batch.images)
+        with self._lock:
+            self._kept[hint.job_id] = batch
+            while len(self._kept) > KEPT:
+                self._kept.popitem(last=False)
+        return batch
+
+    def without(self, ids: Iterable[str]) -> list[str]:
+        """``ids`` less those with a head start (their image is in it, not in Redis)."""
+        with self._lock:
+            return [i for i in ids if i not in self._kept]
+
+    def adopt(self, batch: MicroBatch) -> bool:
+        """After the claim: a lone fresh image job with a head start takes its pixels (the
+        model stage then takes its results: ``reuse``). False: prepare it as usual."""
+        if len(batch.claimed) != 1:
+            return False
+        job = batch.claimed[0]
+        with self._lock:
+            head = self._kept.pop(str(job.id), None)
+        if head is None or head.model != batch.model:
+            return False
+        if job.attempts != 1 or job.kind != "image" or job.question:
+            return False
+        batch.ready, batch.images, batch.prepared = [job], head.images, head.prepared
+        batch.fetched_at, batch.head = head.fetched_at, head
+        return True
+
+    @staticmethod
+    def reuse(batch: MicroBatch) -> bool:
+        """In the model stage: the outcome of the batch's head start, its results or the
+        error the model raised (as the batch's own call would have met it: the same model
+        on the same pixels); False if it has none (the batch runs the model itself)."""
+        head = batch.head
+        if head is None or not (head.results or head.raws is not None or head.transient):
+            return False
+        batch.raws, batch.infer_ms, batch.inferred_at = head.raws, head.infer_ms, head.inferred_at
+        batch.results, batch.transient = list(head.results), dict(head.transient)
+        return True
