@@ -92,7 +92,8 @@ class JobOut(BaseModel):
         default_factory=dict,
         description="Where its last run's time went, ms, in order (a step not reached is "
         "absent): upload (the gateway storing the image; a lone image's store ends during "
-        "queue), queue (accepted to claimed), claim, "
+        "queue), queue (accepted to claimed), claim, head_start (of the model call, what ran "
+        "before the job reached the model stage: already in inference), "
         "download, decode, preprocess, to_model (waiting for the model), inference, to_write, "
         "postprocess, write (to the commit); steps of a microbatch are the microbatch's",
     )

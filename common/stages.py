@@ -23,6 +23,10 @@ PREPROCESS = "preprocess"
 TO_MODEL = "to_model"  # prepared, waiting for the model stage to be free
 TO_WRITE = "to_write"  # inferred, waiting for the write stage to be free
 POSTPROCESS = "postprocess"
+# A head start (worker.head_start): the part of the model call that ran before the job's
+# microbatch reached the model stage, while the job was stored, committed, queued and
+# claimed. It is in ``inference`` too, so it is not added again: the steps overlapped.
+HEAD_START = "head_start"
 # From the job's own columns.
 # Accepted → claimed (queue_wait_ms, the database's clock): from the start of the
 # inserting transaction, so the commit, the push and the pop are in it.
@@ -37,6 +41,7 @@ ORDER = (
     UPLOAD,
     QUEUE,
     CLAIM,
+    HEAD_START,
     DOWNLOAD,
     DECODE,
     PREPROCESS,
@@ -71,5 +76,6 @@ def breakdown(
         span = (finished_at - inferred_at).total_seconds() * 1000.0
         found[WRITE] = max(0.0, span - found.get(TO_WRITE, 0.0) - found.get(POSTPROCESS, 0.0))
     if latency_ms is not None:
-        found[OTHER] = max(0.0, latency_ms - sum(found.get(k, 0.0) for k in ORDER if k != OTHER))
+        spent = sum(found.get(k, 0.0) for k in ORDER if k not in (OTHER, HEAD_START))
+        found[OTHER] = max(0.0, latency_ms - spent + found.get(HEAD_START, 0.0))
     return {k: round(found[k], 1) for k in ORDER if k in found}

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 
 import redis
 
-from hepato.common import dispatch
+from hepato.common import dispatch, stages
 from hepato.common.jobs import ClaimedJob
 from hepato.worker import inference
 from hepato.worker.backends.base import Model
@@ -81,6 +81,11 @@ class HeadStarts:
                 self._kept.popitem(last=False)
         return batch
 
+    def has(self, job_id: str) -> bool:
+        """Whether ``job_id`` has a head start: its microbatch is then claimed alone (the
+        ids after it wait for the next), since only a lone job takes a head start."""
+        return job_id in self._kept
+
     def without(self, ids: Iterable[str]) -> list[str]:
         """``ids`` less those with a head start (their image is in it, not in Redis)."""
         with self._lock:
@@ -112,4 +117,7 @@ class HeadStarts:
             return False
         batch.raws, batch.infer_ms, batch.inferred_at = head.raws, head.infer_ms, head.inferred_at
         batch.results, batch.transient = list(head.results), dict(head.transient)
+        # What of the call ran before this batch came: all of it but the batch's wait for it.
+        ran = head.results[0].inference_ms if head.results else head.infer_ms
+        batch.stages[stages.HEAD_START] = max(0.0, ran - batch.stages.get(stages.TO_MODEL, 0.0))
         return True

@@ -145,6 +145,7 @@ def collect_any(
     poll_timeout_s: float,
     busy: Callable[[], bool] = lambda: True,
     hints: Mapping[str, str] | None = None,
+    alone: Callable[[str], bool] = lambda _: False,
 ) -> tuple[ModelQueue, list[str]] | Hint | None:
     """A microbatch of one model, from whichever of ``queues`` has work: every model's
     urgent queue before any routine one, and among equals the first in ``queues``. The
@@ -153,7 +154,8 @@ def collect_any(
     tenants' queues of the same model (urgent first). Stragglers are waited for only
     while ``busy()`` (the model is still on an earlier batch): an idle model would only
     wait with it, and a lone urgent job would pay the whole ``max_wait``. ``hints``: the
-    models by their hint keys, read after every queue (queued work goes before a hint)."""
+    models by their hint keys, read after every queue (queued work goes before a hint).
+    A first id that is to go ``alone`` is not filled up."""
     by_key = {key: q for q in queues for key in q.keys}
     urgent = [q.keys[0] for q in queues]
     routine = [q.keys[1] for q in queues]
@@ -165,6 +167,8 @@ def collect_any(
     if _text(key) in hints:
         return Hint(hints[_text(key)], _text(value))
     owner = by_key[_text(key)]
+    if alone(_text(value)):
+        return owner, [_text(value)]
     same = [q for q in queues if q.model == owner.model and q != owner]
     keys = [owner.keys[0], *(q.keys[0] for q in same), owner.keys[1], *(q.keys[1] for q in same)]
     return owner, _fill(client, keys, [_text(value)], owner.max_batch, owner.max_wait_s, busy)
@@ -297,7 +301,9 @@ class Batcher:
             )
 
     def collect(
-        self, busy: Callable[[], bool] = lambda: True
+        self,
+        busy: Callable[[], bool] = lambda: True,
+        alone: Callable[[str], bool] = lambda _: False,
     ) -> tuple[ModelQueue, list[str]] | Hint | None:
         """Ids of one model, or None when no queue had work within the poll timeout; or,
         when no queue had any, a hint (worker.head_start).
@@ -315,6 +321,7 @@ class Batcher:
             self.poll_timeout_s,
             busy,
             hints=self.hints,
+            alone=alone,
         )
 
     def claim(self, popped: tuple[ModelQueue, list[str]], *, stopping: bool) -> MicroBatch | None:

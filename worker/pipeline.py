@@ -71,15 +71,22 @@ class Occupancy:
 
     def __init__(self) -> None:
         self._count = 0
+        self._uncounted = 0
         self._lock = threading.Lock()
 
     def enter(self, counted: bool = True) -> None:
         with self._lock:
             self._count += counted
+            self._uncounted += not counted
 
     def leave(self, counted: bool = True) -> None:
         with self._lock:
             self._count -= counted
+            self._uncounted -= not counted
+
+    def idle(self) -> bool:
+        """Holding nothing, counted or not."""
+        return self._count == 0 and self._uncounted == 0
 
     def busy(self) -> bool:
         return self._count > 0

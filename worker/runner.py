@@ -226,13 +226,13 @@ class Worker:
     def _intake_one(self) -> bool:
         """Collect, claim and prepare one microbatch; True once it is handed to the model."""
         self.quarantine.wait_to_claim()
-        got = self.batcher.collect(busy=self.in_model.busy)
+        got = self.batcher.collect(busy=self.in_model.busy, alone=self.head_starts.has)
         if got is None:
             if self.burst and self._drained():
                 self.stopping.set()
             return False
         if isinstance(got, Hint):  # dropped unless the model is idle: it would wait
-            head = None if self.in_model.busy() else self.head_starts.start(got)
+            head = self.head_starts.start(got) if self.in_model.idle() else None
             return head is not None and self._hand_on(head)
         stopping = self.stopping.is_set()
         early = None if stopping else self.prepare.early(self.head_starts.without(got[1]))

@@ -17,6 +17,7 @@ STAGES = (
     "upload",
     "queue",
     "claim",
+    "head_start",
     "download",
     "decode",
     "preprocess",

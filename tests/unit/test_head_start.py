@@ -64,3 +64,23 @@ def test_the_model_stage_takes_the_head_starts_results_or_its_error() -> None:
     head.results, head.transient = [], {job_id: "the model failed on this image"}
     assert HeadStarts.reuse(batch)
     assert batch.results == [] and batch.transient == head.transient
+
+
+def test_a_kept_head_start_is_known_until_taken() -> None:
+    job_id = uuid.uuid4()
+    starts, _ = kept(job_id)
+    assert starts.has(str(job_id)) and not starts.has(str(uuid.uuid4()))
+    starts.adopt(claimed(job(job_id)))
+    assert not starts.has(str(job_id))
+
+
+def test_a_head_start_on_the_model_is_not_busy_but_not_idle() -> None:
+    """A claim behind a head start waits for no stragglers (not busy); no second hint is
+    taken while one runs (not idle)."""
+    from hepato.worker.pipeline import Occupancy
+
+    stage = Occupancy()
+    stage.enter(counted=False)
+    assert not stage.busy() and not stage.idle()
+    stage.leave(counted=False)
+    assert stage.idle()

@@ -264,3 +264,15 @@ def test_a_fill_takes_every_key_in_one_round_trip(
     calls.clear()
     assert collect_batch(r, keys, 4, 0.0, 1.0) == ["r4", "b1"]
     assert calls == ["BLPOP", "EVALSHA"]
+
+
+def test_a_first_id_with_a_head_start_is_claimed_alone() -> None:
+    """Only a lone job takes a head start: the ids behind it wait for the next batch."""
+    r = CountingRedis()
+    r.rpush(URGENT, "announced", "next", "after")
+    queue = ModelQueue("m", 8, 0.0)
+    assert collect_any(r, [queue], 1.0, alone=lambda i: i == "announced") == (queue, ["announced"])
+    assert collect_any(r, [queue], 1.0, alone=lambda i: i == "announced") == (
+        queue,
+        ["next", "after"],
+    )

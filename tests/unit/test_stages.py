@@ -54,3 +54,18 @@ def test_clocks_apart_never_give_a_negative_step() -> None:
         latency_ms=1.0,
     )
     assert got["write"] == 0.0 and got["other"] == 0.0
+
+
+def test_a_head_start_is_shown_but_not_counted_twice() -> None:
+    """The model ran while the job was queued and claimed: that overlap is in inference,
+    so other is the latency less the steps plus the overlap."""
+    got = stages.breakdown(
+        {"claim": 2.0, "head_start": 6.0, "to_model": 4.0},
+        queue_ms=8.0,
+        inference_ms=10.0,
+        inferred_at=None,
+        finished_at=None,
+        latency_ms=21.0,
+    )
+    assert list(got) == ["queue", "claim", "head_start", "to_model", "inference", "other"]
+    assert got["other"] == 21.0 - (8.0 + 2.0 + 4.0 + 10.0) + 6.0
