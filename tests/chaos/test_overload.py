@@ -83,14 +83,16 @@ def test_urgent_jobs_overtake_routine_ones(
 def test_while_the_queue_is_down_nothing_is_accepted_or_kept(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """503 for one file as for several; one file's PUT, which runs while Redis is asked,
-    leaves no object behind."""
+    """503 for one file as for several, a caller that waits (whose image is announced to
+    the workers in the same first round trip) included; one file's PUT, which runs while
+    Redis is asked, leaves no object behind."""
     import redis
 
-    def down() -> None:
-        raise redis.ConnectionError("Error 111 connecting to redis: Connection refused.")
+    from hepato.devstack.localstack import free_port
 
-    monkeypatch.setattr(client.app.state.resources.redis, "ping", down)  # type: ignore[attr-defined]
+    # Every command the gateway sends is refused, as by a Redis that is down.
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    monkeypatch.setattr(client.app.state.resources, "redis", dead)  # type: ignore[attr-defined]
     stored = objects(settings)
     for path, files in (
         ("/v1/jobs", {"file": ("a.png", thirty_two()[0].read_bytes())}),
