@@ -112,6 +112,14 @@ def worker_key(worker_id: str) -> str:
 
 WORKER_KEY_PATTERN = f"{KEY_PREFIX}:worker:*"
 
+
+def model_workers_key(model: str) -> str:
+    """The workers serving ``model``: a sorted set of worker ids scored by the Unix time
+    of each one's last heartbeat (live: within ``WORKER_HEARTBEAT_TTL_S``). A worker
+    takes hints only while it serves its model alone (worker.head_start)."""
+    return f"{KEY_PREFIX}:workers:{model}"
+
+
 # The sweeper's proof that Redis still holds what it was given (common.lost_ids): the
 # run_id of the Redis whose queues were last compared with the pending jobs. Gone after
 # a FLUSHALL, another run_id after a restart: the queues are then compared again.

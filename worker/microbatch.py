@@ -26,7 +26,13 @@ from sqlalchemy.engine import Engine
 from hepato.common import dispatch, jobs, metrics, stages
 from hepato.common.claim import claim as claim_jobs
 from hepato.common.claim import pending_among
-from hepato.common.constants import PUBLIC_TENANT, hint_key, queue_keys
+from hepato.common.constants import (
+    PUBLIC_TENANT,
+    WORKER_HEARTBEAT_TTL_S,
+    hint_key,
+    model_workers_key,
+    queue_keys,
+)
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.manifest import ModelManifest
 from hepato.common.settings import Settings
@@ -271,7 +277,8 @@ class Batcher:
     ) -> None:
         self.client = client
         # Read after every queue: a worker with queued work takes no hint.
-        self.hints = {hint_key(q.model): q.model for q in queues} if settings.head_start else {}
+        self.head_start = settings.head_start
+        self.hints: dict[str, str] = {}
         self.engine = engine
         self.fast_engine = fast_engine  # for the usual claim's statement (common.claim)
         self.rotation = Rotation(queues)
@@ -315,6 +322,7 @@ class Batcher:
             self._next_refresh = now + self.refresh_every_s
             dispatch.release_due(self.client)
             self._tenants = {q.model: dispatch.tenants(self.client, q.model) for q in self.queues}
+            self.hints = self._hints() if self.head_start else {}
         return collect_any(
             self.client,
             self.rotation.next(self._tenants),
@@ -323,6 +331,17 @@ class Batcher:
             hints=self.hints,
             alone=alone,
         )
+
+    def _hints(self) -> dict[str, str]:
+        """The hint keys of the models this worker serves alone: where several serve one,
+        a hint and its job's id would go to two of them (Redis hands each to the longest
+        waiting), wasting the head start and the inline image."""
+        live_since = time.time() - WORKER_HEARTBEAT_TTL_S
+        pipe = self.client.pipeline(transaction=False)
+        for q in self.queues:
+            pipe.zcount(model_workers_key(q.model), live_since, "+inf")
+        alone = [n <= 1 for n in pipe.execute()]
+        return {hint_key(q.model): q.model for q, a in zip(self.queues, alone, strict=True) if a}
 
     def claim(self, popped: tuple[ModelQueue, list[str]], *, stopping: bool) -> MicroBatch | None:
         """The popped ids as a claimed microbatch; None if none was still pending."""

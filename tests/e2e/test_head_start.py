@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hepato.common import dispatch, ids
-from hepato.common.constants import worker_key
+from hepato.common.constants import model_workers_key, worker_key
 from hepato.common.db import get_engine
 from hepato.common.settings import Settings
 from hepato.common.tables import Job
@@ -100,3 +100,29 @@ def test_a_head_start_whose_job_never_commits_writes_nothing(
     with Session(get_engine(settings.database_url)) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
     assert worker.batches == 0 and worker.jobs_done == 0, "nothing claimed, nothing written"
+
+
+def test_a_worker_that_shares_its_model_takes_no_hints(
+    client: TestClient, settings: Settings, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a second worker alive on the model, a hint and its job's id could go to two
+    workers: neither takes hints, and the job runs the usual way (its image inline)."""
+    reused: list[bool] = []
+    real = head_start.HeadStarts.reuse
+
+    def counted(batch: MicroBatch) -> bool:
+        found = real(batch)
+        reused.append(found)
+        return found
+
+    monkeypatch.setattr(head_start.HeadStarts, "reuse", staticmethod(counted))
+    r = redis.Redis.from_url(settings.redis_url)
+    r.zadd(model_workers_key(settings.default_model), {"another-worker": time.time()})
+    wait_for(lambda: not worker.batcher.hints, "the worker saw the other one")
+    data = images(SAMPLES, "synthetic_*.png")[0].read_bytes()
+    response = client.post("/v1/detect", files={"file": ("a.png", data)})
+    assert response.status_code == 200, response.text
+    assert reused == [False], "no head start"
+    assert worker.head_starts.without([response.json()["job_id"]]) != [], "none kept"
+    r.zrem(model_workers_key(settings.default_model), "another-worker")
+    wait_for(lambda: bool(worker.batcher.hints), "alone again, it takes hints again")

@@ -276,3 +276,23 @@ def test_a_first_id_with_a_head_start_is_claimed_alone() -> None:
         queue,
         ["next", "after"],
     )
+
+
+def test_hints_are_read_only_for_models_the_worker_serves_alone() -> None:
+    from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, model_workers_key
+    from hepato.common.settings import Settings
+    from hepato.worker.microbatch import Batcher
+
+    r = fakeredis.FakeRedis()
+    now = time.time()
+    r.zadd(model_workers_key("a"), {"me": now, "gone": now - WORKER_HEARTBEAT_TTL_S - 1})
+    r.zadd(model_workers_key("b"), {"me": now, "peer": now})
+    batcher = Batcher(
+        r,
+        None,  # type: ignore[arg-type]
+        [ModelQueue("a", 8, 0.0), ModelQueue("b", 8, 0.0)],
+        worker_id="me",
+        settings=Settings(),
+        requeue=lambda _: None,
+    )
+    assert batcher._hints() == {hint_key("a"): "a"}, "b has a live peer; a's is gone"
