@@ -289,11 +289,17 @@ def _hint(
     upload, info = valid[0]
     if info.size > settings.inline_max_bytes:
         return False
+    dispatch.hint(res.redis, model.name, str(job_id), _read(upload, info), settings.inline_ttl_s)
+    return True
+
+
+def _read(upload: Upload, info: ImageInfo) -> bytes:
+    """An upload's bytes (small: up to inline_max_bytes), its file left at its start for
+    the PUT that may read it next."""
     upload.file.seek(0)
     data = upload.file.read(info.size)
-    upload.file.seek(0)  # the PUT reads it from its start next
-    dispatch.hint(res.redis, model.name, str(job_id), data, settings.inline_ttl_s)
-    return True
+    upload.file.seek(0)
+    return data
 
 
 def _inline(
@@ -309,8 +315,7 @@ def _inline(
     inline = {}
     for job_id, (upload, info) in zip(ids, valid, strict=True):
         if info.size <= settings.inline_max_bytes:
-            upload.file.seek(0)
-            inline[job_id] = upload.file.read(info.size)
+            inline[job_id] = _read(upload, info)
     return inline
 
 

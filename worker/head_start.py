@@ -17,29 +17,23 @@ job is refused, or claimed by another worker, is dropped unused), a question ask
 gateway hints only at question-less jobs), a head start used for a job tried before (its
 attempt may be a poison's: the quarantine runs it again). A poison image that kills the
 worker during its head start costs that death but no attempt; its job then runs as usual.
-With several idle workers, the hint and the job's id may go to two of them: the head
-start is then wasted, and the job's worker downloads its image (the hint took it)."""
+A worker takes hints only for the models it serves alone (worker.microbatch ``Batcher``):
+with several idle workers, the hint and the job's id would go to two of them."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
-import redis
-
-from hepato.common import dispatch, stages
+from hepato.common import stages
 from hepato.common.jobs import ClaimedJob
 from hepato.worker import inference
 from hepato.worker.backends.base import Model
-from hepato.worker.decode import IsolatedDecoder
 from hepato.worker.microbatch import Hint, MicroBatch
-from hepato.worker.prepare import place_outcome
-
-log = logging.getLogger(__name__)
+from hepato.worker.prepare import Preparer, place_outcome
 
 # Head starts kept for their claim: a hint taken long after its job was claimed elsewhere
 # is never asked for, and goes once this many newer ones came.
@@ -47,12 +41,9 @@ KEPT = 4
 
 
 class HeadStarts:
-    def __init__(
-        self, client: redis.Redis, models: Mapping[str, Model], decoder: IsolatedDecoder
-    ) -> None:
-        self.redis = client
+    def __init__(self, models: Mapping[str, Model], prepare: Preparer) -> None:
         self.models = models
-        self.decoder = decoder
+        self.prepare = prepare
         self._kept: OrderedDict[str, MicroBatch] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -61,16 +52,15 @@ class HeadStarts:
         speculative microbatch for the model stage; None if its image is gone (taken by
         a worker that popped the job first) or undecodable (its claim will say so)."""
         model = self.models.get(hint.model)
-        try:
-            data = dispatch.take_inline(self.redis, [hint.job_id]).get(hint.job_id)
-        except redis.RedisError:
+        if model is None:
             return None
-        if model is None or data is None:
+        outcome = self.prepare.take_and_decode([hint.job_id]).get(hint.job_id)
+        if outcome is None:
             return None
         job = ClaimedJob(uuid.UUID(hint.job_id), "", attempts=1, max_attempts=1, question=None)
         batch = MicroBatch(hint.model, uuid.uuid4(), [job], speculative=True)
         batch.fetched_at = datetime.now(UTC)
-        place_outcome(batch, job, self.decoder.decode_all([data])[0])
+        place_outcome(batch, job, outcome)
         if not batch.ready:
             return None
         if inference.phases(model):

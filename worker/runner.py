@@ -126,7 +126,7 @@ class Worker:
             self.fetch_pool,
             self.tile_pool,
         )
-        self.head_starts = HeadStarts(self.redis, self.models, self.decoder)
+        self.head_starts = HeadStarts(self.models, self.prepare)
         # Batches handed to the model stage and not yet through it: intake waits for
         # stragglers only while the model is busy (worker.microbatch).
         self.in_model = Occupancy()

@@ -16,7 +16,7 @@ def job(job_id: uuid.UUID, attempts: int = 1, question: str | None = None) -> Cl
 
 
 def kept(job_id: uuid.UUID, model: str = "m") -> tuple[HeadStarts, MicroBatch]:
-    starts = HeadStarts(None, {}, None)  # type: ignore[arg-type]
+    starts = HeadStarts({}, None)  # type: ignore[arg-type]
     head = MicroBatch(model, uuid.uuid4(), [job(job_id)], speculative=True)
     head.ready, head.images = [job(job_id)], ["pixels"]  # type: ignore[list-item]
     starts._kept[str(job_id)] = head
