@@ -80,6 +80,26 @@ def hint_key(model: str) -> str:
 HINT_TTL_MS = 200
 
 
+def taker_key(job_id: str) -> str:
+    """Set by the worker that took a job's hint: the list (``taken_key``) the job's id is
+    pushed onto once committed, instead of its queue (common.dispatch ``push``); read and
+    removed by that push, or gone after ``TAKER_TTL_MS``."""
+    return f"{KEY_PREFIX}:taker:{job_id}"
+
+
+def taken_key(worker_id: str, model: str) -> str:
+    """The ids of ``model`` whose head starts ran on this worker, pushed by their gateway
+    once committed; read before any queue. Expires ``TAKEN_TTL_MS`` after its last push,
+    so a dead worker's list goes (the sweeper has pushed its ids again by then)."""
+    return f"{KEY_PREFIX}:taken:{worker_id}:{model}"
+
+
+# Milliseconds: longer than a submission takes from its hint to its push (7 ms on the bench
+# VM, seconds on a congested Postgres); a push after it goes to the queue as usual.
+TAKER_TTL_MS = 5_000
+TAKEN_TTL_MS = 600_000
+
+
 # Retries waiting out their backoff: a sorted set of "<queue key> <job id>" scored by the
 # Unix time they are due; workers move due ones back onto their queues.
 DELAYED_KEY = f"{KEY_PREFIX}:delayed"
@@ -111,13 +131,6 @@ def worker_key(worker_id: str) -> str:
 
 
 WORKER_KEY_PATTERN = f"{KEY_PREFIX}:worker:*"
-
-
-def model_workers_key(model: str) -> str:
-    """The workers serving ``model``: a sorted set of worker ids scored by the Unix time
-    of each one's last heartbeat (live: within ``WORKER_HEARTBEAT_TTL_S``). A worker
-    takes hints only while it serves its model alone (worker.head_start)."""
-    return f"{KEY_PREFIX}:workers:{model}"
 
 
 # The sweeper's proof that Redis still holds what it was given (common.lost_ids): the

@@ -16,14 +16,31 @@ from hepato.common.constants import (
     DELAYED_KEY,
     HINT_TTL_MS,
     PUBLIC_TENANT,
+    TAKEN_TTL_MS,
     Priority,
     hint_key,
     inline_key,
     queue_key,
     queue_keys,
+    taker_key,
     tenants_key,
 )
 from hepato.common.jobs import Requeue
+
+# A hinted job's id goes to the list its hint's taker named, if one did (worker.head_start),
+# else to its queue. The taker's list is a key the script reads from another key, which
+# Redis Cluster would refuse; this project's Redis is one server. Atomic: a stopping
+# worker that deletes its taker keys, then empties its lists, misses no id.
+_ROUTE = """
+local dest = redis.call('get', KEYS[1])
+if dest then
+    redis.call('del', KEYS[1])
+    redis.call('rpush', dest, ARGV[1])
+    redis.call('pexpire', dest, ARGV[2])
+else
+    redis.call('rpush', KEYS[2], ARGV[1])
+end
+"""
 
 
 def push(
@@ -36,17 +53,24 @@ def push(
     inline: Mapping[str, bytes] | None = None,
     inline_ttl_s: float = 120.0,
     wakes: Collection[str] = (),
+    hinted: bool = False,
 ) -> None:
     """Queue ``ids``, in one round trip with the ``inline`` images (by id), which are set
     before the ids are pushed: a worker that pops an id finds its bytes already there;
-    and with the ``wakes`` of their commit (common.wake_publish)."""
+    and with the ``wakes`` of their commit (common.wake_publish). The id of a ``hinted``
+    job (``hint``) goes to the worker that took its hint, where one did."""
     ids = list(ids)
     if ids:
         pipe = client.pipeline(transaction=False)
         for job_id, data in (inline or {}).items():
             pipe.set(inline_key(job_id), data, px=int(inline_ttl_s * 1000))
         pipe.sadd(tenants_key(model), tenant)
-        pipe.rpush(queue_key(model, priority, tenant), *ids)
+        queue = queue_key(model, priority, tenant)
+        if hinted and len(ids) == 1:
+            # EVAL, not a registered script: a pipeline with one sends SCRIPT EXISTS first.
+            pipe.eval(_ROUTE, 2, taker_key(ids[0]), queue, ids[0], TAKEN_TTL_MS)
+        else:
+            pipe.rpush(queue, *ids)
         wake_publish.add_to(pipe, wakes)
         pipe.execute()
 
@@ -54,8 +78,9 @@ def push(
 def hint(client: redis.Redis, model: str, job_id: str, data: bytes, inline_ttl_s: float) -> None:
     """Announce a lone job before it commits: its image inline, and its id as the model's
     one hint (a newer one replaces it), in one round trip. Not a dispatch: the job is
-    pushed as any other once committed; an idle worker may start on it sooner
-    (worker.head_start), and one that is refused never gets written."""
+    pushed once committed (``push`` with ``hinted``: to the worker that took the hint,
+    if one did); an idle worker may start on it sooner (worker.head_start), and one that
+    is refused never gets written."""
     key = hint_key(model)
     pipe = client.pipeline(transaction=False)
     pipe.set(inline_key(job_id), data, px=int(inline_ttl_s * 1000))

@@ -161,6 +161,7 @@ def submit(
             wait=wait,
             # A hint has already put its image inline.
             inline=None if hinted else lambda queued, ids: _inline(settings, queued, ids, valid),
+            hinted=hinted,
             before_commit=stored.result if stored is not None else None,
         )
     except QueueFull:
@@ -206,12 +207,14 @@ def record(
     wait: bool = False,
     inline: Callable[[int | None, list[str]], dict[str, bytes]] | None = None,
     before_commit: Callable[[], object] | None = None,
+    hinted: bool = False,
 ) -> Submission:
     """The jobs of files already stored: their rows and the submission's audit row in one
     transaction, then their ids pushed (the order above), for the multipart path and the
     direct one (gateway.direct) alike. ``inline(queued_before, ids)``: the images that
     also go through Redis. ``before_commit``: called in the transaction after the insert
-    (the object's PUT finishing); what it raises rolls the jobs back. Raises QueueFull,
+    (the object's PUT finishing); what it raises rolls the jobs back. ``hinted``: the
+    lone job was announced (``_hint``), its id goes to its hint's taker. Raises QueueFull,
     and an IntegrityError (nothing committed) for the caller to answer."""
     settings = res.settings
     tenant = caller.tenant
@@ -268,6 +271,7 @@ def record(
             inline=inline(created.queued_before, ids) if inline else None,
             inline_ttl_s=settings.inline_ttl_s,
             wakes=channels,
+            hinted=hinted,
         )
     except redis.RedisError:
         # Committed jobs are safe: the sweeper re-pushes pending jobs Redis never saw.

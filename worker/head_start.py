@@ -17,35 +17,56 @@ job is refused, or claimed by another worker, is dropped unused), a question ask
 gateway hints only at question-less jobs), a head start used for a job tried before (its
 attempt may be a poison's: the quarantine runs it again). A poison image that kills the
 worker during its head start costs that death but no attempt; its job then runs as usual.
-A worker takes hints only for the models it serves alone (worker.microbatch ``Batcher``):
-with several idle workers, the hint and the job's id would go to two of them."""
+
+With several idle workers, the hint and the job's id would go to two of them (Redis hands
+each to the one blocked longest): every head start wasted. So the taker names a list of
+its own on the job (``taker_key``) before it starts, and the gateway's push sends the id
+there instead of to its queue (common.dispatch ``push``); the taker reads that list
+before its queues. Should it die, the id waits there until the sweeper finds the job
+missing from its queue and pushes it again (common.lost_ids); a stopping worker first
+removes its taker keys, then hands back what its lists hold (``taken_back``)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
+import redis
+
 from hepato.common import stages
+from hepato.common.constants import TAKER_TTL_MS, taken_key, taker_key
 from hepato.common.jobs import ClaimedJob
 from hepato.worker import inference
 from hepato.worker.backends.base import Model
 from hepato.worker.microbatch import Hint, MicroBatch
 from hepato.worker.prepare import Preparer, place_outcome
 
-# Head starts kept for their claim: a hint taken long after its job was claimed elsewhere
-# is never asked for, and goes once this many newer ones came.
+log = logging.getLogger(__name__)
+
+# Head starts kept for their claim: one whose job never came (refused, or pushed to the
+# queue after its taker key expired) is never asked for, and goes once this many newer
+# ones came.
 KEPT = 4
+# Taker keys a stopping worker removes: more than it can set within TAKER_TTL_MS (one
+# per model call).
+REMEMBERED = 4096
 
 
 class HeadStarts:
-    def __init__(self, models: Mapping[str, Model], prepare: Preparer) -> None:
+    def __init__(
+        self, models: Mapping[str, Model], prepare: Preparer, client: redis.Redis, worker_id: str
+    ) -> None:
         self.models = models
         self.prepare = prepare
+        self.client = client
+        self.worker_id = worker_id
         self._kept: OrderedDict[str, MicroBatch] = OrderedDict()
         self._lock = threading.Lock()
+        self._takers: deque[str] = deque(maxlen=REMEMBERED)
 
     def start(self, hint: Hint) -> MicroBatch | None:
         """The hinted image, decoded (and pre-processed for a model with phases), as a
@@ -54,6 +75,10 @@ class HeadStarts:
         model = self.models.get(hint.model)
         if model is None:
             return None
+        # First: the job's id comes here only if this is set when its gateway pushes it.
+        mine = taken_key(self.worker_id, hint.model)
+        self.client.set(taker_key(hint.job_id), mine, px=TAKER_TTL_MS)
+        self._takers.append(hint.job_id)
         outcome = self.prepare.take_and_decode([hint.job_id]).get(hint.job_id)
         if outcome is None:
             return None
@@ -70,6 +95,25 @@ class HeadStarts:
             while len(self._kept) > KEPT:
                 self._kept.popitem(last=False)
         return batch
+
+    def taken_back(self) -> list[str]:
+        """On stop, once intake has ended: no more ids routed here (the taker keys go
+        first; a push reads its key and pushes in one step), then the ids already pushed
+        here, taken off this worker's lists for the caller to hand back. Should Redis
+        fail, the sweeper finds them."""
+        lists = [taken_key(self.worker_id, model) for model in self.models]
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            for job_id in self._takers:
+                pipe.delete(taker_key(job_id))
+            for key in lists:
+                pipe.lrange(key, 0, -1)
+            pipe.delete(*lists)
+            found = pipe.execute()[len(self._takers) : -1]
+        except redis.RedisError:
+            log.warning("could not hand back the ids pushed for head starts; the sweeper will")
+            return []
+        return [raw.decode() for ids in found for raw in ids]
 
     def has(self, job_id: str) -> bool:
         """Whether ``job_id`` has a head start: its microbatch is then claimed alone (the

@@ -22,16 +22,16 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import redis
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from hepato.common import dispatch, jobs, metrics, stages
 from hepato.common.claim import claim as claim_jobs
 from hepato.common.claim import pending_among
 from hepato.common.constants import (
     PUBLIC_TENANT,
-    WORKER_HEARTBEAT_TTL_S,
     hint_key,
-    model_workers_key,
     queue_keys,
+    taken_key,
 )
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.manifest import ModelManifest
@@ -152,6 +152,7 @@ def collect_any(
     busy: Callable[[], bool] = lambda: True,
     hints: Mapping[str, str] | None = None,
     alone: Callable[[str], bool] = lambda _: False,
+    taken: Mapping[str, str] | None = None,
 ) -> tuple[ModelQueue, list[str]] | Hint | None:
     """A microbatch of one model, from whichever of ``queues`` has work: every model's
     urgent queue before any routine one, and among equals the first in ``queues``. The
@@ -160,24 +161,28 @@ def collect_any(
     tenants' queues of the same model (urgent first). Stragglers are waited for only
     while ``busy()`` (the model is still on an earlier batch): an idle model would only
     wait with it, and a lone urgent job would pay the whole ``max_wait``. ``hints``: the
-    models by their hint keys, read after every queue (queued work goes before a hint).
-    A first id that is to go ``alone`` is not filled up."""
+    models by their hint keys, read after every queue (queued work goes before a hint);
+    ``taken``: the models by the keys of the ids whose hints this worker took, read
+    before every queue, each id alone. A first id that is to go ``alone`` is not filled
+    up."""
     by_key = {key: q for q in queues for key in q.keys}
     urgent = [q.keys[0] for q in queues]
     routine = [q.keys[1] for q in queues]
-    hints = hints or {}
-    first = client.blpop([*urgent, *routine, *hints], timeout=poll_timeout_s)
+    hints, taken = hints or {}, taken or {}
+    first = client.blpop([*taken, *urgent, *routine, *hints], timeout=poll_timeout_s)
     if first is None:
         return None
-    key, value = first
-    if _text(key) in hints:
-        return Hint(hints[_text(key)], _text(value))
-    owner = by_key[_text(key)]
-    if alone(_text(value)):
-        return owner, [_text(value)]
+    key, value = _text(first[0]), _text(first[1])
+    if key in hints:
+        return Hint(hints[key], value)
+    if key in taken:
+        return next(q for q in queues if q.model == taken[key]), [value]
+    owner = by_key[key]
+    if alone(value):
+        return owner, [value]
     same = [q for q in queues if q.model == owner.model and q != owner]
     keys = [owner.keys[0], *(q.keys[0] for q in same), owner.keys[1], *(q.keys[1] for q in same)]
-    return owner, _fill(client, keys, [_text(value)], owner.max_batch, owner.max_wait_s, busy)
+    return owner, _fill(client, keys, [value], owner.max_batch, owner.max_wait_s, busy)
 
 
 def _fill(
@@ -276,9 +281,11 @@ class Batcher:
         fast_engine: Engine | None = None,
     ) -> None:
         self.client = client
-        # Read after every queue: a worker with queued work takes no hint.
-        self.head_start = settings.head_start
-        self.hints: dict[str, str] = {}
+        # Head starts (worker.head_start): hints read after every queue, so that a worker
+        # with queued work takes none; the ids of those it took, before every queue.
+        on = settings.head_start
+        self.hints = {hint_key(q.model): q.model for q in queues} if on else {}
+        self.taken = {taken_key(worker_id, q.model): q.model for q in queues} if on else {}
         self.engine = engine
         self.fast_engine = fast_engine  # for the usual claim's statement (common.claim)
         self.rotation = Rotation(queues)
@@ -322,7 +329,6 @@ class Batcher:
             self._next_refresh = now + self.refresh_every_s
             dispatch.release_due(self.client)
             self._tenants = {q.model: dispatch.tenants(self.client, q.model) for q in self.queues}
-            self.hints = self._hints() if self.head_start else {}
         return collect_any(
             self.client,
             self.rotation.next(self._tenants),
@@ -330,26 +336,14 @@ class Batcher:
             busy,
             hints=self.hints,
             alone=alone,
+            taken=self.taken,
         )
-
-    def _hints(self) -> dict[str, str]:
-        """The hint keys of the models this worker serves alone: where several serve one,
-        a hint and its job's id would go to two of them (Redis hands each to the longest
-        waiting), wasting the head start and the inline image."""
-        live_since = time.time() - WORKER_HEARTBEAT_TTL_S
-        pipe = self.client.pipeline(transaction=False)
-        for q in self.queues:
-            pipe.zcount(model_workers_key(q.model), live_since, "+inf")
-        alone = [n <= 1 for n in pipe.execute()]
-        return {hint_key(q.model): q.model for q, a in zip(self.queues, alone, strict=True) if a}
 
     def claim(self, popped: tuple[ModelQueue, list[str]], *, stopping: bool) -> MicroBatch | None:
         """The popped ids as a claimed microbatch; None if none was still pending."""
         queue, ids = popped
         if stopping:
-            # Popped after SIGTERM: not ours to start. Back on their own queues; the jobs
-            # are still pending in Postgres.
-            self.requeue(pending_among(self.engine, ids))
+            self.hand_back(ids)
             return None
         model = queue.model
         started = time.perf_counter()
@@ -365,6 +359,15 @@ class Batcher:
             if job.queue_wait_ms is not None:
                 metrics.QUEUE_WAIT_SECONDS.labels(model).observe(job.queue_wait_ms / 1000.0)
         return MicroBatch(model, token, claimed, stages={stages.CLAIM: claim_ms})
+
+    def hand_back(self, ids: Sequence[str]) -> None:
+        """Ids popped (or pushed here) that this stopping worker will not start: back on
+        their own queues; their jobs are still pending in Postgres."""
+        try:
+            if ids:
+                self.requeue(pending_among(self.engine, ids))
+        except (redis.RedisError, OperationalError):
+            log.warning("could not hand back %d ids; the sweeper will", len(ids))
 
     def _to_front(self, left: Sequence[jobs.Requeue]) -> None:
         """Jobs the claim left: a retry still in its backoff back to the delayed set, the

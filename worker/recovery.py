@@ -33,7 +33,7 @@ from hepato.common import (
     partitions,
     retention,
 )
-from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, model_workers_key, worker_key
+from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, worker_key
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
 from hepato.common.sweep import sweep
@@ -94,11 +94,7 @@ class Recovery:
             self._retainer.join(timeout=5)
         # Gone at once rather than after the TTL: operators see the worker has stopped.
         with contextlib.suppress(redis.RedisError):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.delete(worker_key(self.worker_id))
-            for model in self.models:
-                pipe.zrem(model_workers_key(model), self.worker_id)
-            pipe.execute()
+            self.redis.delete(worker_key(self.worker_id))
 
     def _loop(self) -> None:
         # Wake often enough to keep the heartbeat from expiring; sweep less often.
@@ -125,14 +121,9 @@ class Recovery:
 
     def heartbeat(self) -> None:
         """Tell operators (and ``hepato up``) this worker is loaded and alive."""
-        now = time.time()
         with contextlib.suppress(redis.RedisError):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.set(worker_key(self.worker_id), ",".join(self.models), ex=WORKER_HEARTBEAT_TTL_S)
-            for model in self.models:
-                pipe.zadd(model_workers_key(model), {self.worker_id: now})
-                pipe.zremrangebyscore(model_workers_key(model), 0, now - WORKER_HEARTBEAT_TTL_S)
-            pipe.execute()
+            models = ",".join(self.models)
+            self.redis.set(worker_key(self.worker_id), models, ex=WORKER_HEARTBEAT_TTL_S)
 
     def sweep_once(self) -> None:
         swept = sweep(self.engine)

@@ -126,7 +126,7 @@ class Worker:
             self.fetch_pool,
             self.tile_pool,
         )
-        self.head_starts = HeadStarts(self.models, self.prepare)
+        self.head_starts = HeadStarts(self.models, self.prepare, self.redis, self.id)
         # Batches handed to the model stage and not yet through it: intake waits for
         # stragglers only while the model is busy (worker.microbatch).
         self.in_model = Occupancy()
@@ -206,14 +206,14 @@ class Worker:
                     handed_on = self._intake_one()
                     backoff = 0.1
                 except (redis.RedisError, OperationalError) as exc:
-                    # Ids popped but not claimed are safe: their jobs are still pending in
-                    # Postgres, and the sweeper pushes them again.
+                    # Popped, unclaimed ids are safe: still pending in Postgres, re-pushed.
                     log.warning("service unavailable (%s); retrying in %.1fs", exc, backoff)
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                 finally:
                     if not handed_on:
                         self.slots.release()
+            self.batcher.hand_back(self.head_starts.taken_back())
         except Closed:
             return
         except BaseException:

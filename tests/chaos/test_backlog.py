@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from hepato.common import lost_ids
-from hepato.common.constants import queue_key
+from hepato.common.constants import queue_key, taken_key
 from hepato.common.db import get_engine
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
@@ -336,3 +336,25 @@ def test_ids_popped_by_a_worker_that_died_before_its_claim_are_pushed_again(
         0,
         back_after_s=round(took, 1),
     )
+
+
+def test_an_id_pushed_to_a_head_start_taker_that_died_is_pushed_again(
+    settings: Settings, spawn_worker: Callable[..., Spawned]
+) -> None:
+    """A gateway's push sent the id to the worker that ran its head start (worker.
+    head_start), and that worker died before it read its list: the job is missing from
+    its queue, so the sweeper's two looks push it again, as for an id popped and never
+    claimed."""
+    r = redis.Redis.from_url(settings.redis_url)
+    lost_ids.recover(get_engine(settings.database_url), r, PERIOD_S)
+    ids = backlog(settings, UNSERVED, 3, age_s=3600)
+    routed = r.lpop(queue_key(UNSERVED, "routine")).decode()  # type: ignore[union-attr]
+    r.rpush(taken_key("dead-worker", UNSERVED), routed)
+    null_worker(spawn_worker, settings, "rescuer")
+    wait_for(
+        "the routed id back on its queue",
+        lambda: r.llen(queue_key(UNSERVED, "routine")) >= len(ids),
+        timeout_s=60,
+        every_s=0.05,
+    )
+    assert sorted(queued(r, UNSERVED)) == sorted(ids) and queued(r, UNSERVED)[-1] == routed

@@ -1,10 +1,12 @@
 """Head starts (worker.head_start): a lone /v1/detect is announced before its job
 commits, an idle worker runs the model on it meanwhile, and the claimed job takes those
-results, the same as the model gives through the queue; a head start whose job never
-commits writes nothing. Real Postgres, Redis and S3, a worker in a thread."""
+results, the same as the model gives through the queue; with two workers, each job goes
+to the one that ran its head start; a head start whose job never commits writes nothing.
+Real Postgres, Redis and S3, workers in threads."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +18,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hepato.common import dispatch, ids
-from hepato.common.constants import model_workers_key, worker_key
+from hepato.common.constants import (
+    PUBLIC_TENANT,
+    Priority,
+    queue_key,
+    taken_key,
+    taker_key,
+    worker_key,
+)
 from hepato.common.db import get_engine
 from hepato.common.settings import Settings
 from hepato.common.tables import Job
@@ -30,10 +39,10 @@ from tests.e2e.conftest import images
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def worker(settings: Settings, models: dict[str, Model]) -> Iterator[Worker]:
+@contextlib.contextmanager
+def serving(settings: Settings, models: dict[str, Model], worker_id: str = "") -> Iterator[Worker]:
     """A worker in a thread, returned once it serves (its heartbeat is up)."""
-    running = Worker(settings, models)
+    running = Worker(settings.model_copy(update={"worker_id": worker_id}), models)
     thread = threading.Thread(target=running.run, kwargs={"install_signals": False})
     thread.start()
     r = redis.Redis.from_url(settings.redis_url)
@@ -46,6 +55,12 @@ def worker(settings: Settings, models: dict[str, Model]) -> Iterator[Worker]:
     finally:
         running.stopping.set()
         thread.join(timeout=30)
+
+
+@pytest.fixture
+def worker(settings: Settings, models: dict[str, Model]) -> Iterator[Worker]:
+    with serving(settings, models) as running:
+        yield running
 
 
 def wait_for(check: Callable[[], bool], what: str) -> None:
@@ -102,27 +117,44 @@ def test_a_head_start_whose_job_never_commits_writes_nothing(
     assert worker.batches == 0 and worker.jobs_done == 0, "nothing claimed, nothing written"
 
 
-def test_a_worker_that_shares_its_model_takes_no_hints(
-    client: TestClient, settings: Settings, worker: Worker, monkeypatch: pytest.MonkeyPatch
+def test_two_idle_workers_each_take_the_jobs_whose_hints_they_took(
+    client: TestClient,
+    settings: Settings,
+    models: dict[str, Model],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With a second worker alive on the model, a hint and its job's id could go to two
-    workers: neither takes hints, and the job runs the usual way (its image inline)."""
+    """Each job's id goes to the worker that ran its head start, not to whichever worker
+    Redis wakes first: every answer comes from a head start."""
     reused: list[bool] = []
     real = head_start.HeadStarts.reuse
 
     def counted(batch: MicroBatch) -> bool:
         found = real(batch)
-        reused.append(found)
+        if not batch.speculative:
+            reused.append(found)
         return found
 
     monkeypatch.setattr(head_start.HeadStarts, "reuse", staticmethod(counted))
-    r = redis.Redis.from_url(settings.redis_url)
-    r.zadd(model_workers_key(settings.default_model), {"another-worker": time.time()})
-    wait_for(lambda: not worker.batcher.hints, "the worker saw the other one")
     data = images(SAMPLES, "synthetic_*.png")[0].read_bytes()
-    response = client.post("/v1/detect", files={"file": ("a.png", data)})
-    assert response.status_code == 200, response.text
-    assert reused == [False], "no head start"
-    assert worker.head_starts.without([response.json()["job_id"]]) != [], "none kept"
-    r.zrem(model_workers_key(settings.default_model), "another-worker")
-    wait_for(lambda: bool(worker.batcher.hints), "alone again, it takes hints again")
+    with serving(settings, models, "worker-a") as a, serving(settings, models, "worker-b") as b:
+        for _ in range(4):
+            response = client.post("/v1/detect", files={"file": ("a.png", data)})
+            assert response.status_code == 200, response.text
+        assert reused == [True] * 4, "each ran on its head start"
+        assert a.batches + b.batches == 4
+
+
+def test_a_stopped_worker_is_sent_no_more_ids_for_its_head_starts(
+    settings: Settings, worker: Worker
+) -> None:
+    r = redis.Redis.from_url(settings.redis_url)
+    model = settings.default_model
+    announced = str(ids.new_job_id())
+    dispatch.hint(r, model, announced, images(SAMPLES, "synthetic_*.png")[0].read_bytes(), 60.0)
+    wait_for(lambda: worker.head_starts.has(announced), "the hint was taken")
+    assert r.get(taker_key(announced)) == taken_key(worker.id, model).encode()
+    worker.stopping.set()
+    wait_for(lambda: not r.exists(worker_key(worker.id)), "the worker stopped")
+    # Its job commits only now: its id goes to the queue, where another worker takes it.
+    dispatch.push(r, model, Priority.urgent, [announced], hinted=True)
+    assert r.lrange(queue_key(model, Priority.urgent, PUBLIC_TENANT), 0, -1) == [announced.encode()]

@@ -1,11 +1,17 @@
 """Which claimed batches take a head start's outcome (worker.head_start): a lone fresh
-image job of the same model only, and then its results or its error as they came."""
+image job of the same model only, and then its results or its error as they came; where
+a hinted job's id goes (to its hint's taker, else its queue), and what a stopping taker
+hands back."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
+import fakeredis
+
+from hepato.common import dispatch
+from hepato.common.constants import PUBLIC_TENANT, Priority, queue_key, taken_key, taker_key
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.worker.head_start import HeadStarts
 from hepato.worker.microbatch import MicroBatch
@@ -16,7 +22,7 @@ def job(job_id: uuid.UUID, attempts: int = 1, question: str | None = None) -> Cl
 
 
 def kept(job_id: uuid.UUID, model: str = "m") -> tuple[HeadStarts, MicroBatch]:
-    starts = HeadStarts({}, None)  # type: ignore[arg-type]
+    starts = HeadStarts({}, None, fakeredis.FakeRedis(), "w")  # type: ignore[arg-type]
     head = MicroBatch(model, uuid.uuid4(), [job(job_id)], speculative=True)
     head.ready, head.images = [job(job_id)], ["pixels"]  # type: ignore[list-item]
     starts._kept[str(job_id)] = head
@@ -84,3 +90,32 @@ def test_a_head_start_on_the_model_is_not_busy_but_not_idle() -> None:
     assert not stage.busy() and not stage.idle()
     stage.leave(counted=False)
     assert stage.idle()
+
+
+QUEUE = queue_key("m", Priority.urgent, PUBLIC_TENANT)
+
+
+def test_a_hinted_id_goes_to_its_takers_list_else_to_its_queue() -> None:
+    r = fakeredis.FakeRedis()
+    mine = taken_key("w1", "m")
+    r.set(taker_key("taken"), mine)
+    dispatch.push(r, "m", Priority.urgent, ["taken"], hinted=True)
+    dispatch.push(r, "m", Priority.urgent, ["untaken"], hinted=True)
+    r.set(taker_key("not-hinted"), mine)
+    dispatch.push(r, "m", Priority.urgent, ["not-hinted"])
+    assert r.lrange(mine, 0, -1) == [b"taken"] and r.pttl(mine) > 0
+    assert r.lrange(QUEUE, 0, -1) == [b"untaken", b"not-hinted"]
+    assert not r.exists(taker_key("taken")), "read once"
+
+
+def test_a_stopping_taker_routes_nothing_more_and_hands_back_what_came() -> None:
+    r = fakeredis.FakeRedis()
+    starts = HeadStarts({"m": None, "n": None}, None, r, "w1")  # type: ignore[arg-type,dict-item]
+    for job_id in ("came", "comes-later"):
+        r.set(taker_key(job_id), taken_key("w1", "m"))
+        starts._takers.append(job_id)
+    dispatch.push(r, "m", Priority.urgent, ["came"], hinted=True)
+    assert starts.taken_back() == ["came"]
+    assert not r.exists(taken_key("w1", "m"))
+    dispatch.push(r, "m", Priority.urgent, ["comes-later"], hinted=True)
+    assert r.lrange(QUEUE, 0, -1) == [b"comes-later"], "its taker has stopped: the queue"

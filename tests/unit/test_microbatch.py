@@ -9,7 +9,7 @@ import time
 import fakeredis
 import pytest
 
-from hepato.common.constants import hint_key, queue_keys
+from hepato.common.constants import hint_key, queue_keys, taken_key
 from hepato.worker.microbatch import Hint, ModelQueue, Rotation, collect_any, collect_batch
 
 URGENT, ROUTINE = queue_keys("m")
@@ -278,21 +278,13 @@ def test_a_first_id_with_a_head_start_is_claimed_alone() -> None:
     )
 
 
-def test_hints_are_read_only_for_models_the_worker_serves_alone() -> None:
-    from hepato.common.constants import WORKER_HEARTBEAT_TTL_S, model_workers_key
-    from hepato.common.settings import Settings
-    from hepato.worker.microbatch import Batcher
-
-    r = fakeredis.FakeRedis()
-    now = time.time()
-    r.zadd(model_workers_key("a"), {"me": now, "gone": now - WORKER_HEARTBEAT_TTL_S - 1})
-    r.zadd(model_workers_key("b"), {"me": now, "peer": now})
-    batcher = Batcher(
-        r,
-        None,  # type: ignore[arg-type]
-        [ModelQueue("a", 8, 0.0), ModelQueue("b", 8, 0.0)],
-        worker_id="me",
-        settings=Settings(),
-        requeue=lambda _: None,
-    )
-    assert batcher._hints() == {hint_key("a"): "a"}, "b has a live peer; a's is gone"
+def test_an_id_pushed_for_this_workers_head_start_goes_before_every_queue_alone() -> None:
+    r = CountingRedis()
+    mine = taken_key("me", "m")
+    r.rpush(URGENT, "u1", "u2")
+    r.rpush(mine, "head-started")
+    r.rpush(hint_key("m"), "announced")
+    queue = ModelQueue("m", 8, 0.0)
+    taken, hints = {mine: "m"}, {hint_key("m"): "m"}
+    assert collect_any(r, [queue], 1.0, hints=hints, taken=taken) == (queue, ["head-started"])
+    assert collect_any(r, [queue], 1.0, hints=hints, taken=taken) == (queue, ["u1", "u2"])
