@@ -247,6 +247,9 @@ def e2e(
             show_default=_shown(_D.realtime_concurrency),
         ),
     ] = None,
+    realtime_workers: Annotated[
+        int, typer.Option(min=1, help="realtime: workers serving the detects")
+    ] = _D.realtime_workers,
 ) -> None:
     """End to end through a local stack of its own: load sweep, pipeline overhead (null
     model against the object store alone), efficiency against the bare model, batch-size
@@ -305,6 +308,7 @@ def e2e(
         realtime_size=realtime_size,
         realtime_requests=realtime_requests,
         realtime_concurrency=tuple(realtime_concurrency or _D.realtime_concurrency),
+        realtime_workers=realtime_workers,
     )
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

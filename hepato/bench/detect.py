@@ -1,8 +1,10 @@
 """The realtime scenario of ``hepato bench e2e`` (issue 15): how close ``POST /v1/detect``
 comes to the bare model, and where one request's time goes.
 
-  bare       the variant the stack serves, one process with one worker's threads: each
-             batch-1 call timed, then images/s at each client count; CPU ms per image
+  bare       the variant the stack serves, one process with a lone worker's threads (all
+             the cores): each batch-1 call timed, then images/s at each client count;
+             CPU ms per image. The stack's realtime_workers workers (1 by default) each
+             get their share of the cores
   1 client   realtime_requests requests one after another: latency, and the median of
              each stage the gateway reports (the answer's stages_ms)
   c clients  for sweep_seconds: images/s against the bare model at batch c, latency,
@@ -103,7 +105,7 @@ async def detect_clients(
 
 
 def run(bench: Bench) -> dict[str, Any]:
-    """The bare model, with no worker running; then one worker serving the same variant
+    """The bare model, with no worker running; then the workers serving the same variant
     with its manifest's batching, warmed up, at each client count; then the bare model
     again, each of its figures the mean of its two runs (hepato.bench.bare.bracketed)."""
     o, stack = bench.opts, bench.stack
@@ -129,7 +131,9 @@ def run(bench: Bench) -> dict[str, Any]:
         return found
 
     before = bare_model()
-    bench.start_workers(SCENARIO, 1, name, {"HEPATO_CPU_THREADS": str(threads)})
+    workers = o.realtime_workers
+    env = {"HEPATO_CPU_THREADS": str(threads_for(workers))}
+    bench.start_workers(SCENARIO, workers, name, env)
 
     def clients(c: int, stages: list[dict[str, float]], requests: int | None) -> Measured:
         seconds = None if requests is not None else o.sweep_seconds
@@ -167,8 +171,9 @@ def run(bench: Bench) -> dict[str, Any]:
     settings = {
         "model": name,
         "input_size": size,
-        "workers": 1,
-        "cpu_threads": threads,
+        "workers": workers,
+        "cpu_threads": threads_for(workers),
+        "bare_cpu_threads": threads,
         "max_batch_size": manifest.max_batch_size,
         "max_wait_ms": manifest.max_wait_ms,
         "requests_at_one_client": o.realtime_requests,

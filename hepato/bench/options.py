@@ -57,10 +57,13 @@ class BenchOptions:
     model_wait_ms: float = 5.0
     model_input_size: int = 320
     model_study_images: int = 320
-    # realtime: POST /v1/detect against the bare model, one worker
+    # realtime: POST /v1/detect against the bare model
     realtime_size: int = 320
     realtime_requests: int = 100  # sequential, at concurrency 1
     realtime_concurrency: tuple[int, ...] = (4, 16)  # each against the bare model's batch
+    # Workers serving the detects, each on cores // workers threads; the bare model has
+    # the machine's cores (what one process gets from it).
+    realtime_workers: int = 1
 
 
 def scenario_names(only: list[str] | None) -> tuple[str, ...]:
