@@ -10,7 +10,7 @@ import pytest
 
 from hepato.bench import realtime, report
 from hepato.bench.detect import _stages
-from hepato.bench.options import SCENARIOS, scenario_names
+from hepato.bench.options import SCENARIOS, BenchOptions, scenario_names
 
 
 def lat(p50: float, p99: float) -> dict[str, float]:
@@ -191,3 +191,23 @@ def test_the_bare_model_is_the_mean_of_its_runs_before_and_after() -> None:
     )
     # Throughput rows (no latencies) as well.
     assert bracketed({"images_per_s": 50.0}, {"images_per_s": 50.0})["drift"] == 1.0
+
+
+def test_realtime_workers_reach_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from hepato.bench import cli, e2e
+
+    seen: list[BenchOptions] = []
+
+    def fake_run(opts: BenchOptions, *_: object) -> dict[str, object]:
+        seen.append(opts)
+        return {"targets": []}
+
+    monkeypatch.setattr(e2e, "run_bench", fake_run)
+    args = ["e2e", "--only", "realtime", "--realtime-workers", "2"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert seen[0].realtime_workers == 2 and BenchOptions().realtime_workers == 1
+    refused = CliRunner().invoke(cli.app, ["e2e", "--realtime-workers", "0"])
+    assert refused.exit_code != 0
