@@ -90,6 +90,15 @@ def hint(client: redis.Redis, model: str, job_id: str, data: bytes, inline_ttl_s
     pipe.execute()
 
 
+def pass_on(client: redis.Redis, hint: str, job_id: str) -> None:
+    """Put back a hint a busy worker popped (``hint``: its key), for an idle one blocked on
+    it, which Redis hands it to at once; kept ``HINT_TTL_MS`` again."""
+    pipe = client.pipeline(transaction=False)
+    pipe.rpush(hint, job_id)
+    pipe.pexpire(hint, HINT_TTL_MS)
+    pipe.execute()
+
+
 def take_inline(client: redis.Redis, ids: Sequence[str]) -> dict[str, bytes]:
     """The inline images of ``ids`` that are still in Redis, removed as they are read (a
     retry downloads from the object store), in one round trip."""

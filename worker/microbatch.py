@@ -286,6 +286,7 @@ class Batcher:
         on = settings.head_start
         self.hints = {hint_key(q.model): q.model for q in queues} if on else {}
         self.taken = {taken_key(worker_id, q.model): q.model for q in queues} if on else {}
+        self._passed_on = False
         self.engine = engine
         self.fast_engine = fast_engine  # for the usual claim's statement (common.claim)
         self.rotation = Rotation(queues)
@@ -329,15 +330,26 @@ class Batcher:
             self._next_refresh = now + self.refresh_every_s
             dispatch.release_due(self.client)
             self._tenants = {q.model: dispatch.tenants(self.client, q.model) for q in self.queues}
+        hints, self._passed_on = ({} if self._passed_on else self.hints), False
         return collect_any(
             self.client,
             self.rotation.next(self._tenants),
             self.poll_timeout_s,
             busy,
-            hints=self.hints,
+            hints=hints,
             alone=alone,
             taken=self.taken,
         )
+
+    def keep(self, hint: Hint, idle: bool) -> bool:
+        """Whether to start on ``hint``: only with the model stage ``idle`` (a head start
+        would wait behind the batch in it). A busy worker puts it back for an idle one
+        (Redis gives it to the worker blocked longest, which may be a busy one's intake),
+        and leaves hints out of its next pop so as not to take it back at once."""
+        if not idle:
+            dispatch.pass_on(self.client, hint_key(hint.model), hint.job_id)
+            self._passed_on = True
+        return idle
 
     def claim(self, popped: tuple[ModelQueue, list[str]], *, stopping: bool) -> MicroBatch | None:
         """The popped ids as a claimed microbatch; None if none was still pending."""

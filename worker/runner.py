@@ -127,8 +127,7 @@ class Worker:
             self.tile_pool,
         )
         self.head_starts = HeadStarts(self.models, self.prepare, self.redis, self.id)
-        # Batches handed to the model stage and not yet through it: intake waits for
-        # stragglers only while the model is busy (worker.microbatch).
+        # Batches handed to the model stage, not yet through: stragglers waited for if busy.
         self.in_model = Occupancy()
         self.batches = 0
         self.jobs_done = 0
@@ -231,8 +230,9 @@ class Worker:
             if self.burst and self._drained():
                 self.stopping.set()
             return False
-        if isinstance(got, Hint):  # dropped unless the model is idle: it would wait
-            head = self.head_starts.start(got) if self.in_model.idle() else None
+        if isinstance(got, Hint):  # a head start only with the model idle: it would wait
+            kept = self.batcher.keep(got, self.in_model.idle())
+            head = self.head_starts.start(got) if kept else None
             return head is not None and self._hand_on(head)
         stopping = self.stopping.is_set()
         early = None if stopping else self.prepare.early(self.head_starts.without(got[1]))

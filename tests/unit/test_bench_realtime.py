@@ -202,7 +202,7 @@ def test_realtime_workers_reach_the_options(monkeypatch: pytest.MonkeyPatch) -> 
 
     def fake_run(opts: BenchOptions, *_: object) -> dict[str, object]:
         seen.append(opts)
-        return {"targets": []}
+        return {"targets": [], "files": []}
 
     monkeypatch.setattr(e2e, "run_bench", fake_run)
     args = ["e2e", "--only", "realtime", "--realtime-workers", "2"]

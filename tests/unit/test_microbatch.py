@@ -288,3 +288,27 @@ def test_an_id_pushed_for_this_workers_head_start_goes_before_every_queue_alone(
     taken, hints = {mine: "m"}, {hint_key("m"): "m"}
     assert collect_any(r, [queue], 1.0, hints=hints, taken=taken) == (queue, ["head-started"])
     assert collect_any(r, [queue], 1.0, hints=hints, taken=taken) == (queue, ["u1", "u2"])
+
+
+def test_a_busy_worker_puts_a_hint_back_for_an_idle_one_and_skips_hints_once() -> None:
+    from hepato.common.settings import Settings
+    from hepato.worker.microbatch import Batcher
+
+    r = fakeredis.FakeRedis()
+    batcher = Batcher(
+        r,
+        None,  # type: ignore[arg-type]
+        [ModelQueue("m", 8, 0.0)],
+        worker_id="busy",
+        settings=Settings(poll_timeout_s=0.05),
+        requeue=lambda _: None,
+    )
+    r.rpush(hint_key("m"), "announced")
+    hint = batcher.collect()
+    assert hint == Hint("m", "announced")
+    assert not batcher.keep(hint, idle=False)
+    assert r.lrange(hint_key("m"), 0, -1) == [b"announced"] and r.pttl(hint_key("m")) > 0
+    assert batcher.collect() is None, "not taken back by the worker that put it back"
+    again = batcher.collect()
+    assert again == hint and batcher.keep(again, idle=True)
+    assert not r.exists(hint_key("m")), "kept: not put back"
