@@ -108,6 +108,13 @@ DEAD_LETTERED = Counter(
     "Jobs failed for good: out of attempts, or a permanent error (a bad image).",
     ["model"],
 )
+HEAD_STARTS = Counter(
+    "hepato_head_starts",
+    "Hints a worker popped (worker.head_start), by outcome: started (the model ran on its "
+    "image), used (its claimed job took those results), passed_on (the model was busy: put "
+    "back for another worker), void (no image to run on: gone with its job, or undecodable).",
+    ["model", "outcome"],
+)
 LEASES_RECLAIMED = Counter(
     "hepato_leases_reclaimed",
     "Jobs whose lease ran out (their worker presumed dead) that the sweeper took back.",

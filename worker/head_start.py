@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 
 import redis
 
-from hepato.common import stages
+from hepato.common import metrics, stages
 from hepato.common.constants import TAKER_TTL_MS, taken_key, taker_key
 from hepato.common.jobs import ClaimedJob
 from hepato.worker import inference
@@ -81,13 +81,16 @@ class HeadStarts:
         self._takers.append(hint.job_id)
         outcome = self.prepare.take_and_decode([hint.job_id]).get(hint.job_id)
         if outcome is None:
+            metrics.HEAD_STARTS.labels(hint.model, "void").inc()
             return None
         job = ClaimedJob(uuid.UUID(hint.job_id), "", attempts=1, max_attempts=1, question=None)
         batch = MicroBatch(hint.model, uuid.uuid4(), [job], speculative=True)
         batch.fetched_at = datetime.now(UTC)
         place_outcome(batch, job, outcome)
         if not batch.ready:
+            metrics.HEAD_STARTS.labels(hint.model, "void").inc()
             return None
+        metrics.HEAD_STARTS.labels(hint.model, "started").inc()
         if inference.phases(model):
             batch.prepared = inference.prepare(model, batch.ready, batch.images)
         with self._lock:
@@ -139,6 +142,7 @@ class HeadStarts:
             return False
         batch.ready, batch.images, batch.prepared = [job], head.images, head.prepared
         batch.fetched_at, batch.head = head.fetched_at, head
+        metrics.HEAD_STARTS.labels(batch.model, "used").inc()
         return True
 
     @staticmethod

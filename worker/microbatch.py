@@ -348,6 +348,7 @@ class Batcher:
         and leaves hints out of its next pop so as not to take it back at once."""
         if not idle:
             dispatch.pass_on(self.client, hint_key(hint.model), hint.job_id)
+            metrics.HEAD_STARTS.labels(hint.model, "passed_on").inc()
             self._passed_on = True
         return idle
 

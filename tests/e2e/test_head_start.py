@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -63,6 +64,13 @@ def worker(settings: Settings, models: dict[str, Model]) -> Iterator[Worker]:
         yield running
 
 
+def head_starts(worker: Worker, outcome: str) -> float:
+    """hepato_head_starts_total of the worker's model (one registry per process)."""
+    model = next(iter(worker.models))
+    labels = {"model": model, "outcome": outcome}
+    return REGISTRY.get_sample_value("hepato_head_starts_total", labels) or 0.0
+
+
 def wait_for(check: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 30
     while not check():
@@ -84,12 +92,14 @@ def test_a_lone_detect_is_answered_from_its_head_start_with_the_models_results(
 
     monkeypatch.setattr(head_start.HeadStarts, "reuse", staticmethod(counted))
     data = images(SAMPLES, "synthetic_*.png")[0].read_bytes()
+    before = {o: head_starts(worker, o) for o in ("started", "used")}
     answers = []
     for _ in range(3):
         response = client.post("/v1/detect", files={"file": ("a.png", data)})
         assert response.status_code == 200, response.text
         answers.append(response.json())
     assert reused == [True, True, True], "each ran on its head start"
+    assert {o: head_starts(worker, o) - n for o, n in before.items()} == {"started": 3, "used": 3}
     # The same image through the queue alone (a batch is never announced).
     response = client.post("/v1/batches", files=[("files", ("a.png", data, "image/png"))])
     assert response.status_code == 202, response.text

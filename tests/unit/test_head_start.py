@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import fakeredis
+from prometheus_client import REGISTRY
 
 from hepato.common import dispatch
 from hepato.common.constants import PUBLIC_TENANT, Priority, queue_key, taken_key, taker_key
@@ -33,12 +34,21 @@ def claimed(*jobs: ClaimedJob, model: str = "m") -> MicroBatch:
     return MicroBatch(model, uuid.uuid4(), list(jobs))
 
 
+def used() -> float:
+    return (
+        REGISTRY.get_sample_value("hepato_head_starts_total", {"model": "m", "outcome": "used"})
+        or 0.0
+    )
+
+
 def test_a_lone_fresh_job_takes_its_head_start_once() -> None:
     job_id = uuid.uuid4()
     starts, head = kept(job_id)
     assert starts.without([str(job_id), "other"]) == ["other"], "its image is in the head"
     batch = claimed(job(job_id))
+    before = used()
     assert starts.adopt(batch)
+    assert used() == before + 1, "counted"
     assert batch.head is head and batch.images == ["pixels"] and batch.ready == batch.claimed
     assert not starts.adopt(claimed(job(job_id))), "taken once"
 

@@ -119,6 +119,7 @@ def test_worker_metrics_are_scraped_over_http() -> None:
     metrics.STAGE_SECONDS.labels("unit-model", "inference").observe(0.02)
     metrics.JOBS.labels("unit-model", "done").inc(8)
     metrics.LEASES_RECLAIMED.inc()
+    metrics.HEAD_STARTS.labels("unit-model", "started").inc()
 
     response = httpx.get(f"http://127.0.0.1:{port}/metrics")
     assert response.status_code == 200
@@ -133,6 +134,7 @@ def test_worker_metrics_are_scraped_over_http() -> None:
         "hepato_retries",
         "hepato_dead_lettered",
         "hepato_leases_reclaimed",
+        "hepato_head_starts",
     ):
         assert name in families, name
     stage = {

@@ -291,6 +291,8 @@ def test_an_id_pushed_for_this_workers_head_start_goes_before_every_queue_alone(
 
 
 def test_a_busy_worker_puts_a_hint_back_for_an_idle_one_and_skips_hints_once() -> None:
+    from prometheus_client import REGISTRY
+
     from hepato.common.settings import Settings
     from hepato.worker.microbatch import Batcher
 
@@ -306,7 +308,10 @@ def test_a_busy_worker_puts_a_hint_back_for_an_idle_one_and_skips_hints_once() -
     r.rpush(hint_key("m"), "announced")
     hint = batcher.collect()
     assert hint == Hint("m", "announced")
+    passed = {"model": "m", "outcome": "passed_on"}
+    before = REGISTRY.get_sample_value("hepato_head_starts_total", passed) or 0.0
     assert not batcher.keep(hint, idle=False)
+    assert REGISTRY.get_sample_value("hepato_head_starts_total", passed) == before + 1
     assert r.lrange(hint_key("m"), 0, -1) == [b"announced"] and r.pttl(hint_key("m")) > 0
     assert batcher.collect() is None, "not taken back by the worker that put it back"
     again = batcher.collect()
