@@ -17,6 +17,7 @@ from hepato.common.constants import (
     HINT_TTL_MS,
     PUBLIC_TENANT,
     TAKEN_TTL_MS,
+    TAKER_TTL_MS,
     Priority,
     hint_key,
     inline_key,
@@ -97,6 +98,16 @@ def pass_on(client: redis.Redis, hint: str, job_id: str) -> None:
     pipe.rpush(hint, job_id)
     pipe.pexpire(hint, HINT_TTL_MS)
     pipe.execute()
+
+
+def take_hinted(client: redis.Redis, job_id: str, taker: str) -> bytes | None:
+    """For the worker that takes a hint: name its list ``taker`` for the job's push (first,
+    so that it is set before the push reads it) and take the job's inline image, in one
+    round trip; None if the image is gone (its job already taken)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.set(taker_key(job_id), taker, px=TAKER_TTL_MS)
+    pipe.getdel(inline_key(job_id))
+    return cast(bytes | None, pipe.execute()[1])
 
 
 def take_inline(client: redis.Redis, ids: Sequence[str]) -> dict[str, bytes]:

@@ -37,8 +37,8 @@ from datetime import UTC, datetime
 
 import redis
 
-from hepato.common import metrics, stages
-from hepato.common.constants import TAKER_TTL_MS, taken_key, taker_key
+from hepato.common import dispatch, metrics, stages
+from hepato.common.constants import taken_key, taker_key
 from hepato.common.jobs import ClaimedJob
 from hepato.worker import inference
 from hepato.worker.backends.base import Model
@@ -75,11 +75,11 @@ class HeadStarts:
         model = self.models.get(hint.model)
         if model is None:
             return None
-        # First: the job's id comes here only if this is set when its gateway pushes it.
+        # The job's id comes here only if the taker key is set when its gateway pushes it.
         mine = taken_key(self.worker_id, hint.model)
-        self.client.set(taker_key(hint.job_id), mine, px=TAKER_TTL_MS)
+        data = dispatch.take_hinted(self.client, hint.job_id, mine)
         self._takers.append(hint.job_id)
-        outcome = self.prepare.take_and_decode([hint.job_id]).get(hint.job_id)
+        outcome = self.prepare.decode_taken({hint.job_id: data}).get(hint.job_id) if data else None
         if outcome is None:
             metrics.HEAD_STARTS.labels(hint.model, "void").inc()
             return None

@@ -64,6 +64,10 @@ class Preparer:
         except redis.RedisError:
             log.debug("inline images unreadable; downloading them", exc_info=True)
             return {}
+        return self.decode_taken(inline)
+
+    def decode_taken(self, inline: dict[str, bytes]) -> dict[str, Outcome]:
+        """Images already taken from Redis, decoded, by id."""
         if not inline:
             return {}
         taken = list(inline)
