@@ -94,8 +94,12 @@ def test_a_new_job_lands_in_its_day_and_an_old_id_in_the_default(engine: Engine)
                 text("INSERT INTO job_events (job_id, tenant, state) VALUES (:id, 'lab', 'x')"),
                 {"id": job},
             )
-    assert partition_of(engine, "jobs", "id", new) == [f"jobs_p{TODAY:%Y%m%d}"]
-    assert partition_of(engine, "job_events", "job_id", new) == [f"job_events_p{TODAY:%Y%m%d}"]
+    # The id's own day, not TODAY (read at collection): a run may cross midnight.
+    made = ids.made_at(new)
+    assert made is not None
+    day = made.date()
+    assert partition_of(engine, "jobs", "id", new) == [f"jobs_p{day:%Y%m%d}"]
+    assert partition_of(engine, "job_events", "job_id", new) == [f"job_events_p{day:%Y%m%d}"]
     assert partition_of(engine, "jobs", "id", old_low) == ["jobs_default"]
     assert partition_of(engine, "job_events", "job_id", old_low) == ["job_events_default"]
     assert partition_of(engine, "jobs", "id", old_high) == ["jobs_legacy"]
