@@ -110,6 +110,21 @@ def take_hinted(client: redis.Redis, job_id: str, taker: str) -> bytes | None:
     return cast(bytes | None, pipe.execute()[1])
 
 
+def untake(client: redis.Redis, job_ids: Iterable[str], lists: Sequence[str]) -> list[str]:
+    """For a stopping worker, in one transaction: remove the taker keys of ``job_ids`` (so
+    that no push routes an id to it after: ``_ROUTE`` reads and pushes in one step), then
+    take every id already on its ``lists``."""
+    job_ids = list(job_ids)
+    pipe = client.pipeline(transaction=True)
+    for job_id in job_ids:
+        pipe.delete(taker_key(job_id))
+    for key in lists:
+        pipe.lrange(key, 0, -1)
+    pipe.delete(*lists)
+    found = pipe.execute()[len(job_ids) : -1]
+    return [raw.decode() for ids in found for raw in ids]
+
+
 def take_inline(client: redis.Redis, ids: Sequence[str]) -> dict[str, bytes]:
     """The inline images of ``ids`` that are still in Redis, removed as they are read (a
     retry downloads from the object store), in one round trip."""

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 import redis
 
 from hepato.common import dispatch, metrics, stages
-from hepato.common.constants import taken_key, taker_key
+from hepato.common.constants import taken_key
 from hepato.common.jobs import ClaimedJob
 from hepato.worker import inference
 from hepato.worker.backends.base import Model
@@ -106,17 +106,10 @@ class HeadStarts:
         fail, the sweeper finds them."""
         lists = [taken_key(self.worker_id, model) for model in self.models]
         try:
-            pipe = self.client.pipeline(transaction=True)
-            for job_id in self._takers:
-                pipe.delete(taker_key(job_id))
-            for key in lists:
-                pipe.lrange(key, 0, -1)
-            pipe.delete(*lists)
-            found = pipe.execute()[len(self._takers) : -1]
+            return dispatch.untake(self.client, self._takers, lists)
         except redis.RedisError:
             log.warning("could not hand back the ids pushed for head starts; the sweeper will")
             return []
-        return [raw.decode() for ids in found for raw in ids]
 
     def has(self, job_id: str) -> bool:
         """Whether ``job_id`` has a head start: its microbatch is then claimed alone (the

@@ -54,9 +54,9 @@ class Preparer:
         decoding them, while their claim (a Postgres round trip) runs: a lone real-time
         job then waits for the longer of the two, not their sum. The images of ids the
         claim does not give this worker are decoded for nothing; the store still has them."""
-        return self.fetch_pool.submit(self.take_and_decode, ids)
+        return self.fetch_pool.submit(self._take_and_decode, ids)
 
-    def take_and_decode(self, ids: list[str]) -> dict[str, Outcome]:
+    def _take_and_decode(self, ids: list[str]) -> dict[str, Outcome]:
         """The inline images of ``ids`` still in Redis, taken and decoded, by id (none when
         Redis cannot be read: they are then downloaded)."""
         try:
@@ -89,7 +89,7 @@ class Preparer:
             # With ``early``: what is left of the decode once the claim is done.
             with timed(batch.model, stages.DECODE, batch.stages):
                 if early is None:
-                    decoded = self.take_and_decode([str(job.id) for job in kinds["image"]])
+                    decoded = self._take_and_decode([str(job.id) for job in kinds["image"]])
                 else:
                     decoded = early.result()
         rest = [job for job in kinds["image"] if str(job.id) not in decoded]

@@ -122,8 +122,9 @@ class Recovery:
     def heartbeat(self) -> None:
         """Tell operators (and ``hepato up``) this worker is loaded and alive."""
         with contextlib.suppress(redis.RedisError):
-            models = ",".join(self.models)
-            self.redis.set(worker_key(self.worker_id), models, ex=WORKER_HEARTBEAT_TTL_S)
+            self.redis.set(
+                worker_key(self.worker_id), ",".join(self.models), ex=WORKER_HEARTBEAT_TTL_S
+            )
 
     def sweep_once(self) -> None:
         swept = sweep(self.engine)
