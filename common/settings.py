@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hepato.common import cpus
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 LIVER_CLASSES = ("fibrosis", "inflammation", "steatosis", "ballooning")
@@ -197,6 +199,11 @@ class Settings(BaseSettings):
     )
     device: str = Field("", description="'cuda', 'cuda:1' or 'cpu'; empty = CUDA when present.")
     cpu_threads: int = Field(0, ge=0, description="CPU threads per model runtime; 0 = all.")
+    model_cpus: str = Field(
+        "",
+        description="Cores for a worker's model threads (Linux CPU list, e.g. '2-7'); its "
+        "other threads and processes run on the rest. Empty: no pinning.",
+    )
 
     # --- worker ---------------------------------------------------------------
     max_batch_size: int | None = Field(
@@ -319,6 +326,13 @@ class Settings(BaseSettings):
                 "s3_public_endpoint is host[:port], without scheme or path "
                 "(HTTPS: s3_public_secure=true)"
             )
+        return value
+
+    @field_validator("model_cpus")
+    @classmethod
+    def _cpu_list(cls, value: str) -> str:
+        if value.strip():
+            cpus.parse(value)  # its ValueError names what is wrong
         return value
 
     @property

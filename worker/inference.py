@@ -10,17 +10,19 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from hepato.common import cpus
 from hepato.common.exceptions import ModelUnavailable
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.results import TaskResult
-from hepato.worker.backends.base import AsksQuestions, Model
+from hepato.common.settings import Settings
+from hepato.worker.backends.base import AsksQuestions, Model, load_models
 from hepato.worker.backends.calls import Phased, Prepared
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,8 @@ class _Caller:
         threading.Thread(target=self._serve, name="model-call", daemon=True).start()
 
     def _serve(self) -> None:
+        if _MODEL_CORES:
+            cpus.pin(_MODEL_CORES)
         while True:
             call, done = self.inbox.get()
             try:
@@ -113,6 +117,35 @@ class _Caller:
 # Model-call threads whose last call ended in time (a hung one is never put back).
 _IDLE: list[_Caller] = []
 _IDLE_LOCK = threading.Lock()
+# The cores model-call threads start on (settings.model_cpus); None: the starter's.
+_MODEL_CORES: frozenset[int] | None = None
+
+
+def run_on(cores: frozenset[int] | None) -> None:
+    """Start every model-call thread from now on on ``cores`` (common.cpus)."""
+    global _MODEL_CORES
+    _MODEL_CORES = cores
+
+
+def load_pinned(settings: Settings, names: Sequence[str] = ()) -> dict[str, Model]:
+    """The models (backends.base ``load_models``), their runtimes' thread pools started on
+    ``settings.model_cpus`` and every model call from now on run there; the calling thread,
+    and what it starts after, on the rest of the cores (common.cpus)."""
+    split = cpus.split(settings.model_cpus)
+    if split is None:
+        return load_models(settings, names)
+    cpus.pin(split.model)
+    try:
+        models = load_models(settings, names)
+    finally:
+        cpus.pin(split.rest)
+    run_on(split.model)
+    log.info(
+        "model threads on cores %s, the rest of the worker on %s",
+        cpus.format_list(split.model),
+        cpus.format_list(split.rest),
+    )
+    return models
 
 
 def warm_up(model: Model, batches: Iterable[int], timeout_s: float) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hepato.common import cpus
 from hepato.common.exceptions import BenchFailed
 
 
@@ -101,8 +102,11 @@ def _realtime_in_child(
     seconds: float,
     samples: str,
     results: Any,  # a multiprocessing Queue
+    cores: frozenset[int] | None,
 ) -> None:
     try:
+        if cores:  # before loading: the runtime's thread pool starts on them
+            cpus.pin(cores)
         model, images = _load_in_child(models_dir, name, device, threads, samples)
         model.predict([images[0]])  # warm-up: lazy init, allocator, kernel selection
         latencies: list[float] = []
@@ -209,16 +213,17 @@ def bare_realtime(
     seconds: float,
     samples: Path,
     timeout_s: float,
+    cores: frozenset[int] | None = None,
 ) -> dict[str, Any]:
-    """One process of the bare model: each call of batch 1 timed for at least ``seconds``
-    (latency percentiles), then images/s at each of ``batches``; CPU ms per image of
-    each. Keys: ``"batch 1"``, ``"batch 4"``, ..."""
+    """One process of the bare model (on ``cores``, if given): each call of batch 1 timed
+    for at least ``seconds`` (latency percentiles), then images/s at each of ``batches``;
+    CPU ms per image of each. Keys: ``"batch 1"``, ``"batch 4"``, ..."""
     from hepato.bench.load import percentiles
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     wanted = tuple(b for b in dict.fromkeys(batches) if b != 1)
-    args = (str(models_dir), model, wanted, device, threads, seconds, str(samples), results)
+    args = (str(models_dir), model, wanted, device, threads, seconds, str(samples), results, cores)
     proc = ctx.Process(target=_realtime_in_child, args=args, daemon=True)
     proc.start()
     [found] = _collect(scenario, model, [proc], results, timeout_s)

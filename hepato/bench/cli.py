@@ -250,6 +250,13 @@ def e2e(
     realtime_workers: Annotated[
         int, typer.Option(min=1, help="realtime: workers serving the detects")
     ] = _D.realtime_workers,
+    model_cpus: Annotated[
+        str,
+        typer.Option(
+            help="realtime: cores of the model's own (e.g. 1): the workers' model threads "
+            "and the bare model there, the rest of the stack on the other cores"
+        ),
+    ] = _D.model_cpus,
 ) -> None:
     """End to end through a local stack of its own: load sweep, pipeline overhead (null
     model against the object store alone), efficiency against the bare model, batch-size
@@ -309,6 +316,7 @@ def e2e(
         realtime_requests=realtime_requests,
         realtime_concurrency=tuple(realtime_concurrency or _D.realtime_concurrency),
         realtime_workers=realtime_workers,
+        model_cpus=model_cpus,
     )
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 
+from hepato.common import cpus
 from hepato.devstack.localstack import LocalStack
 
 # Parts of the stack by process name, in the order the report lists them.
@@ -56,6 +57,19 @@ def _cpu(processes: Iterable[psutil.Process]) -> float:
 def snapshot(stack: LocalStack) -> dict[str, float]:
     """CPU seconds so far of each part (live processes only: a part's processes must
     outlive the measurement for its difference to mean anything)."""
+    return {part: _cpu(procs) for part, procs in _processes(stack).items()}
+
+
+def pin_all_but_workers(stack: LocalStack, cores: Iterable[int]) -> None:
+    """Every thread of every part but the workers (which pin their own: settings.
+    model_cpus) on ``cores``; Postgres's backends forked later inherit its postmaster's."""
+    for part, procs in _processes(stack).items():
+        if part != "workers":
+            for proc in procs:
+                cpus.pin_process(proc.pid, cores)
+
+
+def _processes(stack: LocalStack) -> dict[str, list[psutil.Process]]:
     found: dict[str, list[psutil.Process]] = {part: [] for part in PARTS}
     for name, proc in [*stack.procs, *stack.apps]:
         part = _part(name)
@@ -65,7 +79,7 @@ def snapshot(stack: LocalStack) -> dict[str, float]:
     if postmaster is not None:
         found["postgres"].extend(_tree(postmaster))
     found["bench client"].append(psutil.Process())
-    return {part: _cpu(procs) for part, procs in found.items()}
+    return found
 
 
 def spent(before: dict[str, float], after: dict[str, float], images: int) -> dict[str, float]:

@@ -4,7 +4,8 @@ comes to the bare model, and where one request's time goes.
   bare       the variant the stack serves, one process with a lone worker's threads (all
              the cores): each batch-1 call timed, then images/s at each client count;
              CPU ms per image. The stack's realtime_workers workers (1 by default) each
-             get their share of the cores
+             get their share of the cores. With model_cpus, the bare model and the
+             workers' model threads run on those cores, every other part on the rest
   1 client   realtime_requests requests one after another: latency, and the median of
              each stage the gateway reports (the answer's stages_ms)
   c clients  for sweep_seconds: images/s against the bare model at batch c, latency,
@@ -25,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from hepato.bench import realtime, report
+from hepato.bench import cpu, realtime, report
 from hepato.bench.bare import bare_realtime, bracketed
 from hepato.bench.load import REQUEST_TIMEOUT, Image, Recorder, cycle
 from hepato.bench.registry import threads_for, variant_name
+from hepato.common import cpus
 from hepato.common.manifest import load_registry
 
 if TYPE_CHECKING:
@@ -109,7 +111,12 @@ def run(bench: Bench) -> dict[str, Any]:
     with its manifest's batching, warmed up, at each client count; then the bare model
     again, each of its figures the mean of its two runs (hepato.bench.bare.bracketed)."""
     o, stack = bench.opts, bench.stack
-    size, threads = o.realtime_size, threads_for(1)
+    # With model_cpus, the bare model and the workers' model threads on those cores, the
+    # rest of the stack on the others (hepato.bench.cpu ``pin_all_but_workers``).
+    split = cpus.split(o.model_cpus)
+    workers, size = o.realtime_workers, o.realtime_size
+    threads = len(split.model) if split else threads_for(1)
+    worker_threads = max(1, len(split.model) // workers) if split else threads_for(workers)
     name = variant_name(o.model, size)
 
     def bare_model() -> dict[str, Any]:
@@ -125,15 +132,19 @@ def run(bench: Bench) -> dict[str, Any]:
             seconds=o.bare_seconds,
             samples=o.samples,
             timeout_s=o.timeout_s,
+            cores=split.model if split else None,
         )
         for key, row in found.items():
             _progress_bare(key, row)
         return found
 
     before = bare_model()
-    workers = o.realtime_workers
-    env = {"HEPATO_CPU_THREADS": str(threads_for(workers))}
+    env = {"HEPATO_CPU_THREADS": str(worker_threads), "HEPATO_MODEL_CPUS": o.model_cpus}
+    if split:  # decoding is the rest's work
+        env["HEPATO_DECODE_PROCESSES"] = str(max(1, len(split.rest) // workers))
     bench.start_workers(SCENARIO, workers, name, env)
+    if split:
+        cpu.pin_all_but_workers(stack.local, split.rest)
 
     def clients(c: int, stages: list[dict[str, float]], requests: int | None) -> Measured:
         seconds = None if requests is not None else o.sweep_seconds
@@ -163,6 +174,8 @@ def run(bench: Bench) -> dict[str, Any]:
             row["stages_requests"] = len(stages)
         detect.append(row)
         report.progress(SCENARIO, what, row, (before.get(f"batch {c}") or {}).get("images_per_s"))
+    if split:
+        cpu.pin_all_but_workers(stack.local, split.model | split.rest)
     after = bare_model()
     bare = {key: bracketed(row, after[key]) for key, row in before.items() if key in after}
     for key, row in bare.items():
@@ -172,8 +185,10 @@ def run(bench: Bench) -> dict[str, Any]:
         "model": name,
         "input_size": size,
         "workers": workers,
-        "cpu_threads": threads_for(workers),
+        "cpu_threads": worker_threads,
         "bare_cpu_threads": threads,
+        "model_cpus": cpus.format_list(split.model) if split else None,
+        "stack_cpus": cpus.format_list(split.rest) if split else None,
         "max_batch_size": manifest.max_batch_size,
         "max_wait_ms": manifest.max_wait_ms,
         "requests_at_one_client": o.realtime_requests,

@@ -64,6 +64,9 @@ class BenchOptions:
     # Workers serving the detects, each on cores // workers threads; the bare model has
     # the machine's cores (what one process gets from it).
     realtime_workers: int = 1
+    # Cores of the model's own (a Linux CPU list): the workers' model threads and the bare
+    # model there, every other part of the stack on the rest; empty: all share every core.
+    model_cpus: str = ""
 
 
 def scenario_names(only: list[str] | None) -> tuple[str, ...]:

@@ -138,9 +138,11 @@ def _ms(value: float | None, digits: int = 1) -> str:
 
 def table(found: Mapping[str, Any], console: Console) -> None:
     st, bare, r = found["settings"], found["bare"], found["ratios"]
+    workers = st.get("workers", 1)
+    pinned = f", model on cores {st['model_cpus']}" if st.get("model_cpus") else ""
     t = Table(
-        title=f"real-time path: POST /v1/detect, {st['model']}, 1 worker, "
-        f"{st['cpu_threads']} thread(s), against the bare model",
+        title=f"real-time path: POST /v1/detect, {st['model']}, {workers} worker(s), "
+        f"{st['cpu_threads']} thread(s){pinned}, against the bare model",
         caption="latency in ms; p50/p99 - bare: above the bare model's batch-1 p50; "
         "CPU ms per image: the stack's (client left out), and its part outside the model",
     )

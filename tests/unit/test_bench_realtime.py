@@ -205,9 +205,10 @@ def test_realtime_workers_reach_the_options(monkeypatch: pytest.MonkeyPatch) -> 
         return {"targets": [], "files": []}
 
     monkeypatch.setattr(e2e, "run_bench", fake_run)
-    args = ["e2e", "--only", "realtime", "--realtime-workers", "2"]
+    args = ["e2e", "--only", "realtime", "--realtime-workers", "2", "--model-cpus", "1"]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     assert seen[0].realtime_workers == 2 and BenchOptions().realtime_workers == 1
+    assert seen[0].model_cpus == "1" and BenchOptions().model_cpus == ""
     refused = CliRunner().invoke(cli.app, ["e2e", "--realtime-workers", "0"])
     assert refused.exit_code != 0

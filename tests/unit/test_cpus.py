@@ -1,0 +1,81 @@
+"""Cores of its own for the model (settings.model_cpus): the CPU list read as Linux
+writes it, refused with its problem named, and a worker whose model threads (its
+runtime's pool and its model-call threads) run there while the rest runs elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from hepato.common import cpus
+from hepato.common.settings import Settings
+from tests.conftest import REPO
+
+
+def test_a_cpu_list_reads_as_linux_writes_it() -> None:
+    assert cpus.parse("1") == {1}
+    assert cpus.parse("0,2") == {0, 2}
+    assert cpus.parse("4-7, 12") == {4, 5, 6, 7, 12}
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [("a", "not a CPU list"), ("1-", "not a CPU list"), ("3-1", "counts down"), ("-1", "not")],
+)
+def test_a_bad_cpu_list_is_refused_naming_the_problem(text: str, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        cpus.parse(text)
+    with pytest.raises(ValidationError, match="model_cpus"):
+        Settings(model_cpus=text)
+
+
+def test_no_list_pins_nothing_and_cores_out_of_reach_are_refused() -> None:
+    assert cpus.split("") is None and cpus.split("  ") is None
+    allowed = os.sched_getaffinity(0)
+    with pytest.raises(ValueError, match="may not use"):
+        cpus.split(str(max(allowed) + 1))
+    # The model on every core: nothing to keep apart, the rest shares them.
+    every = cpus.split(cpus.format_list(allowed))
+    assert every is not None and every.model == every.rest == allowed
+
+
+# In a process of its own: pinning is per thread, and would pin the test runner's.
+PROBE = """
+import json, os
+from hepato.common.settings import Settings
+from hepato.worker import inference
+
+def cores():
+    return {t: sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+
+before = cores()
+settings = Settings(model_cpus="MODEL", cpu_threads=2)
+models = inference.load_pinned(settings, ["hepato-yolov8n"])
+pools = {t: c for t, c in cores().items() if t not in before}
+call = inference.with_timeout(lambda: sorted(os.sched_getaffinity(0)), 30)
+print(json.dumps({"pools": pools, "call": call, "main": sorted(os.sched_getaffinity(0))}))
+"""
+
+
+def test_a_workers_model_threads_run_on_their_cores_and_the_rest_elsewhere() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert len(allowed) >= 2, "needs two cores to keep apart"
+    model, rest = allowed[-1], allowed[:-1]
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.replace("MODEL", str(model))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    # ONNX Runtime's intra-op pool started while loading, on the model's core.
+    assert found["pools"] and all(c == [model] for c in found["pools"].values())
+    assert found["call"] == [model]  # the thread the model is called on
+    assert found["main"] == rest  # and what the worker starts after: intake, decoders
