@@ -25,7 +25,8 @@ TO_WRITE = "to_write"  # inferred, waiting for the write stage to be free
 POSTPROCESS = "postprocess"
 # A head start (worker.head_start): the part of the model call that ran before the job's
 # microbatch reached the model stage, while the job was stored, committed, queued and
-# claimed. It is in ``inference`` too, so it is not added again: the steps overlapped.
+# claimed; the rest of the call is the microbatch's ``to_model`` wait for it. So with a
+# head start ``inference`` overlaps other steps in full, and neither is added (``total``).
 HEAD_START = "head_start"
 # From the job's own columns.
 # Accepted → claimed (queue_wait_ms, the database's clock): from the start of the
@@ -76,6 +77,12 @@ def breakdown(
         span = (finished_at - inferred_at).total_seconds() * 1000.0
         found[WRITE] = max(0.0, span - found.get(TO_WRITE, 0.0) - found.get(POSTPROCESS, 0.0))
     if latency_ms is not None:
-        spent = sum(found.get(k, 0.0) for k in ORDER if k not in (OTHER, HEAD_START))
-        found[OTHER] = max(0.0, latency_ms - spent + found.get(HEAD_START, 0.0))
+        found[OTHER] = max(0.0, latency_ms - total({k: v for k, v in found.items() if k != OTHER}))
     return {k: round(found[k], 1) for k in ORDER if k in found}
+
+
+def total(steps: Mapping[str, float]) -> float:
+    """The time ``steps`` account for, ms: their sum less what overlapped. A head start's
+    model call ran during queue, claim and to_model, so neither it nor inference is added."""
+    overlapped = {HEAD_START, INFERENCE} if HEAD_START in steps else set()
+    return sum(v for k, v in steps.items() if k not in overlapped)

@@ -57,8 +57,11 @@ def test_clocks_apart_never_give_a_negative_step() -> None:
 
 
 def test_a_head_start_is_shown_but_not_counted_twice() -> None:
-    """The model ran while the job was queued and claimed: that overlap is in inference,
-    so other is the latency less the steps plus the overlap."""
+    """The model ran while the job was queued and claimed (head_start), and the claimed
+    job then waited for the rest of that call (to_model): the whole of inference
+    overlapped other steps, so other is the latency less every step but those two. (It
+    was the latency less the steps plus head_start, which counted to_model twice: the
+    bench's stages summed above the client's latency.)"""
     got = stages.breakdown(
         {"claim": 2.0, "head_start": 6.0, "to_model": 4.0},
         queue_ms=8.0,
@@ -68,4 +71,7 @@ def test_a_head_start_is_shown_but_not_counted_twice() -> None:
         latency_ms=21.0,
     )
     assert list(got) == ["queue", "claim", "head_start", "to_model", "inference", "other"]
-    assert got["other"] == 21.0 - (8.0 + 2.0 + 4.0 + 10.0) + 6.0
+    assert got["other"] == 21.0 - (8.0 + 2.0 + 4.0)
+    assert stages.total(got) == 21.0
+    # Without a head start every step adds up.
+    assert stages.total({"queue": 8.0, "to_model": 4.0, "inference": 10.0}) == 22.0
