@@ -146,7 +146,9 @@ class HeadStarts:
         head = batch.head
         if head is None or not (head.results or head.raws is not None or head.transient):
             return False
-        batch.raws, batch.infer_ms, batch.inferred_at = head.raws, head.infer_ms, head.inferred_at
+        # Inferred when this batch took the results: a call that returned before the
+        # claim was done would otherwise put the claim in the write's time too.
+        batch.raws, batch.infer_ms, batch.inferred_at = head.raws, head.infer_ms, datetime.now(UTC)
         batch.results, batch.transient = list(head.results), dict(head.transient)
         # What of the call ran before this batch came: all of it but the batch's wait for it.
         ran = head.results[0].inference_ms if head.results else head.infer_ms
