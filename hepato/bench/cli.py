@@ -272,7 +272,13 @@ def e2e(
         ) from None
     from hepato.bench.e2e import run_bench
     from hepato.bench.report import print_targets
+    from hepato.common import cpus
     from hepato.common.exceptions import BenchFailed
+
+    try:  # before the stack starts, not at the realtime scenario
+        cpus.split(model_cpus)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model-cpus") from None
 
     if wait not in ("sse", "poll"):
         raise typer.BadParameter("--wait takes sse or poll")

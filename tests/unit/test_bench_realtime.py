@@ -212,3 +212,7 @@ def test_realtime_workers_reach_the_options(monkeypatch: pytest.MonkeyPatch) -> 
     assert seen[0].model_cpus == "1" and BenchOptions().model_cpus == ""
     refused = CliRunner().invoke(cli.app, ["e2e", "--realtime-workers", "0"])
     assert refused.exit_code != 0
+    for bad, named in (("1-", "not a CPU list"), ("4096", "may not use")):
+        refused = CliRunner().invoke(cli.app, ["e2e", "--model-cpus", bad])
+        assert refused.exit_code != 0 and named in refused.output, refused.output
+    assert len(seen) == 1, "refused before the bench ran"
