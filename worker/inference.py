@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -22,7 +22,7 @@ from hepato.common.exceptions import ModelUnavailable
 from hepato.common.jobs import ClaimedJob, JobResult
 from hepato.common.results import TaskResult
 from hepato.common.settings import Settings
-from hepato.worker.backends.base import AsksQuestions, Model, load_models
+from hepato.worker.backends.base import AsksQuestions, Model
 from hepato.worker.backends.calls import Phased, Prepared
 
 log = logging.getLogger(__name__)
@@ -127,16 +127,16 @@ def run_on(cores: frozenset[int] | None) -> None:
     _MODEL_CORES = cores
 
 
-def load_pinned(settings: Settings, names: Sequence[str] = ()) -> dict[str, Model]:
-    """The models (backends.base ``load_models``), their runtimes' thread pools started on
+def load_pinned(settings: Settings, load: Callable[[], dict[str, Model]]) -> dict[str, Model]:
+    """The models ``load`` returns, their runtimes' thread pools started on
     ``settings.model_cpus`` and every model call from now on run there; the calling thread,
     and what it starts after, on the rest of the cores (common.cpus)."""
     split = cpus.split(settings.model_cpus)
     if split is None:
-        return load_models(settings, names)
+        return load()
     cpus.pin(split.model)
     try:
-        models = load_models(settings, names)
+        models = load()
     finally:
         cpus.pin(split.rest)
     run_on(split.model)

@@ -40,7 +40,7 @@ from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
 from hepato.worker import inference
 from hepato.worker.accounting import count_outcome, timed
-from hepato.worker.backends.base import Model
+from hepato.worker.backends.base import Model, load_models
 from hepato.worker.decode import Decode, IsolatedDecoder, decode_rgb
 from hepato.worker.head_start import HeadStarts
 from hepato.worker.microbatch import Batcher, Hint, MicroBatch, model_queue
@@ -391,9 +391,9 @@ class Worker:
 
 
 def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:
-    """The process's one worker (``hepato worker``), with its models loaded and its heap
-    settled (common.heap) before its decoders fork."""
-    worker = Worker(settings, inference.load_pinned(settings, models), burst=burst)
+    """``hepato worker``: models loaded, heap settled (common.heap) before decoders fork."""
+    loaded = inference.load_pinned(settings, lambda: load_models(settings, models))
+    worker = Worker(settings, loaded, burst=burst)
     metrics.serve_worker_metrics(settings.worker_metrics_port, settings.worker_metrics_host)
     heap.settle()
     worker.run()

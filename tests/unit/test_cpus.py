@@ -49,13 +49,14 @@ PROBE = """
 import json, os
 from hepato.common.settings import Settings
 from hepato.worker import inference
+from hepato.worker.backends.base import load_models
 
 def cores():
     return {t: sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
 
 before = cores()
 settings = Settings(model_cpus="MODEL", cpu_threads=2)
-models = inference.load_pinned(settings, ["hepato-yolov8n"])
+models = inference.load_pinned(settings, lambda: load_models(settings, ["hepato-yolov8n"]))
 pools = {t: c for t, c in cores().items() if t not in before}
 call = inference.with_timeout(lambda: sorted(os.sched_getaffinity(0)), 30)
 print(json.dumps({"pools": pools, "call": call, "main": sorted(os.sched_getaffinity(0))}))
