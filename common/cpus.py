@@ -6,11 +6,9 @@ thread inherits its cores, which is how ONNX Runtime's and PyTorch's pools get t
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 
 def parse(text: str) -> frozenset[int]:
@@ -52,19 +50,6 @@ def split(text: str) -> Split | None:
 def pin(cores: Iterable[int]) -> None:
     """The calling thread, and what it starts from now on, on ``cores``."""
     os.sched_setaffinity(0, set(cores))
-
-
-def pin_process(pid: int, cores: Iterable[int]) -> None:
-    """Every thread of process ``pid`` on ``cores`` (``sched_setaffinity`` of a pid sets
-    its main thread only); a thread or process gone meanwhile is skipped."""
-    wanted = set(cores)
-    try:
-        tids = [int(t) for t in os.listdir(Path("/proc") / str(pid) / "task")]
-    except FileNotFoundError:
-        return
-    for tid in tids:
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(tid, wanted)
 
 
 def format_list(cores: Iterable[int]) -> str:

@@ -117,20 +117,16 @@ class _Caller:
 # Model-call threads whose last call ended in time (a hung one is never put back).
 _IDLE: list[_Caller] = []
 _IDLE_LOCK = threading.Lock()
-# The cores model-call threads start on (settings.model_cpus); None: the starter's.
+# The cores model-call threads start on (settings.model_cpus: ``load_pinned``); None:
+# their starter's.
 _MODEL_CORES: frozenset[int] | None = None
-
-
-def run_on(cores: frozenset[int] | None) -> None:
-    """Start every model-call thread from now on on ``cores`` (common.cpus)."""
-    global _MODEL_CORES
-    _MODEL_CORES = cores
 
 
 def load_pinned(settings: Settings, load: Callable[[], dict[str, Model]]) -> dict[str, Model]:
     """The models ``load`` returns, their runtimes' thread pools started on
     ``settings.model_cpus`` and every model call from now on run there; the calling thread,
     and what it starts after, on the rest of the cores (common.cpus)."""
+    global _MODEL_CORES
     split = cpus.split(settings.model_cpus)
     if split is None:
         return load()
@@ -139,7 +135,7 @@ def load_pinned(settings: Settings, load: Callable[[], dict[str, Model]]) -> dic
         models = load()
     finally:
         cpus.pin(split.rest)
-    run_on(split.model)
+    _MODEL_CORES = split.model
     log.info(
         "model threads on cores %s, the rest of the worker on %s",
         cpus.format_list(split.model),

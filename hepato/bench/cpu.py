@@ -5,12 +5,12 @@ shares the same few cores, this is the profile that says which part a ratio pays
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
 
-from hepato.common import cpus
 from hepato.devstack.localstack import LocalStack
 
 # Parts of the stack by process name, in the order the report lists them.
@@ -66,7 +66,16 @@ def pin_all_but_workers(stack: LocalStack, cores: Iterable[int]) -> None:
     for part, procs in _processes(stack).items():
         if part != "workers":
             for proc in procs:
-                cpus.pin_process(proc.pid, cores)
+                _pin_threads(proc, cores)
+
+
+def _pin_threads(proc: psutil.Process, cores: Iterable[int]) -> None:
+    # sched_setaffinity of a pid sets its main thread only: each thread by its id. One gone
+    # meanwhile is skipped.
+    with contextlib.suppress(psutil.Error):
+        for thread in proc.threads():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(thread.id, set(cores))
 
 
 def _processes(stack: LocalStack) -> dict[str, list[psutil.Process]]:
