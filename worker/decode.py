@@ -1,7 +1,9 @@
 """Image decoding for the models, isolated from the worker.
 
 OpenCV decodes (the decoder ultralytics itself uses for files, so the PyTorch YOLO backend
-sees exactly the pixels it would from a path); models get RGB. A hostile or broken file
+sees exactly the pixels it would from a path); models get RGB. The commonest upload, an
+8-bit RGB or RGBA PNG, goes to imagecodecs' libpng instead: lossless, so the same pixels
+(tests/unit/test_decode.py), for a quarter less CPU than OpenCV's PNG path. A hostile or broken file
 can crash or hang a C decoder, so decoding runs in child processes with a time bound: the
 worker survives either, and the job is retried, then failed.
 
@@ -30,6 +32,7 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import cv2
+import imagecodecs
 import numpy as np
 
 from hepato.common.exceptions import InvalidImage
@@ -45,6 +48,9 @@ class DecoderFault(Exception):
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
+    fast = _png_rgb8(data)
+    if fast is not None:
+        return fast
     # Decoded straight to RGB: the pixels IMREAD_COLOR then cvtColor gave, for less CPU
     # (cvtColor's copy ran on OpenCV's thread pool: twice a JPEG's decoding CPU).
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -52,6 +58,30 @@ def decode_rgb(data: bytes) -> np.ndarray:
     if image is None or image.size == 0:
         raise InvalidImage("the image could not be decoded (corrupt or truncated file)")
     return image
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# IHDR's bit depth and colour type, at these offsets of any PNG that starts right.
+_PNG_DEPTH, _PNG_COLOUR = 24, 25
+_RGB, _RGBA = 2, 6
+
+
+def _png_rgb8(data: bytes) -> np.ndarray | None:
+    """An 8-bit RGB or RGBA PNG's pixels (alpha dropped, as IMREAD_COLOR does, with no
+    compositing), or None for OpenCV to decode: every other PNG (grey, palette, 16-bit,
+    whose conversions are OpenCV's own) and one libpng refuses, so that a broken file
+    gets OpenCV's answer as before."""
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    if data[_PNG_DEPTH] != 8 or data[_PNG_COLOUR] not in (_RGB, _RGBA):
+        return None
+    try:
+        image = imagecodecs.png_decode(data)
+    except imagecodecs.PngError:
+        return None
+    if image.ndim != 3 or image.dtype != np.uint8 or image.shape[2] not in (3, 4):
+        return None  # not what the header promised: OpenCV decides
+    return np.ascontiguousarray(image[..., :3])
 
 
 Outcome = np.ndarray | InvalidImage | DecoderFault

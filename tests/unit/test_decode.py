@@ -5,12 +5,16 @@ the others of the microbatch decoded, and the decoder keeps working after them."
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from hepato.common.exceptions import InvalidImage
 from hepato.worker import decode
@@ -139,11 +143,34 @@ def test_closing_stops_the_processes_and_frees_the_arenas(decoder: IsolatedDecod
             SharedMemory(name=name)
 
 
+def _chunk_after_ihdr(png: bytes, kind: bytes, payload: bytes) -> bytes:
+    """``png`` with one more chunk right after its IHDR (8 + 25 bytes in)."""
+    chunk = struct.pack(">I", len(payload)) + kind + payload
+    return png[:33] + chunk + struct.pack(">I", zlib.crc32(kind + payload)) + png[33:]
+
+
+def _pillow_png(pixels: np.ndarray, mode: str, **options: Any) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels, mode).save(out, "PNG", **options)
+    return out.getvalue()
+
+
 def _kinds() -> dict[str, bytes]:
     rng = np.random.default_rng(5)
     rgb = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    rgba = rng.integers(0, 255, (40, 56, 4), dtype=np.uint8)
+    png = cv2.imencode(".png", rgb)[1].tobytes()
     return {
-        "png": cv2.imencode(".png", rgb)[1].tobytes(),
+        "png": png,
+        # 8-bit RGB(A) PNGs go to imagecodecs (decode._png_rgb8); whatever their chunks
+        # say of gamma, colour profile or transparency, OpenCV ignores it and so must it.
+        "png with varying alpha": _pillow_png(rgba, "RGBA"),
+        "png with gAMA": _chunk_after_ihdr(png, b"gAMA", struct.pack(">I", 100000)),
+        "png with sRGB": _chunk_after_ihdr(png, b"sRGB", b"\x00"),
+        "png with sBIT": _chunk_after_ihdr(png, b"sBIT", b"\x05\x06\x05"),
+        "png with tRNS": _pillow_png(rgb, "RGB", transparency=(1, 2, 3)),
+        "png with an ICC profile": _pillow_png(rgb, "RGB", icc_profile=b"\x00" * 200),
+        "palette png": _pillow_png(np.asarray(Image.fromarray(rgb).quantize(16)), "P"),
         "grey png": cv2.imencode(".png", rgb[..., 0])[1].tobytes(),
         "png with alpha": cv2.imencode(".png", np.dstack([rgb, rgb[..., :1]]))[1].tobytes(),
         "16-bit png": cv2.imencode(".png", rgb.astype(np.uint16) * 257)[1].tobytes(),
@@ -161,3 +188,21 @@ def test_pixels_are_opencvs_colour_decoding_in_rgb_order(kind: str) -> None:
     got = decode_rgb(data)
     assert got.dtype == np.uint8 and got.flags.c_contiguous
     np.testing.assert_array_equal(got, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+def test_an_8_bit_rgb_png_is_decoded_without_opencv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commonest upload takes the cheaper decoder; OpenCV is not called for it."""
+
+    def no_opencv(*_: object) -> None:
+        raise AssertionError("OpenCV decoded an 8-bit RGB PNG")
+
+    monkeypatch.setattr(decode.cv2, "imdecode", no_opencv)
+    for kind in ("png", "png with varying alpha"):
+        assert decode_rgb(_kinds()[kind]).shape == (40, 56, 3)
+
+
+@pytest.mark.parametrize("cut", [40, 200, -20])
+def test_a_truncated_png_is_refused_as_before(cut: int) -> None:
+    """A broken 8-bit RGB PNG gets OpenCV's answer: the same InvalidImage as before."""
+    with pytest.raises(InvalidImage, match="corrupt or truncated"):
+        decode_rgb(_kinds()["png"][:cut])
