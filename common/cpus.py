@@ -2,13 +2,43 @@
 model's threads on some cores and everything else (intake, decoder processes, writes) on
 the others, so that the stack's hops never preempt the model's threads, which wait for
 each other at every layer. Linux thread affinity: a thread or process started by a pinned
-thread inherits its cores, which is how ONNX Runtime's and PyTorch's pools get theirs."""
+thread inherits its cores, which is how ONNX Runtime's and PyTorch's pools get theirs.
+
+The cores a process may use are its affinity, not ``os.cpu_count()``: in a container
+given a cpuset (Kubernetes' static CPU manager, ``docker run --cpuset-cpus``) the machine
+has many more cores than the process may run on (``usable``)."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+# "last:N": the last N cores the process may use when it starts (a container's cpuset is
+# only known then), for a deployment that cannot write the cores down in advance.
+_LAST = re.compile(r"last:(\d+)")
+
+
+def allowed() -> frozenset[int]:
+    """The cores the calling thread may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def usable() -> int:
+    """How many cores the calling thread may run on (threads to start for a pool)."""
+    return len(allowed())
+
+
+def check(text: str) -> None:
+    """Raise ValueError naming the problem unless ``text`` is a CPU list or "last:N"."""
+    last = _LAST.fullmatch(text.strip())
+    if last is None:
+        parse(text)
+    elif int(last[1]) < 1:
+        raise ValueError(f"{text!r}: last:N takes at least one core")
 
 
 def parse(text: str) -> frozenset[int]:
@@ -32,19 +62,31 @@ class Split:
 
 
 def split(text: str) -> Split | None:
-    """The model's cores from ``text`` and the rest of this process's allowed cores; None
-    when ``text`` is empty (no pinning). The rest is every allowed core when the model
-    takes them all (nothing left to keep apart)."""
+    """The model's cores from ``text`` (a CPU list, or "last:N" of the allowed cores) and
+    the rest of this thread's allowed cores; None when ``text`` is empty (no pinning). The
+    rest is every allowed core when the model takes them all (nothing left to keep apart)."""
     if not text.strip():
         return None
-    model, allowed = parse(text), frozenset(os.sched_getaffinity(0))
-    missing = sorted(model - allowed)
+    check(text)
+    mine = allowed()
+    last = _LAST.fullmatch(text.strip())
+    if last is not None:
+        count = int(last[1])
+        if count > len(mine):
+            raise ValueError(
+                f"model_cpus {text!r} asks for {count} cores; this process may use "
+                f"{len(mine)} ({format_list(mine)})"
+            )
+        model = frozenset(sorted(mine)[-count:])
+    else:
+        model = parse(text)
+    missing = sorted(model - mine)
     if missing:
         raise ValueError(
             f"model_cpus {text!r} names cores {missing} this process may not use "
-            f"(allowed: {format_list(allowed)})"
+            f"(allowed: {format_list(mine)})"
         )
-    return Split(model, allowed - model or allowed)
+    return Split(model, mine - model or mine)
 
 
 def pin(cores: Iterable[int]) -> None:

@@ -198,11 +198,17 @@ class Settings(BaseSettings):
         description="Models a worker serves (JSON list); empty = the default model.",
     )
     device: str = Field("", description="'cuda', 'cuda:1' or 'cpu'; empty = CUDA when present.")
-    cpu_threads: int = Field(0, ge=0, description="CPU threads per model runtime; 0 = all.")
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads per model runtime; 0 = one per core the model may use (the "
+        "worker's CPU affinity, or model_cpus).",
+    )
     model_cpus: str = Field(
         "",
-        description="Cores for a worker's model threads (Linux CPU list, e.g. '2-7'); its "
-        "other threads and processes run on the rest. Empty: no pinning.",
+        description="Cores for a worker's model threads (Linux CPU list, e.g. '2-7', or "
+        "'last:N', the last N of the cores the worker may use at start); its other threads "
+        "and processes run on the rest. Empty: no pinning.",
     )
 
     # --- worker ---------------------------------------------------------------
@@ -332,7 +338,7 @@ class Settings(BaseSettings):
     @classmethod
     def _cpu_list(cls, value: str) -> str:
         if value.strip():
-            cpus.parse(value)  # its ValueError names what is wrong
+            cpus.check(value)  # its ValueError names what is wrong
         return value
 
     @property

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from hepato.common import cpus
 from hepato.common.constants import worker_key
 from hepato.common.exceptions import BenchFailed
 from hepato.common.migrate import run_migrations
@@ -98,7 +99,7 @@ class BenchStack:
                 # Several workers on one host: no fixed metrics port to collide on, and
                 # decoder processes that share the cores rather than each taking all.
                 "HEPATO_WORKER_METRICS_PORT": "0",
-                "HEPATO_DECODE_PROCESSES": str(max(1, (os.cpu_count() or 1) // count)),
+                "HEPATO_DECODE_PROCESSES": str(max(1, cpus.usable() // count)),
                 **overrides,
                 "HEPATO_WORKER_MODELS": json.dumps(list(models)),
                 "HEPATO_WORKER_ID": worker_id,

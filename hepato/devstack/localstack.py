@@ -22,6 +22,8 @@ from typing import Any
 
 import redis
 
+from hepato.common import cpus
+
 log = logging.getLogger(__name__)
 
 
@@ -78,7 +80,7 @@ def weed_env(cores: int | None = None) -> dict[str, str]:
     least one) unless GOMAXPROCS is set: a 180 KB PUT on 2 cores cost SeaweedFS 2.8 ms
     of CPU and took 2.9 ms; with one, 1.9 and 2.3 ms."""
     env = dict(os.environ)
-    env.setdefault("GOMAXPROCS", str(max(1, (cores or os.cpu_count() or 2) // 2)))
+    env.setdefault("GOMAXPROCS", str(max(1, (cores or cpus.usable()) // 2)))
     return env
 
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hepato.common import cpus
 from hepato.common.constants import WORKER_KEY_PATTERN
 from hepato.common.images import MIME_TYPES, sniff_format
 from hepato.common.migrate import run_migrations
@@ -57,7 +58,7 @@ def run_stack(
         # A local demo stack: no API keys, every request is the tenant "public".
         env = {**os.environ, **stack.env(), "HEPATO_PORT": str(port), "HEPATO_AUTH": "open"}
         # Workers on one CPU share its cores rather than each taking all of them.
-        share = str(max(1, (os.cpu_count() or 1) // workers))
+        share = str(max(1, cpus.usable() // workers))
         env.setdefault("HEPATO_CPU_THREADS", share)
         env.setdefault("HEPATO_DECODE_PROCESSES", share)
         run_migrations(stack.database_url)

@@ -80,3 +80,43 @@ def test_a_workers_model_threads_run_on_their_cores_and_the_rest_elsewhere() -> 
     assert found["pools"] and all(c == [model] for c in found["pools"].values())
     assert found["call"] == [model]  # the thread the model is called on
     assert found["main"] == rest  # and what the worker starts after: intake, decoders
+
+
+def test_last_n_takes_the_last_cores_the_process_may_use() -> None:
+    """For a container whose cores are only known at start (Kubernetes' static CPU
+    manager gives a pod its exclusive cores when it runs)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    last = cpus.split("last:1")
+    assert last is not None and last.model == {allowed[-1]}
+    assert last.rest == (set(allowed[:-1]) or set(allowed))
+    assert Settings(model_cpus="last:1").model_cpus == "last:1"
+    with pytest.raises(ValueError, match="at least one core"):
+        cpus.split("last:0")
+    with pytest.raises(ValueError, match=f"asks for {len(allowed) + 1} cores"):
+        cpus.split(f"last:{len(allowed) + 1}")
+    with pytest.raises(ValidationError, match="model_cpus"):
+        Settings(model_cpus="last:0")
+
+
+# A process on one core (a container's cpuset, or model_cpus while the model loads).
+ONE_CORE = """
+import os
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from hepato.worker.backends.base import Runtime
+print(Runtime().cpu_threads, Runtime(threads=3).cpu_threads)
+"""
+
+
+def test_a_runtimes_default_threads_are_the_cores_it_may_use_not_the_machines() -> None:
+    """0 threads meant os.cpu_count(): in a cpuset of one core on a larger machine, a pool
+    of a thread per core of the machine, all taking turns on that one."""
+    assert len(os.sched_getaffinity(0)) >= 2, "needs a machine larger than the cpuset"
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_CORE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split() == ["1", "3"]

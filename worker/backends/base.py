@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from hepato.common import cpus
 from hepato.common.exceptions import BackendError, ModelWeightsNotFound, UnknownModel
 from hepato.common.manifest import ModelManifest, load_registry
 from hepato.common.results import TaskResult
@@ -28,12 +28,15 @@ class Runtime:
     """Where and how models run in this worker process."""
 
     device: str = ""  # torch device ('cuda', 'cuda:1', 'cpu'); empty = CUDA when present
-    threads: int = 0  # CPU threads per runtime; 0 = all cores
+    threads: int = 0  # CPU threads per runtime; 0 = one per core the loading thread may use
     config_dir: Path = field(default_factory=lambda: Path(".data") / "ultralytics")
 
     @property
     def cpu_threads(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        # Read while the model loads: in a container with a cpuset, the machine's count
+        # would start a pool many times the cores it runs on; with model_cpus, the
+        # loading thread is on the model's cores (worker.inference.load_pinned).
+        return self.threads or cpus.usable()
 
 
 class Model(Protocol):
