@@ -27,12 +27,32 @@ from sqlalchemy.orm import Session, sessionmaker
 IDLE_PING_S = 1.0
 
 
+# Postgres keeps at most this many characters of a connection's application_name, and
+# only printable ASCII (others it shows escaped).
+APPLICATION_NAME_CHARS = 63
+# This process's name in pg_stat_activity (``name_connections``); None: libpq's default.
+_application_name: str | None = None
+
+
+def name_connections(name: str) -> None:
+    """Name the connections of the engines this process makes from now on, in
+    ``pg_stat_activity`` (``application_name``): which process holds a lock, a long
+    transaction or a running statement is one query away. Passed to each connection
+    rather than through libpq's PGAPPNAME, which a process's children would inherit."""
+    global _application_name
+    _application_name = name.encode("ascii", "replace").decode()[:APPLICATION_NAME_CHARS]
+
+
 @lru_cache
 def get_engine(url: str, *, synchronous_commit: bool = True) -> Engine:
     """The process's engine for ``url``. ``synchronous_commit=False``: its commits return
     before their WAL is on disk (Postgres's ``synchronous_commit = off``), for writes
     that a Postgres crash may undo without harm (the worker's claim: worker.runner)."""
-    connect_args = {} if synchronous_commit else {"options": "-c synchronous_commit=off"}
+    connect_args: dict[str, str] = {}
+    if not synchronous_commit:
+        connect_args["options"] = "-c synchronous_commit=off"
+    if _application_name is not None:
+        connect_args["application_name"] = _application_name
     engine = create_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args)
     _ping_when_idle(engine, IDLE_PING_S)
     return engine

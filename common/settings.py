@@ -3,6 +3,8 @@ environment (or a ``.env`` file). Units are part of the field names or stated.""
 
 from __future__ import annotations
 
+import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -340,6 +342,11 @@ class Settings(BaseSettings):
         if value.strip():
             cpus.check(value)  # its ValueError names what is wrong
         return value
+
+    @property
+    def worker_name(self) -> str:
+        """A worker's name in its job rows and its connections: worker_id, else host:pid."""
+        return self.worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def ultralytics_dir(self) -> Path:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -34,7 +32,7 @@ import redis
 from sqlalchemy.exc import OperationalError
 
 from hepato.common import heap, jobs, metrics, stages, wake_publish
-from hepato.common.db import get_engine
+from hepato.common.db import get_engine, name_connections
 from hepato.common.job_counts import count_unfinished
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
@@ -65,7 +63,7 @@ class Worker:
         self.settings = settings
         self.models = dict(models)
         self.burst = burst
-        self.id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.id = settings.worker_name
         self.engine = get_engine(settings.database_url)
         # The usual claim commits without waiting for the disk (1 ms on a lone request's
         # path): one a Postgres crash undoes leaves its jobs pending, their results are
@@ -392,6 +390,7 @@ class Worker:
 
 def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:
     """``hepato worker``: models loaded, heap settled (common.heap) before decoders fork."""
+    name_connections(f"hepato-worker {settings.worker_name}")
     loaded = inference.load_pinned(settings, lambda: load_models(settings, models))
     worker = Worker(settings, loaded, burst=burst)
     metrics.serve_worker_metrics(settings.worker_metrics_port, settings.worker_metrics_host)

@@ -42,10 +42,12 @@ def gateway(
     import uvicorn
 
     from hepato.common import heap
+    from hepato.common.db import name_connections
     from hepato.gateway.app import create_app
 
     settings = get_settings()
     _logging()
+    name_connections("hepato-gateway")
     app = create_app(settings)
     heap.settle()  # everything is loaded: later collections skip it
     uvicorn.run(

@@ -7,7 +7,6 @@ and every result equal to what the model gives the image on its own."""
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -22,7 +21,8 @@ from hepato.common import dispatch
 from hepato.common.settings import Settings
 from hepato.worker.backends.base import Model
 from hepato.worker.decode import decode_rgb
-from tests.chaos.conftest import Completion, Spawned, record, verdict, wait_for
+from tests.chaos.conftest import Completion, record, verdict, wait_for
+from tests.chaos.frozen import connections, frozen_holding, held_by
 from tests.chaos.redis_watch import blocked_in_blpop, monitored
 from tests.conftest import SAMPLES
 from tests.e2e.conftest import images
@@ -74,24 +74,6 @@ def assert_fresh_results(settings: Settings, models: dict[str, Model], done: lis
             assert g["score"] == pytest.approx(w["score"], abs=1e-4), job.filename
 
 
-def held_by(settings: Settings, worker_ids: set[str]) -> list[Any]:
-    return [j for j in db_jobs(settings) if j.state == "processing" and j.worker_id in worker_ids]
-
-
-def frozen_holding(settings: Settings, workers: list[Spawned]) -> bool:
-    """Stop ``workers`` (SIGSTOP) and say whether they hold a claimed job; if not, let them
-    go on. Read while they run, a batch could commit between the read and the kill, and
-    the kill then hit no batch (seen once in CI's suite: nothing redelivered)."""
-    for w in workers:
-        w.proc.send_signal(signal.SIGSTOP)
-    time.sleep(0.05)  # a statement sent before the stop finishes in Postgres
-    if held_by(settings, {w.worker_id for w in workers}):
-        return True
-    for w in workers:
-        w.proc.send_signal(signal.SIGCONT)
-    return False
-
-
 # --- 1. many workers, half SIGKILLed and half SIGTERMed mid-stream ----------------------
 def test_half_the_workers_killed_half_terminated_mid_stream(
     client: TestClient,
@@ -105,6 +87,8 @@ def test_half_the_workers_killed_half_terminated_mid_stream(
     for w in first:
         w.wait_ready(settings.redis_url)
     doomed, polite = first[:2], first[2:]
+    # Each names its connections, which frozen_holding reads.
+    wait_for("the workers' named connections", lambda: connections(settings, first), 30)
 
     per_batch, batches = 50, 6
     total = per_batch * batches
