@@ -21,12 +21,13 @@ def held_by(settings: Settings, worker_ids: set[str]) -> list[Any]:
 def connections(settings: Settings, workers: list[Spawned], *, running: bool = False) -> int:
     """How many Postgres connections the workers have open under their names (each names
     its own: common.db.name_connections); ``running``: only those running a statement
-    that will end on its own, not one waiting for a lock, which a frozen peer may hold for
-    as long as it is frozen. Read in a transaction of its own: pg_stat_activity is a
-    snapshot per transaction."""
+    that will end on its own: not one waiting for a lock, which a frozen peer may hold for
+    as long as it is frozen, nor one waiting to read from or write to its frozen client
+    (it cannot commit before its client goes on). Read in a transaction of its own:
+    pg_stat_activity is a snapshot per transaction."""
     query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(:names)"
     if running:
-        query += " AND state = 'active' AND wait_event_type IS DISTINCT FROM 'Lock'"
+        query += " AND state = 'active' AND coalesce(wait_event_type, '') NOT IN ('Lock', 'Client')"
     names = [f"hepato-worker {w.worker_id}" for w in workers]
     with get_engine(settings.database_url).connect() as conn:
         return int(conn.execute(text(query), {"names": names}).scalar_one())
