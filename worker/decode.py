@@ -3,9 +3,9 @@
 OpenCV decodes (the decoder ultralytics itself uses for files, so the PyTorch YOLO backend
 sees exactly the pixels it would from a path); models get RGB. The commonest upload, an
 8-bit RGB or RGBA PNG, goes to imagecodecs' libpng instead: lossless, so the same pixels
-(tests/unit/test_decode.py), for a quarter less CPU than OpenCV's PNG path. A hostile or broken file
-can crash or hang a C decoder, so decoding runs in child processes with a time bound: the
-worker survives either, and the job is retried, then failed.
+(tests/unit/test_decode.py), for a quarter less CPU than OpenCV's PNG path. A hostile or
+broken file can crash or hang a C decoder, so decoding runs in child processes with a
+time bound: the worker survives either, and the job is retried, then failed.
 
 Each child has a pipe for small messages and a shared-memory arena: the worker writes the
 encoded bytes there and the child writes the decoded pixels back over them, so an image
