@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hepato.bench import realtime
+from hepato.common import cpus
 from hepato.common.settings import REPO_ROOT
 
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -99,6 +100,8 @@ def machine_info(device: str) -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        # What the run could use (its CPU affinity: a container's cpuset is often fewer).
+        "usable_cores": cpus.usable(),
         "memory_gib": _memory_gib(),
         "gpu": _gpu(device),
         "onnxruntime": _onnxruntime(),

@@ -57,6 +57,7 @@ def test_the_overhead_scenario_writes_its_report_and_plot(data_dir: Path) -> Non
     assert set(found["ratios"]["system_over_store"]) == {"1"}
     assert {t["target"] for t in report["targets"]} >= {"adding a worker never lowers throughput"}
     assert report["machine"]["cores"] == os.cpu_count()
+    assert report["machine"]["usable_cores"] == len(os.sched_getaffinity(0))
     assert report["options"]["only"] == ["overhead"]
     assert (out / "overhead.png").read_bytes()[:8] == PNG_MAGIC
     assert "pipeline overhead" in result.stdout
