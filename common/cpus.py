@@ -32,13 +32,25 @@ def usable() -> int:
     return len(allowed())
 
 
-def check(text: str) -> None:
-    """Raise ValueError naming the problem unless ``text`` is a CPU list or "last:N"."""
+def share(processes: int) -> int:
+    """Cores each of ``processes`` gets when they share the usable ones (at least one)."""
+    return max(1, usable() // processes)
+
+
+def _last(text: str) -> int | None:
+    """N of a "last:N" ``text`` (ValueError if N < 1); None for anything else."""
     last = _LAST.fullmatch(text.strip())
     if last is None:
-        parse(text)
-    elif int(last[1]) < 1:
+        return None
+    if int(last[1]) < 1:
         raise ValueError(f"{text!r}: last:N takes at least one core")
+    return int(last[1])
+
+
+def check(text: str) -> None:
+    """Raise ValueError naming the problem unless ``text`` is a CPU list or "last:N"."""
+    if _last(text) is None:
+        parse(text)
 
 
 def parse(text: str) -> frozenset[int]:
@@ -67,19 +79,16 @@ def split(text: str) -> Split | None:
     rest is every allowed core when the model takes them all (nothing left to keep apart)."""
     if not text.strip():
         return None
-    check(text)
-    mine = allowed()
-    last = _LAST.fullmatch(text.strip())
-    if last is not None:
-        count = int(last[1])
-        if count > len(mine):
-            raise ValueError(
-                f"model_cpus {text!r} asks for {count} cores; this process may use "
-                f"{len(mine)} ({format_list(mine)})"
-            )
-        model = frozenset(sorted(mine)[-count:])
-    else:
+    mine, count = allowed(), _last(text)
+    if count is None:
         model = parse(text)
+    elif count > len(mine):
+        raise ValueError(
+            f"model_cpus {text!r} asks for {count} cores; this process may use "
+            f"{len(mine)} ({format_list(mine)})"
+        )
+    else:
+        model = frozenset(sorted(mine)[-count:])
     missing = sorted(model - mine)
     if missing:
         raise ValueError(

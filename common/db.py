@@ -32,6 +32,13 @@ IDLE_PING_S = 1.0
 APPLICATION_NAME_CHARS = 63
 # This process's name in pg_stat_activity (``name_connections``); None: libpq's default.
 _application_name: str | None = None
+# The names each process gives its connections.
+GATEWAY_CONNECTIONS = "hepato-gateway"
+
+
+def worker_connections(worker_id: str) -> str:
+    """A worker's connections' name (the chaos suite reads them)."""
+    return f"hepato-worker {worker_id}"
 
 
 def name_connections(name: str) -> None:

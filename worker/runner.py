@@ -32,7 +32,7 @@ import redis
 from sqlalchemy.exc import OperationalError
 
 from hepato.common import heap, jobs, metrics, stages, wake_publish
-from hepato.common.db import get_engine, name_connections
+from hepato.common.db import get_engine, name_connections, worker_connections
 from hepato.common.job_counts import count_unfinished
 from hepato.common.settings import Settings
 from hepato.common.storage import ObjectStore
@@ -390,7 +390,7 @@ class Worker:
 
 def run_worker(settings: Settings, *, burst: bool = False, models: Sequence[str] = ()) -> Worker:
     """``hepato worker``: models loaded, heap settled (common.heap) before decoders fork."""
-    name_connections(f"hepato-worker {settings.worker_name}")
+    name_connections(worker_connections(settings.worker_name))
     loaded = inference.load_pinned(settings, lambda: load_models(settings, models))
     worker = Worker(settings, loaded, burst=burst)
     metrics.serve_worker_metrics(settings.worker_metrics_port, settings.worker_metrics_host)

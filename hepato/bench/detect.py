@@ -29,7 +29,7 @@ import httpx
 from hepato.bench import cpu, realtime, report
 from hepato.bench.bare import bare_realtime, bracketed
 from hepato.bench.load import REQUEST_TIMEOUT, Image, Recorder, cycle
-from hepato.bench.registry import threads_for, variant_name
+from hepato.bench.registry import variant_name
 from hepato.common import cpus
 from hepato.common.manifest import load_registry
 
@@ -115,8 +115,8 @@ def run(bench: Bench) -> dict[str, Any]:
     # rest of the stack on the others (hepato.bench.cpu ``pin_all_but_workers``).
     split = cpus.split(o.model_cpus)
     workers, size = o.realtime_workers, o.realtime_size
-    threads = len(split.model) if split else threads_for(1)
-    worker_threads = max(1, len(split.model) // workers) if split else threads_for(workers)
+    threads = len(split.model) if split else cpus.share(1)
+    worker_threads = max(1, len(split.model) // workers) if split else cpus.share(workers)
     name = variant_name(o.model, size)
 
     def bare_model() -> dict[str, Any]:

@@ -23,8 +23,9 @@ import httpx
 from hepato.bench import cpu, detect, load, report
 from hepato.bench.bare import BareRun, bare_throughput, bracketed
 from hepato.bench.options import NULL_MODEL, BenchOptions
-from hepato.bench.registry import threads_for, variant_name, write_models_dir
+from hepato.bench.registry import variant_name, write_models_dir
 from hepato.bench.stack import BenchStack
+from hepato.common import cpus
 from hepato.common.exceptions import BenchFailed
 from hepato.common.settings import Settings
 
@@ -172,7 +173,7 @@ class Bench:
             batch=batch,
             processes=processes,
             device=self.settings.device,
-            threads=threads_for(processes),
+            threads=cpus.share(processes),
             seconds=self.opts.bare_seconds,
             samples=self.opts.samples,
             timeout_s=self.opts.timeout_s,
@@ -181,7 +182,7 @@ class Bench:
     # --- scenarios ------------------------------------------------------------------
     def load_sweep(self) -> dict[str, Any]:
         o, scenario = self.opts, "load"
-        threads = threads_for(o.load_workers)
+        threads = cpus.share(o.load_workers)
         self.start_workers(scenario, o.load_workers, o.model, {"HEPATO_CPU_THREADS": str(threads)})
         singles = []
         for c in o.concurrency:
@@ -226,7 +227,7 @@ class Bench:
         o, scenario = self.opts, "overhead"
         system = []
         for w in o.workers:
-            self.start_workers(scenario, w, NULL_MODEL, {"HEPATO_CPU_THREADS": str(threads_for(w))})
+            self.start_workers(scenario, w, NULL_MODEL, {"HEPATO_CPU_THREADS": str(cpus.share(w))})
             rec = self.flood(scenario, f"null model, {w} workers", NULL_MODEL, o.overhead_images)
             system.append({"workers": w, **rec.summary()})
             report.progress(scenario, f"{w} workers", system[-1])
@@ -252,7 +253,7 @@ class Bench:
     def efficiency(self) -> dict[str, Any]:
         o, scenario = self.opts, "efficiency"
         w, batch = o.efficiency_workers, o.efficiency_batch
-        env = {"HEPATO_CPU_THREADS": str(threads_for(w)), "HEPATO_MAX_BATCH_SIZE": str(batch)}
+        env = {"HEPATO_CPU_THREADS": str(cpus.share(w)), "HEPATO_MAX_BATCH_SIZE": str(batch)}
         runs = []
         for size in o.input_sizes:
             name = variant_name(o.model, size)
@@ -273,7 +274,7 @@ class Bench:
             "model": o.model,
             "batch": batch,
             "workers": w,
-            "cpu_threads": threads_for(w),
+            "cpu_threads": cpus.share(w),
             "images": o.efficiency_images,
             "clients": o.clients,
             "images_per_request": o.chunk,
@@ -286,7 +287,7 @@ class Bench:
         self, scenario: str, model: str, batch: int, wait_ms: float, count: int
     ) -> dict[str, Any]:
         env = {
-            "HEPATO_CPU_THREADS": str(threads_for(1)),
+            "HEPATO_CPU_THREADS": str(cpus.share(1)),
             "HEPATO_MAX_BATCH_SIZE": str(batch),
             "HEPATO_MAX_WAIT_MS": str(wait_ms),
         }
@@ -308,7 +309,7 @@ class Bench:
         null_alone = []
         for b in o.study_batches:
             env = {
-                "HEPATO_CPU_THREADS": str(threads_for(1)),
+                "HEPATO_CPU_THREADS": str(cpus.share(1)),
                 "HEPATO_MAX_BATCH_SIZE": str(b),
                 "HEPATO_MAX_WAIT_MS": str(o.model_wait_ms),
             }
@@ -328,7 +329,7 @@ class Bench:
         bare = [self.bare(scenario, name, size, b, 1).summary() for b in o.model_batches]
         settings = {
             "workers": 1,
-            "cpu_threads": threads_for(1),
+            "cpu_threads": cpus.share(1),
             "null_images": o.study_images,
             "model": name,
             "model_input_size": size,

@@ -1,5 +1,5 @@
 """The model registry the stack of ``hepato bench e2e`` serves (every shipped manifest,
-plus the detector at each input size the scenarios need), and how workers share cores."""
+plus the detector at each input size the scenarios need)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from hepato.bench.options import NULL_MODEL, BenchOptions
-from hepato.common import cpus
 from hepato.common.exceptions import BenchFailed
 from hepato.common.manifest import dump_manifest, load_registry
 from hepato.common.settings import Settings
-
-
-def threads_for(workers: int) -> int:
-    """Workers on one CPU share its cores rather than each taking all of them."""
-    return max(1, cpus.usable() // workers)
 
 
 def variant_name(model: str, input_size: int) -> str:

@@ -36,8 +36,8 @@ from sqlalchemy import func, select
 from hepato.bench import load, report, slide_report
 from hepato.bench.e2e import Bench
 from hepato.bench.options import BenchOptions
-from hepato.bench.registry import threads_for
 from hepato.bench.stack import BenchStack
+from hepato.common import cpus
 from hepato.common.db import get_engine
 from hepato.common.exceptions import BenchFailed
 from hepato.common.job_statements import CLAIMED_COLUMNS
@@ -109,7 +109,7 @@ class SlideBench:
         self.opts, self.bench, self.settings = opts, bench, settings
         self.stack: BenchStack = bench.stack
         self.env = {
-            "HEPATO_CPU_THREADS": str(threads_for(1)),
+            "HEPATO_CPU_THREADS": str(cpus.share(1)),
             "HEPATO_MAX_BATCH_SIZE": str(opts.batch),
         }
 
@@ -248,7 +248,7 @@ class SlideBench:
         with the worker's threads; only ``predict`` is timed."""
         manifest = load_registry(self.stack.models_dir)[self.opts.model]
         batch = min(self.opts.batch, manifest.max_batch_size)
-        threads = threads_for(1)
+        threads = cpus.share(1)
         model = load_model(manifest, Runtime(device=self.settings.device, threads=threads))
         model_s = read_s = 0.0
         tiles, chunk = 0, []

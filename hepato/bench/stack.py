@@ -99,7 +99,7 @@ class BenchStack:
                 # Several workers on one host: no fixed metrics port to collide on, and
                 # decoder processes that share the cores rather than each taking all.
                 "HEPATO_WORKER_METRICS_PORT": "0",
-                "HEPATO_DECODE_PROCESSES": str(max(1, cpus.usable() // count)),
+                "HEPATO_DECODE_PROCESSES": str(cpus.share(count)),
                 **overrides,
                 "HEPATO_WORKER_MODELS": json.dumps(list(models)),
                 "HEPATO_WORKER_ID": worker_id,

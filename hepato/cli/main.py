@@ -42,12 +42,12 @@ def gateway(
     import uvicorn
 
     from hepato.common import heap
-    from hepato.common.db import name_connections
+    from hepato.common.db import GATEWAY_CONNECTIONS, name_connections
     from hepato.gateway.app import create_app
 
     settings = get_settings()
     _logging()
-    name_connections("hepato-gateway")
+    name_connections(GATEWAY_CONNECTIONS)
     app = create_app(settings)
     heap.settle()  # everything is loaded: later collections skip it
     uvicorn.run(

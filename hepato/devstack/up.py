@@ -58,7 +58,7 @@ def run_stack(
         # A local demo stack: no API keys, every request is the tenant "public".
         env = {**os.environ, **stack.env(), "HEPATO_PORT": str(port), "HEPATO_AUTH": "open"}
         # Workers on one CPU share its cores rather than each taking all of them.
-        share = str(max(1, cpus.usable() // workers))
+        share = str(cpus.share(workers))
         env.setdefault("HEPATO_CPU_THREADS", share)
         env.setdefault("HEPATO_DECODE_PROCESSES", share)
         run_migrations(stack.database_url)

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from hepato.common.db import get_engine
+from hepato.common.db import get_engine, worker_connections
 from hepato.common.settings import Settings
 from tests.chaos.conftest import Spawned, wait_for
 from tests.e2e.test_pipeline import db_jobs
@@ -28,7 +28,7 @@ def connections(settings: Settings, workers: list[Spawned], *, running: bool = F
     query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(:names)"
     if running:
         query += " AND state = 'active' AND coalesce(wait_event_type, '') NOT IN ('Lock', 'Client')"
-    names = [f"hepato-worker {w.worker_id}" for w in workers]
+    names = [worker_connections(w.worker_id) for w in workers]
     with get_engine(settings.database_url).connect() as conn:
         return int(conn.execute(text(query), {"names": names}).scalar_one())
 
